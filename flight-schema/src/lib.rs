@@ -1,0 +1,51 @@
+//! # flight-schema
+//!
+//! The registered-table model of Sluice and the conventions every front end shares.
+//!
+//! What flows through it: a table schema in JSON (the seed design's form, see
+//! `CONTRACT.md`) comes in, is checked by [`TableSchema::validate`] and becomes a
+//! [`ResolvedTable`]: the same definition plus its Arrow schema, its time column and the
+//! version the registry gave it. Everything downstream (reshape in `sluice-sql`, the WAL,
+//! the sinks) works from the Arrow schema produced here, so the type mapping lives in one
+//! place ([`ColumnType::to_arrow`]).
+//!
+//! # Layout
+//! - [`types`]: the type names of the contract (`double`, `timestamp_ms`, `decimal(p,s)`,
+//!   `string[]`, ...) and their Arrow types.
+//! - [`table`]: table and column definitions, validation, schema evolution rules.
+//! - [`seeds`]: the seed tables that ship pre-registered.
+//! - [`flight`]: Flight descriptor, action and ack-metadata conventions.
+
+pub mod flight;
+pub mod seeds;
+pub mod table;
+pub mod types;
+
+pub use flight::{actions, PutAck, RegisterResult};
+pub use table::{
+    check_evolution, ColumnDef, ExtraColumns, ResolvedTable, Role, SinkKind, TableSchema,
+};
+pub use types::ColumnType;
+
+/// Errors in a table definition or in a proposed schema change.
+///
+/// Every variant is a user error (the definition is wrong); none is retryable.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SchemaError {
+    /// A table or column name that is not a plain identifier.
+    #[error("invalid {what} name '{name}': {reason}")]
+    InvalidName {
+        what: &'static str,
+        name: String,
+        reason: String,
+    },
+    /// A type name the contract does not know.
+    #[error("column '{column}': unknown type '{type_name}' (known: bool, int32, int64, float, double, string, timestamp, timestamp_ms, timestamp_ns, date, uuid, decimal(p,s), jsonb, map, string[], double[])")]
+    UnknownType { column: String, type_name: String },
+    /// Anything else wrong in a definition.
+    #[error("table '{table}': {reason}")]
+    Invalid { table: String, reason: String },
+    /// A new version that is not a compatible evolution of the current one.
+    #[error("table '{table}': incompatible change: {reason}")]
+    Incompatible { table: String, reason: String },
+}

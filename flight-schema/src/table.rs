@@ -1,0 +1,415 @@
+//! Table and column definitions: parsing, validation and the evolution rules.
+//!
+//! A [`TableSchema`] is what a client registers (JSON). [`TableSchema::validate`] checks it
+//! and resolves it into a [`ResolvedTable`] with its Arrow schema. [`check_evolution`] decides
+//! whether a new definition may replace the current one: only adding nullable columns (and
+//! changing table options such as sinks) is compatible.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use arrow::datatypes::{Schema, SchemaRef};
+use serde::{Deserialize, Serialize};
+
+use crate::types::ColumnType;
+use crate::SchemaError;
+
+/// Longest table or column name accepted (PostgreSQL's identifier limit).
+pub const MAX_IDENTIFIER_LEN: usize = 63;
+
+/// The role a column plays; informational for now, used by sinks to pick keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    Time,
+    Tag,
+    Field,
+    Message,
+}
+
+/// The stores a table can be routed to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SinkKind {
+    Postgres,
+    Clickhouse,
+    Archive,
+}
+
+/// What to do with columns a batch has but the table does not.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExtraColumns {
+    /// Refuse the batch (default).
+    #[default]
+    Reject,
+    /// Drop the unknown columns and keep the rest.
+    Drop,
+}
+
+/// One column of a registered table.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ColumnDef {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub column_type: ColumnType,
+    /// Default true, false for the time column.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nullable: Option<bool>,
+    /// Value used when a batch lacks this column.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<Role>,
+}
+
+/// A table definition as registered (the contract's JSON form).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TableSchema {
+    pub name: String,
+    pub columns: Vec<ColumnDef>,
+    /// Default: the first timestamp column.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_column: Option<String>,
+    /// Where rows go; default depends on the deployment (see the server's routing).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sinks: Option<Vec<SinkKind>>,
+    #[serde(default)]
+    pub extra_columns: ExtraColumns,
+    /// ClickHouse `ORDER BY` expression.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub order_by: Option<String>,
+    /// ClickHouse `PARTITION BY` expression.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partition_by: Option<String>,
+    /// ClickHouse `TTL` clause.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<String>,
+    /// PostgreSQL retention (e.g. `30 days`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention: Option<String>,
+}
+
+impl ColumnDef {
+    /// A nullable column without default or role.
+    pub fn new(name: &str, column_type: ColumnType) -> Self {
+        Self {
+            name: name.to_string(),
+            column_type,
+            nullable: None,
+            default: None,
+            role: None,
+        }
+    }
+}
+
+/// A validated table at a given registry version, with its Arrow schema.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResolvedTable {
+    pub definition: TableSchema,
+    pub version: u64,
+    pub time_column: String,
+    /// The schema every stored batch of this version has.
+    pub arrow_schema: SchemaRef,
+}
+
+impl ResolvedTable {
+    pub fn name(&self) -> &str {
+        &self.definition.name
+    }
+
+    /// Column definition by name.
+    pub fn column(&self, name: &str) -> Option<&ColumnDef> {
+        self.definition.columns.iter().find(|c| c.name == name)
+    }
+
+    /// Whether a column accepts nulls (time column: false unless said otherwise).
+    pub fn is_nullable(&self, column: &ColumnDef) -> bool {
+        column.nullable.unwrap_or(column.name != self.time_column)
+    }
+
+    /// Whether rows of this table go to `sink`, given the deployment's default routing.
+    pub fn routes_to(&self, sink: SinkKind, default: &[SinkKind]) -> bool {
+        match &self.definition.sinks {
+            Some(s) => s.contains(&sink),
+            None => default.contains(&sink),
+        }
+    }
+}
+
+/// Checks that `name` is a plain identifier: `[A-Za-z_][A-Za-z0-9_]*`, at most 63 bytes.
+///
+/// Sinks quote identifiers anyway; this keeps names portable across PostgreSQL,
+/// ClickHouse and object-store paths.
+pub fn validate_identifier(what: &'static str, name: &str) -> Result<(), SchemaError> {
+    let bad = |reason: &str| SchemaError::InvalidName {
+        what,
+        name: name.to_string(),
+        reason: reason.to_string(),
+    };
+    let mut chars = name.chars();
+    match chars.next() {
+        None => return Err(bad("empty")),
+        Some(c) if !(c.is_ascii_alphabetic() || c == '_') => {
+            return Err(bad("must start with a letter or '_'"))
+        }
+        _ => {}
+    }
+    if !chars.all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        return Err(bad("only letters, digits and '_' are allowed"));
+    }
+    if name.len() > MAX_IDENTIFIER_LEN {
+        return Err(bad(&format!("longer than {MAX_IDENTIFIER_LEN} bytes")));
+    }
+    Ok(())
+}
+
+impl TableSchema {
+    /// Parses the JSON form; `name` fills in a missing `"name"` key (the seed's form).
+    pub fn from_json(json: &[u8], name: Option<&str>) -> Result<Self, SchemaError> {
+        let mut value: serde_json::Value =
+            serde_json::from_slice(json).map_err(|e| SchemaError::Invalid {
+                table: name.unwrap_or("?").to_string(),
+                reason: format!("schema is not valid JSON: {e}"),
+            })?;
+        if let (Some(obj), Some(n)) = (value.as_object_mut(), name) {
+            obj.entry("name")
+                .or_insert_with(|| serde_json::Value::String(n.to_string()));
+        }
+        serde_json::from_value(value).map_err(|e| SchemaError::Invalid {
+            table: name.unwrap_or("?").to_string(),
+            reason: format!("bad schema: {e}"),
+        })
+    }
+
+    /// Checks the definition and resolves it at `version`.
+    pub fn validate(&self, version: u64) -> Result<ResolvedTable, SchemaError> {
+        let invalid = |reason: String| SchemaError::Invalid {
+            table: self.name.clone(),
+            reason,
+        };
+        validate_identifier("table", &self.name)?;
+        if self.columns.is_empty() {
+            return Err(invalid("a table needs at least one column".into()));
+        }
+        let mut seen = HashSet::new();
+        for c in &self.columns {
+            validate_identifier("column", &c.name)?;
+            if !seen.insert(c.name.as_str()) {
+                return Err(invalid(format!("column '{}' is defined twice", c.name)));
+            }
+        }
+        let time_column = match &self.time_column {
+            Some(t) => {
+                let col = self
+                    .columns
+                    .iter()
+                    .find(|c| &c.name == t)
+                    .ok_or_else(|| invalid(format!("time_column '{t}' is not a column")))?;
+                if !col.column_type.is_timestamp() {
+                    return Err(invalid(format!(
+                        "time_column '{t}' has type {}, it must be a timestamp type",
+                        col.column_type
+                    )));
+                }
+                t.clone()
+            }
+            None => self
+                .columns
+                .iter()
+                .find(|c| c.column_type.is_timestamp())
+                .map(|c| c.name.clone())
+                .ok_or_else(|| {
+                    invalid("no timestamp column: a table needs a time column".into())
+                })?,
+        };
+        let mut resolved = ResolvedTable {
+            definition: self.clone(),
+            version,
+            time_column,
+            arrow_schema: Arc::new(Schema::empty()),
+        };
+        let mut fields = Vec::with_capacity(self.columns.len());
+        for c in &self.columns {
+            let nullable = resolved.is_nullable(c);
+            if c.name == resolved.time_column && nullable {
+                return Err(invalid(format!(
+                    "time column '{}' cannot be nullable",
+                    c.name
+                )));
+            }
+            if let Some(d) = &c.default {
+                check_default(&c.name, c.column_type, d).map_err(invalid)?;
+            }
+            fields.push(c.column_type.to_field(&c.name, nullable));
+        }
+        if let Some(sinks) = &self.sinks {
+            let unique: HashSet<_> = sinks.iter().collect();
+            if unique.len() != sinks.len() {
+                return Err(invalid("a sink is listed twice in 'sinks'".into()));
+            }
+        }
+        resolved.arrow_schema = Arc::new(Schema::new(fields));
+        Ok(resolved)
+    }
+}
+
+/// Checks that a JSON default fits the column type.
+fn check_default(
+    column: &str,
+    ty: ColumnType,
+    value: &serde_json::Value,
+) -> Result<(), String> {
+    use serde_json::Value as V;
+    let ok = match (ty, value) {
+        (_, V::Null) => true,
+        (ColumnType::Bool, V::Bool(_)) => true,
+        (ColumnType::Int32, V::Number(n)) => n
+            .as_i64()
+            .is_some_and(|v| i32::try_from(v).is_ok()),
+        (ColumnType::Int64, V::Number(n)) => n.as_i64().is_some(),
+        (ColumnType::Float | ColumnType::Double, V::Number(_)) => true,
+        (ColumnType::Decimal { .. }, V::Number(_) | V::String(_)) => true,
+        (ColumnType::String | ColumnType::Uuid | ColumnType::Date, V::String(_)) => true,
+        (ColumnType::Timestamp(_), V::String(_) | V::Number(_)) => true,
+        (ColumnType::Jsonb, _) => true,
+        (ColumnType::Map, V::Object(o)) => o.values().all(|v| v.is_string()),
+        (ColumnType::StringArray, V::Array(a)) => a.iter().all(|v| v.is_string() || v.is_null()),
+        (ColumnType::DoubleArray, V::Array(a)) => a.iter().all(|v| v.is_number() || v.is_null()),
+        _ => false,
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "column '{column}': default {value} does not fit type {ty}"
+        ))
+    }
+}
+
+/// Decides whether `new` may replace `old` as the next version of a table.
+///
+/// Compatible: the same columns with the same types and nullability (order may change),
+/// new columns that are nullable or have a default, and changed table options other than
+/// the time column. Everything else is refused with the reason.
+pub fn check_evolution(old: &ResolvedTable, new: &ResolvedTable) -> Result<(), SchemaError> {
+    let incompatible = |reason: String| SchemaError::Incompatible {
+        table: new.name().to_string(),
+        reason,
+    };
+    if old.time_column != new.time_column {
+        return Err(incompatible(format!(
+            "time column changes from '{}' to '{}'",
+            old.time_column, new.time_column
+        )));
+    }
+    for oc in &old.definition.columns {
+        let Some(nc) = new.column(&oc.name) else {
+            return Err(incompatible(format!(
+                "column '{}' is removed; columns can only be added",
+                oc.name
+            )));
+        };
+        if oc.column_type != nc.column_type {
+            return Err(incompatible(format!(
+                "column '{}' changes type from {} to {}",
+                oc.name, oc.column_type, nc.column_type
+            )));
+        }
+        let (on, nn) = (old.is_nullable(oc), new.is_nullable(nc));
+        if on != nn {
+            return Err(incompatible(format!(
+                "column '{}' changes from {} to {}",
+                oc.name,
+                if on { "nullable" } else { "not null" },
+                if nn { "nullable" } else { "not null" }
+            )));
+        }
+    }
+    for nc in &new.definition.columns {
+        if old.column(&nc.name).is_none() && !new.is_nullable(nc) && nc.default.is_none() {
+            return Err(incompatible(format!(
+                "new column '{}' is not nullable and has no default; added columns must be nullable",
+                nc.name
+            )));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cpu() -> TableSchema {
+        TableSchema::from_json(
+            br#"{"columns": [{"name": "time", "type": "timestamp"},
+                             {"name": "value", "type": "double"},
+                             {"name": "labels", "type": "jsonb"}]}"#,
+            Some("cpu"),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn seed_form_is_accepted_with_name_beside_it() {
+        let t = cpu().validate(1).unwrap();
+        assert_eq!(t.name(), "cpu");
+        assert_eq!(t.time_column, "time");
+        assert!(!t.arrow_schema.field(0).is_nullable());
+        assert!(t.arrow_schema.field(1).is_nullable());
+    }
+
+    #[test]
+    fn refusals_name_the_problem() {
+        let e = TableSchema::from_json(br#"{"name":"x","columns":[{"name":"v","type":"double"}]}"#, None)
+            .unwrap()
+            .validate(1)
+            .unwrap_err();
+        assert!(e.to_string().contains("needs a time column"), "{e}");
+        let e = TableSchema::from_json(br#"{"name":"x; drop","columns":[]}"#, None)
+            .unwrap()
+            .validate(1)
+            .unwrap_err();
+        assert!(e.to_string().contains("invalid table name 'x; drop'"), "{e}");
+        let e = TableSchema::from_json(br#"{"name":"x","columns":[{"name":"t","type":"timestamp"},{"name":"t","type":"int32"}]}"#, None)
+            .unwrap()
+            .validate(1)
+            .unwrap_err();
+        assert!(e.to_string().contains("defined twice"), "{e}");
+        let e = TableSchema::from_json(br#"{"name":"x","columns":[{"name":"t","type":"timestamp"},{"name":"n","type":"int32","default":"a"}]}"#, None)
+            .unwrap()
+            .validate(1)
+            .unwrap_err();
+        assert!(e.to_string().contains("default \"a\" does not fit type int32"), "{e}");
+        let e = TableSchema::from_json(br#"{"name":"x","colums":[]}"#, None).unwrap_err();
+        assert!(e.to_string().contains("unknown field `colums`"), "{e}");
+    }
+
+    #[test]
+    fn evolution_rules() {
+        let v1 = cpu().validate(1).unwrap();
+        let mut add = cpu();
+        add.columns.push(ColumnDef::new("host", ColumnType::String));
+        check_evolution(&v1, &add.validate(2).unwrap()).unwrap();
+
+        let mut add_nn = cpu();
+        let mut c = ColumnDef::new("host", ColumnType::String);
+        c.nullable = Some(false);
+        add_nn.columns.push(c);
+        let e = check_evolution(&v1, &add_nn.validate(2).unwrap()).unwrap_err();
+        assert!(e.to_string().contains("new column 'host' is not nullable"), "{e}");
+
+        let mut retype = cpu();
+        retype.columns[1].column_type = ColumnType::Float;
+        let e = check_evolution(&v1, &retype.validate(2).unwrap()).unwrap_err();
+        assert!(e.to_string().contains("column 'value' changes type from double to float"), "{e}");
+
+        let mut drop = cpu();
+        drop.columns.pop();
+        let e = check_evolution(&v1, &drop.validate(2).unwrap()).unwrap_err();
+        assert!(e.to_string().contains("column 'labels' is removed"), "{e}");
+    }
+}

@@ -1,0 +1,473 @@
+//! Configuration: defaults, then a TOML file (`--config`), then environment variables
+//! `SLUICE__SECTION__KEY`, then [`Config::validate`].
+//!
+//! Every key is documented in the checked-in `sluice.example.toml`. An invalid value is
+//! refused at start with an error that names the key and, when it came from the
+//! environment, the variable.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Environment prefix of config overrides.
+pub const ENV_PREFIX: &str = "SLUICE__";
+
+/// A byte size: an integer, or a string such as `"64MiB"`, `"1GB"`, `"512k"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    pub const fn mib(n: u64) -> Self {
+        ByteSize(n * 1024 * 1024)
+    }
+    pub fn as_u64(self) -> u64 {
+        self.0
+    }
+    pub fn as_usize(self) -> usize {
+        self.0 as usize
+    }
+
+    /// Parses `123`, `64MiB`, `64MB`, `1g`, `512 KiB` (binary units for k/m/g/t).
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        let split = s
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(s.len());
+        let (num, unit) = s.split_at(split);
+        let num: f64 = num
+            .parse()
+            .map_err(|_| format!("'{s}' is not a size (examples: 1048576, \"64MiB\", \"1GiB\")"))?;
+        let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 1,
+            "k" | "kb" | "kib" => 1 << 10,
+            "m" | "mb" | "mib" => 1 << 20,
+            "g" | "gb" | "gib" => 1 << 30,
+            "t" | "tb" | "tib" => 1 << 40,
+            u => return Err(format!("unknown size unit '{u}' in '{s}' (use B, KiB, MiB, GiB, TiB)")),
+        };
+        Ok(ByteSize((num * mult as f64) as u64))
+    }
+}
+
+impl fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let b = self.0;
+        if b >= 1 << 30 && b % (1 << 30) == 0 {
+            write!(f, "{}GiB", b >> 30)
+        } else if b >= 1 << 20 && b % (1 << 20) == 0 {
+            write!(f, "{}MiB", b >> 20)
+        } else if b >= 1 << 10 && b % (1 << 10) == 0 {
+            write!(f, "{}KiB", b >> 10)
+        } else {
+            write!(f, "{b}B")
+        }
+    }
+}
+
+impl Serialize for ByteSize {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = ByteSize;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a size in bytes or a string like \"64MiB\"")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<ByteSize, E> {
+                Ok(ByteSize(v))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<ByteSize, E> {
+                u64::try_from(v)
+                    .map(ByteSize)
+                    .map_err(|_| E::custom("a size cannot be negative"))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<ByteSize, E> {
+                ByteSize::parse(v).map_err(E::custom)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub wal: WalConfig,
+    pub memory: MemoryConfig,
+    pub buffer: BufferConfig,
+    pub archive: ArchiveConfig,
+    pub postgres: PostgresConfig,
+    pub clickhouse: ClickHouseConfig,
+}
+
+/// `[server]`: listeners and data directory.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// gRPC listener: Arrow Flight (and later Flight SQL, OTLP).
+    pub grpc_addr: SocketAddr,
+    /// HTTP listener: schema API, SQL API, health and metrics.
+    pub http_addr: SocketAddr,
+    /// WAL, embedded registry and the default local archive live here.
+    pub data_dir: PathBuf,
+    /// Largest single gRPC message (one Flight batch) accepted.
+    pub max_message_size: ByteSize,
+    /// How long shutdown waits for in-flight requests before it cuts them off.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            grpc_addr: "127.0.0.1:50051".parse().unwrap(),
+            http_addr: "127.0.0.1:8080".parse().unwrap(),
+            data_dir: PathBuf::from("./sluice-data"),
+            max_message_size: ByteSize::mib(64),
+            shutdown_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// `[wal]`: the write-ahead log every accepted batch goes through before its ack.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WalConfig {
+    /// fsync before acknowledging (group commit shares one fsync among many batches).
+    /// Turning it off keeps acked data safe from a process crash but not from power loss.
+    pub fsync: bool,
+    /// A new segment file is started once the current one reaches this size.
+    pub segment_size: ByteSize,
+    /// Most bytes written per group commit before an fsync.
+    pub max_group_bytes: ByteSize,
+}
+
+impl Default for WalConfig {
+    fn default() -> Self {
+        Self {
+            fsync: true,
+            segment_size: ByteSize::mib(128),
+            max_group_bytes: ByteSize::mib(64),
+        }
+    }
+}
+
+/// `[memory]`: the global budget for in-flight and buffered data.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MemoryConfig {
+    /// In-flight plus buffered (not yet archived) batches never exceed this; when it is
+    /// full, writers are slowed through flow control instead of memory growing.
+    pub budget: ByteSize,
+}
+
+impl Default for MemoryConfig {
+    fn default() -> Self {
+        Self {
+            budget: ByteSize::mib(1024),
+        }
+    }
+}
+
+/// `[buffer]`: the recent in-memory buffer per table, flushed to the archive when any
+/// bound is reached.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BufferConfig {
+    /// Rows kept per table before a flush.
+    pub max_rows: u64,
+    /// Bytes (Arrow memory) kept per table before a flush; about the size of an archive file
+    /// before compression.
+    pub max_bytes: ByteSize,
+    /// Age of the oldest buffered row that forces a flush.
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+}
+
+impl Default for BufferConfig {
+    fn default() -> Self {
+        Self {
+            max_rows: 4_000_000,
+            max_bytes: ByteSize::mib(256),
+            max_age: Duration::from_secs(300),
+        }
+    }
+}
+
+/// `[archive]`: Parquet files on object storage.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ArchiveConfig {
+    /// An object_store URL (`file:///abs/path`, `s3://bucket/prefix`, ...); default: the
+    /// `archive` folder in the data directory. S3 credentials come from the usual
+    /// `AWS_*` environment variables.
+    pub url: Option<String>,
+    /// zstd level of the Parquet files.
+    pub zstd_level: i32,
+    /// Rows per Parquet row group.
+    pub row_group_rows: usize,
+    /// Testing aid: slow archive writes down to this many bytes per second.
+    pub throttle_bytes_per_sec: Option<ByteSize>,
+}
+
+impl Default for ArchiveConfig {
+    fn default() -> Self {
+        Self {
+            url: None,
+            zstd_level: 3,
+            row_group_rows: 1_048_576,
+            throttle_bytes_per_sec: None,
+        }
+    }
+}
+
+/// `[postgres]`: the PostgreSQL/TimescaleDB sink (used when `url` is set).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PostgresConfig {
+    pub url: Option<String>,
+}
+
+/// `[clickhouse]`: the ClickHouse sink (used when `url` is set).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClickHouseConfig {
+    pub url: Option<String>,
+    pub database: String,
+    pub user: String,
+    pub password: String,
+}
+
+impl Default for ClickHouseConfig {
+    fn default() -> Self {
+        Self {
+            url: None,
+            database: "default".into(),
+            user: "default".into(),
+            password: String::new(),
+        }
+    }
+}
+
+/// A configuration error, naming the key (and the variable or file it came from).
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {0}")]
+pub struct ConfigError(pub String);
+
+impl Config {
+    /// Loads defaults, then `file` (if any), then `SLUICE__*` from `env`, then validates.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let mut root = toml::Table::new();
+        let source = file.map(|p| p.display().to_string());
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                ConfigError(format!("cannot read config file {}: {e}", path.display()))
+            })?;
+            root = toml::from_str(&text)
+                .map_err(|e| ConfigError(format!("{}: {e}", path.display())))?;
+        }
+        let mut from_env = BTreeSet::new();
+        for (key, raw) in env {
+            let Some(rest) = key.strip_prefix(ENV_PREFIX) else {
+                continue;
+            };
+            let path: Vec<String> = rest.split("__").map(|s| s.to_ascii_lowercase()).collect();
+            if path.iter().any(|p| p.is_empty()) {
+                return Err(ConfigError(format!(
+                    "environment variable {key}: expected SLUICE__SECTION__KEY"
+                )));
+            }
+            let value = parse_env_value(&raw);
+            let mut table = &mut root;
+            for section in &path[..path.len() - 1] {
+                let entry = table
+                    .entry(section.clone())
+                    .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+                table = entry.as_table_mut().ok_or_else(|| {
+                    ConfigError(format!("environment variable {key}: '{section}' is not a section"))
+                })?;
+            }
+            table.insert(path[path.len() - 1].clone(), value);
+            from_env.insert((path.join("."), key));
+        }
+        let config: Config = serde_path_to_error::deserialize(toml::Value::Table(root))
+            .map_err(|e| {
+                let key = e.path().to_string();
+                let origin = from_env
+                    .iter()
+                    .find(|(p, _)| *p == key || key.starts_with(&format!("{p}.")))
+                    .map(|(_, var)| format!(" (from environment variable {var})"))
+                    .or_else(|| source.as_ref().map(|s| format!(" (in {s})")))
+                    .unwrap_or_default();
+                ConfigError(format!("key '{key}'{origin}: {}", e.inner()))
+            })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks values that parse but cannot work together.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let err = |key: &str, msg: String| Err(ConfigError(format!("key '{key}': {msg}")));
+        let budget = self.memory.budget.as_u64();
+        if budget < ByteSize::mib(16).as_u64() {
+            return err("memory.budget", format!("{} is too small; at least 16MiB", self.memory.budget));
+        }
+        if self.server.max_message_size.as_u64() > budget / 2 {
+            return err(
+                "server.max_message_size",
+                format!(
+                    "{} is more than half of memory.budget ({}); one message must fit the budget twice",
+                    self.server.max_message_size, self.memory.budget
+                ),
+            );
+        }
+        if self.server.max_message_size.as_u64() < 1024 {
+            return err("server.max_message_size", "must be at least 1KiB".into());
+        }
+        if self.buffer.max_bytes.as_u64() > budget / 2 {
+            return err(
+                "buffer.max_bytes",
+                format!(
+                    "{} is more than half of memory.budget ({}); a flush must be able to start before the budget is full",
+                    self.buffer.max_bytes, self.memory.budget
+                ),
+            );
+        }
+        if self.buffer.max_rows == 0 {
+            return err("buffer.max_rows", "must be at least 1".into());
+        }
+        if self.buffer.max_age.is_zero() {
+            return err("buffer.max_age", "must be more than 0s".into());
+        }
+        if self.wal.segment_size.as_u64() < ByteSize::mib(1).as_u64() {
+            return err("wal.segment_size", "must be at least 1MiB".into());
+        }
+        if self.wal.max_group_bytes.as_u64() == 0 {
+            return err("wal.max_group_bytes", "must be more than 0".into());
+        }
+        if !(1..=22).contains(&self.archive.zstd_level) {
+            return err("archive.zstd_level", format!("{} is not a zstd level (1..=22)", self.archive.zstd_level));
+        }
+        if self.archive.row_group_rows == 0 {
+            return err("archive.row_group_rows", "must be at least 1".into());
+        }
+        if let Some(t) = self.archive.throttle_bytes_per_sec {
+            if t.as_u64() == 0 {
+                return err("archive.throttle_bytes_per_sec", "must be more than 0 (or unset)".into());
+            }
+        }
+        if let Some(url) = &self.archive.url {
+            if url::Url::parse(url).is_err() {
+                return err("archive.url", format!("'{url}' is not a URL (examples: file:///var/lib/sluice/archive, s3://bucket/prefix)"));
+            }
+        }
+        if self.postgres.url.is_some() {
+            return err("postgres.url", "the PostgreSQL sink is not part of this build yet; unset it (data would otherwise not reach PostgreSQL)".into());
+        }
+        if self.clickhouse.url.is_some() {
+            return err("clickhouse.url", "the ClickHouse sink is not part of this build yet; unset it (data would otherwise not reach ClickHouse)".into());
+        }
+        Ok(())
+    }
+}
+
+/// An env value is read as a TOML literal when it is one (`true`, `42`, `"x"`, `[1, 2]`),
+/// otherwise as a plain string (`127.0.0.1:0`, `64MiB`).
+fn parse_env_value(raw: &str) -> toml::Value {
+    match toml::from_str::<toml::Table>(&format!("v = {raw}")) {
+        Ok(mut t) => t.remove("v").unwrap_or_else(|| toml::Value::String(raw.to_string())),
+        Err(_) => toml::Value::String(raw.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn defaults_match_the_contract() {
+        let c = Config::load(None, env(&[])).unwrap();
+        assert_eq!(c.server.grpc_addr.to_string(), "127.0.0.1:50051");
+        assert_eq!(c.server.http_addr.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.server.data_dir, PathBuf::from("./sluice-data"));
+        assert!(c.wal.fsync);
+    }
+
+    #[test]
+    fn env_overrides_file_and_names_bad_keys() {
+        let c = Config::load(
+            None,
+            env(&[
+                ("SLUICE__SERVER__GRPC_ADDR", "127.0.0.1:0"),
+                ("SLUICE__WAL__FSYNC", "false"),
+                ("SLUICE__MEMORY__BUDGET", "64MiB"),
+                ("SLUICE__BUFFER__MAX_BYTES", "16MiB"),
+                ("SLUICE__SERVER__MAX_MESSAGE_SIZE", "8MiB"),
+                ("SLUICE__BUFFER__MAX_AGE", "5s"),
+                ("OTHER", "x"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.server.grpc_addr.port(), 0);
+        assert!(!c.wal.fsync);
+        assert_eq!(c.memory.budget, ByteSize::mib(64));
+        assert_eq!(c.buffer.max_age, Duration::from_secs(5));
+
+        let e = Config::load(None, env(&[("SLUICE__SERVER__GRPC_ADDR", "nowhere")])).unwrap_err();
+        let m = e.to_string();
+        assert!(m.contains("server.grpc_addr") && m.contains("SLUICE__SERVER__GRPC_ADDR"), "{m}");
+
+        let e = Config::load(None, env(&[("SLUICE__SERVER__GPRC_ADDR", "x")])).unwrap_err();
+        assert!(e.to_string().contains("unknown field `gprc_addr`"), "{e}");
+
+        let e = Config::load(None, env(&[("SLUICE__MEMORY__BUDGET", "12 parsecs")])).unwrap_err();
+        assert!(e.to_string().contains("memory.budget"), "{e}");
+
+        let e = Config::load(None, env(&[("SLUICE__MEMORY__BUDGET", "1MiB")])).unwrap_err();
+        assert!(e.to_string().contains("key 'memory.budget': 1MiB is too small"), "{e}");
+    }
+
+    #[test]
+    fn example_file_loads_and_documents_every_key() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../sluice.example.toml");
+        let c = Config::load(Some(&path), env(&[])).unwrap();
+        assert_eq!(c.server.grpc_addr.to_string(), "127.0.0.1:50051");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let defaults = toml::Table::try_from(Config::default()).unwrap();
+        for (section, keys) in defaults {
+            assert!(text.contains(&format!("[{section}]")), "example lacks [{section}]");
+            for key in keys.as_table().unwrap().keys() {
+                assert!(text.contains(&format!("{key} =")), "example lacks {section}.{key}");
+            }
+        }
+        for key in ["url", "throttle_bytes_per_sec"] {
+            assert!(text.contains(&format!("{key} =")), "example lacks {key}");
+        }
+    }
+
+    #[test]
+    fn byte_sizes() {
+        assert_eq!(ByteSize::parse("64MiB").unwrap(), ByteSize::mib(64));
+        assert_eq!(ByteSize::parse("1g").unwrap().as_u64(), 1 << 30);
+        assert_eq!(ByteSize::parse("512").unwrap().as_u64(), 512);
+        assert!(ByteSize::parse("5 furlongs").is_err());
+    }
+}

@@ -1,0 +1,104 @@
+//! The server's error type and its one mapping to gRPC statuses and HTTP responses.
+//!
+//! Every error is classified by what the caller should do about it: fix the input
+//! (`InvalidArgument`, `NotFound`, `FailedPrecondition`), slow down (`ResourceExhausted`),
+//! retry later (`Unavailable`), or report a bug (`Internal`).
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+
+/// Errors surfaced to clients.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("{0}")]
+    ResourceExhausted(String),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// Whether the caller can succeed by sending the same request again later.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Error::ResourceExhausted(_) | Error::Unavailable(_))
+    }
+
+    pub fn internal(e: impl std::fmt::Display) -> Self {
+        Error::Internal(e.to_string())
+    }
+}
+
+impl From<flight_schema::SchemaError> for Error {
+    fn from(e: flight_schema::SchemaError) -> Self {
+        Error::InvalidArgument(e.to_string())
+    }
+}
+
+impl From<sluice_sql::reshape::ReshapeError> for Error {
+    fn from(e: sluice_sql::reshape::ReshapeError) -> Self {
+        Error::InvalidArgument(e.to_string())
+    }
+}
+
+impl From<sluice_sql::query::QueryError> for Error {
+    fn from(e: sluice_sql::query::QueryError) -> Self {
+        if e.is_user_error() {
+            Error::InvalidArgument(e.to_string())
+        } else {
+            Error::Internal(e.to_string())
+        }
+    }
+}
+
+impl From<crate::wal::WalError> for Error {
+    fn from(e: crate::wal::WalError) -> Self {
+        match e {
+            crate::wal::WalError::Closed => {
+                Error::Unavailable("the server is shutting down".to_string())
+            }
+            other => Error::Internal(other.to_string()),
+        }
+    }
+}
+
+impl From<Error> for tonic::Status {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::InvalidArgument(m) => tonic::Status::invalid_argument(m),
+            Error::NotFound(m) => tonic::Status::not_found(m),
+            Error::FailedPrecondition(m) => tonic::Status::failed_precondition(m),
+            Error::ResourceExhausted(m) => tonic::Status::resource_exhausted(m),
+            Error::Unavailable(m) => tonic::Status::unavailable(m),
+            Error::Internal(m) => tonic::Status::internal(m),
+        }
+    }
+}
+
+impl IntoResponse for Error {
+    fn into_response(self) -> Response {
+        let status = match &self {
+            Error::InvalidArgument(_) => StatusCode::BAD_REQUEST,
+            Error::NotFound(_) => StatusCode::NOT_FOUND,
+            Error::FailedPrecondition(_) => StatusCode::CONFLICT,
+            Error::ResourceExhausted(_) => StatusCode::TOO_MANY_REQUESTS,
+            Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        let mut resp = (status, Json(serde_json::json!({"error": self.to_string()}))).into_response();
+        if status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::SERVICE_UNAVAILABLE {
+            resp.headers_mut()
+                .insert("retry-after", axum::http::HeaderValue::from_static("1"));
+        }
+        resp
+    }
+}

@@ -1,0 +1,31 @@
+//! # Sluice server
+//!
+//! Takes observability data in columnar form (Arrow) and lands it, without loss, in the
+//! stores people query. This crate is the `sluice` binary's library: listeners, the
+//! ingest pipeline, the WAL, sinks and config.
+//!
+//! # Layout
+//! Dependencies point one way: protocol front ends → the [`pipeline::Ingest`] trait →
+//! WAL, buffer and sinks.
+//! - [`flight`], [`http`]: protocol front ends. They translate requests and call
+//!   [`state::AppState`]; they never talk to a store.
+//! - [`pipeline`]: registry lookup, reshape (`sluice-sql`), memory budget, WAL append.
+//! - [`wal`]: group-committed, fsynced Arrow IPC segments; replay; release.
+//! - [`buffer`]: the recent buffer per table and the memory budget.
+//! - [`archive`]: the Parquet archive sink (object_store).
+//! - [`registry`]: registered tables and versions, behind a store trait.
+//! - [`config`], [`metrics`], [`error`]: configuration, Prometheus metrics, errors.
+//! - [`server`]: start-up, WAL replay, serving, graceful shutdown.
+
+pub mod archive;
+pub mod buffer;
+pub mod config;
+pub mod error;
+pub mod flight;
+pub mod http;
+pub mod metrics;
+pub mod pipeline;
+pub mod registry;
+pub mod server;
+pub mod state;
+pub mod wal;

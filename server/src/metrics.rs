@@ -1,0 +1,98 @@
+//! Prometheus metrics of the server, named `sluice_<area>_<what>_<unit>`.
+//!
+//! Counted per batch, never per row. Rendered in text form at `GET /metrics`.
+
+use prometheus::{
+    Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// All metrics, registered once in their own registry.
+pub struct Metrics {
+    registry: Registry,
+    pub ingest_rows: IntCounterVec,
+    pub ingest_bytes: IntCounterVec,
+    pub refused_rows: IntCounterVec,
+    pub refused_bytes: IntCounterVec,
+    pub refused_batches: IntCounterVec,
+    pub wal_bytes: IntGauge,
+    pub wal_segments: IntGauge,
+    pub wal_written_bytes: IntCounter,
+    pub wal_fsyncs: IntCounter,
+    pub wal_last_seq: IntGauge,
+    pub memory_used_bytes: IntGauge,
+    pub memory_budget_bytes: IntGauge,
+    pub buffer_bytes: IntGaugeVec,
+    pub buffer_rows: IntGaugeVec,
+    pub archive_lag_seconds: IntGaugeVec,
+    pub archive_files: IntCounterVec,
+    pub archive_bytes: IntCounterVec,
+    pub archive_rows: IntCounterVec,
+    pub archive_errors: IntCounter,
+}
+
+fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    r.register(Box::new(c.clone())).expect("unique metric");
+    c
+}
+
+fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+    r.register(Box::new(g.clone())).expect("unique metric");
+    g
+}
+
+fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
+    let g = IntGauge::new(name, help).expect("valid metric");
+    r.register(Box::new(g.clone())).expect("unique metric");
+    g
+}
+
+fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
+    let c = IntCounter::new(name, help).expect("valid metric");
+    r.register(Box::new(c.clone())).expect("unique metric");
+    c
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let r = Registry::new();
+        Self {
+            ingest_rows: counter_vec(&r, "sluice_ingest_rows_total", "Rows accepted (durable in the WAL)", &["table", "protocol"]),
+            ingest_bytes: counter_vec(&r, "sluice_ingest_bytes_total", "Arrow bytes accepted", &["table", "protocol"]),
+            refused_rows: counter_vec(&r, "sluice_ingest_refused_rows_total", "Rows of refused batches", &["table", "reason"]),
+            refused_bytes: counter_vec(&r, "sluice_ingest_refused_bytes_total", "Arrow bytes of refused batches", &["table", "reason"]),
+            refused_batches: counter_vec(&r, "sluice_ingest_refused_batches_total", "Refused batches", &["table", "reason"]),
+            wal_bytes: gauge(&r, "sluice_wal_bytes", "Bytes in WAL segments on disk"),
+            wal_segments: gauge(&r, "sluice_wal_segments", "WAL segment files on disk"),
+            wal_written_bytes: counter(&r, "sluice_wal_written_bytes_total", "Bytes appended to the WAL"),
+            wal_fsyncs: counter(&r, "sluice_wal_fsyncs_total", "Group commits (one fsync each when fsync is on)"),
+            wal_last_seq: gauge(&r, "sluice_wal_last_seq", "Last durable WAL sequence number"),
+            memory_used_bytes: gauge(&r, "sluice_memory_used_bytes", "In-flight and buffered bytes charged to the memory budget"),
+            memory_budget_bytes: gauge(&r, "sluice_memory_budget_bytes", "The configured memory budget"),
+            buffer_bytes: gauge_vec(&r, "sluice_buffer_bytes", "Bytes in the recent buffer", &["table"]),
+            buffer_rows: gauge_vec(&r, "sluice_buffer_rows", "Rows in the recent buffer", &["table"]),
+            archive_lag_seconds: gauge_vec(&r, "sluice_archive_lag_seconds", "Age of the oldest row not yet archived", &["table"]),
+            archive_files: counter_vec(&r, "sluice_archive_files_total", "Parquet files written", &["table"]),
+            archive_bytes: counter_vec(&r, "sluice_archive_bytes_total", "Parquet bytes written", &["table"]),
+            archive_rows: counter_vec(&r, "sluice_archive_rows_total", "Rows written to Parquet", &["table"]),
+            archive_errors: counter(&r, "sluice_archive_errors_total", "Failed archive flushes (retried)"),
+            registry: r,
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("text encoding cannot fail");
+        String::from_utf8(buf).expect("prometheus text is UTF-8")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,273 @@
+//! The schema registry: registered tables, their versions, and where they are kept.
+//!
+//! Registrations come in from Flight actions and HTTP; every one is validated, checked
+//! against the current version ([`flight_schema::check_evolution`]) and appended to a
+//! [`RegistryStore`]. An identical re-registration returns the current version without
+//! writing anything, so concurrent registrations of the same table do not create
+//! duplicate versions. The embedded store ([`FileRegistryStore`]) is an append-only JSON
+//! lines file in the data directory; a PostgreSQL store comes later behind the same trait.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use flight_schema::seeds::seed_tables;
+use flight_schema::{check_evolution, ResolvedTable, TableSchema};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// One stored version of one table.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StoredVersion {
+    pub version: u64,
+    pub registered_at: String,
+    pub schema: TableSchema,
+}
+
+/// Where registered versions are persisted.
+#[async_trait::async_trait]
+pub trait RegistryStore: Send + Sync {
+    /// Every stored version, in any order.
+    async fn load(&self) -> Result<Vec<StoredVersion>>;
+    /// Durably adds a version. Fails if that (name, version) already exists.
+    async fn append(&self, version: &StoredVersion) -> Result<()>;
+}
+
+/// The embedded store: `registry/tables.jsonl` in the data directory, fsynced per append.
+pub struct FileRegistryStore {
+    path: PathBuf,
+    lock: tokio::sync::Mutex<()>,
+}
+
+impl FileRegistryStore {
+    pub fn open(data_dir: &Path) -> Result<Self> {
+        let dir = data_dir.join("registry");
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| Error::Internal(format!("cannot create {}: {e}", dir.display())))?;
+        Ok(Self {
+            path: dir.join("tables.jsonl"),
+            lock: tokio::sync::Mutex::new(()),
+        })
+    }
+}
+
+#[async_trait::async_trait]
+impl RegistryStore for FileRegistryStore {
+    async fn load(&self) -> Result<Vec<StoredVersion>> {
+        let text = match std::fs::read_to_string(&self.path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
+            Err(e) => {
+                return Err(Error::Internal(format!(
+                    "cannot read {}: {e}",
+                    self.path.display()
+                )))
+            }
+        };
+        let mut out = Vec::new();
+        let lines: Vec<&str> = text.lines().collect();
+        for (i, line) in lines.iter().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            match serde_json::from_str::<StoredVersion>(line) {
+                Ok(v) => out.push(v),
+                // A torn last line is an append that never returned: ignore it.
+                Err(_) if i + 1 == lines.len() && !text.ends_with('\n') => {
+                    tracing::warn!(path = %self.path.display(), "ignoring a torn last registry line");
+                }
+                Err(e) => {
+                    return Err(Error::Internal(format!(
+                        "{} line {}: {e}",
+                        self.path.display(),
+                        i + 1
+                    )))
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn append(&self, version: &StoredVersion) -> Result<()> {
+        let _guard = self.lock.lock().await;
+        let mut line = serde_json::to_vec(version).map_err(Error::internal)?;
+        line.push(b'\n');
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            // Drop a torn tail first so the new line starts on its own line.
+            if let Ok(existing) = std::fs::read(&path) {
+                if !existing.is_empty() && !existing.ends_with(b"\n") {
+                    let keep = existing.iter().rposition(|b| *b == b'\n').map_or(0, |p| p + 1);
+                    let f = std::fs::OpenOptions::new().write(true).open(&path)?;
+                    f.set_len(keep as u64)?;
+                }
+            }
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)?;
+            f.write_all(&line)?;
+            f.sync_data()
+        })
+        .await
+        .map_err(Error::internal)?
+        .map_err(|e| Error::Internal(format!("cannot write the registry: {e}")))
+    }
+}
+
+/// Registered tables with every version, backed by a [`RegistryStore`].
+pub struct Registry {
+    store: Box<dyn RegistryStore>,
+    tables: RwLock<BTreeMap<String, Vec<Arc<ResolvedTable>>>>,
+    register_lock: tokio::sync::Mutex<()>,
+}
+
+impl Registry {
+    /// Loads every stored version and registers the seed tables that are missing.
+    pub async fn open(store: Box<dyn RegistryStore>) -> Result<Self> {
+        let mut stored = store.load().await?;
+        stored.sort_by(|a, b| (&a.schema.name, a.version).cmp(&(&b.schema.name, b.version)));
+        let mut tables: BTreeMap<String, Vec<Arc<ResolvedTable>>> = BTreeMap::new();
+        for v in stored {
+            let resolved = v.schema.validate(v.version).map_err(|e| {
+                Error::Internal(format!("stored registry entry is invalid: {e}"))
+            })?;
+            let versions = tables.entry(v.schema.name.clone()).or_default();
+            if versions.last().is_some_and(|l| l.version == v.version) {
+                continue;
+            }
+            versions.push(Arc::new(resolved));
+        }
+        let registry = Self {
+            store,
+            tables: RwLock::new(tables),
+            register_lock: tokio::sync::Mutex::new(()),
+        };
+        for seed in seed_tables() {
+            if registry.get(&seed.name).is_none() {
+                registry.register(seed).await?;
+            }
+        }
+        Ok(registry)
+    }
+
+    /// Registers a table or a new version of it.
+    ///
+    /// Returns the resolved table and whether a new version was created. An identical
+    /// definition returns the current version unchanged.
+    pub async fn register(&self, schema: TableSchema) -> Result<(Arc<ResolvedTable>, bool)> {
+        let _guard = self.register_lock.lock().await;
+        let current = self.get(&schema.name);
+        let version = current.as_ref().map_or(1, |c| c.version + 1);
+        let resolved = schema.validate(version)?;
+        if let Some(cur) = &current {
+            if cur.definition == resolved.definition {
+                return Ok((cur.clone(), false));
+            }
+            check_evolution(cur, &resolved)?;
+        }
+        let stored = StoredVersion {
+            version,
+            registered_at: chrono::Utc::now().to_rfc3339(),
+            schema: resolved.definition.clone(),
+        };
+        self.store.append(&stored).await?;
+        let resolved = Arc::new(resolved);
+        self.tables
+            .write()
+            .expect("registry lock")
+            .entry(schema.name.clone())
+            .or_default()
+            .push(resolved.clone());
+        tracing::info!(table = %schema.name, version, "table registered");
+        Ok((resolved, true))
+    }
+
+    /// The current version of a table.
+    pub fn get(&self, name: &str) -> Option<Arc<ResolvedTable>> {
+        self.tables
+            .read()
+            .expect("registry lock")
+            .get(name)
+            .and_then(|v| v.last().cloned())
+    }
+
+    /// A specific version of a table (WAL replay decodes with the version it was written at).
+    pub fn get_version(&self, name: &str, version: u64) -> Option<Arc<ResolvedTable>> {
+        self.tables
+            .read()
+            .expect("registry lock")
+            .get(name)
+            .and_then(|v| v.iter().find(|t| t.version == version).cloned())
+    }
+
+    /// Current versions of all tables, by name.
+    pub fn list(&self) -> Vec<Arc<ResolvedTable>> {
+        self.tables
+            .read()
+            .expect("registry lock")
+            .values()
+            .filter_map(|v| v.last().cloned())
+            .collect()
+    }
+}
+
+/// The JSON form of a registered table returned by `get_table`, `list_tables` and
+/// `GET /schema`: the definition plus its `version`.
+pub fn table_json(t: &ResolvedTable) -> serde_json::Value {
+    let mut v = serde_json::to_value(&t.definition).expect("schema serializes");
+    if let Some(o) = v.as_object_mut() {
+        o.insert("version".into(), t.version.into());
+        o.insert("time_column".into(), t.time_column.clone().into());
+    }
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cpu(extra: &str) -> TableSchema {
+        TableSchema::from_json(
+            format!(
+                r#"{{"name":"cpu","columns":[{{"name":"time","type":"timestamp"}},{{"name":"value","type":"double"}}{extra}]}}"#
+            )
+            .as_bytes(),
+            None,
+        )
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn versions_persist_and_identical_registration_is_idempotent() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = Registry::open(Box::new(FileRegistryStore::open(dir.path()).unwrap()))
+            .await
+            .unwrap();
+        assert!(reg.get("logs_events").is_some(), "seed tables are pre-registered");
+        let (t, created) = reg.register(cpu("")).await.unwrap();
+        assert_eq!((t.version, created), (1, true));
+        let (t, created) = reg.register(cpu("")).await.unwrap();
+        assert_eq!((t.version, created), (1, false));
+        let (t, _) = reg
+            .register(cpu(r#",{"name":"host","type":"string"}"#))
+            .await
+            .unwrap();
+        assert_eq!(t.version, 2);
+        let e = reg
+            .register(cpu(r#",{"name":"host","type":"int64"}"#))
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("column 'host' changes type from string to int64"), "{e}");
+        drop(reg);
+
+        let reg = Registry::open(Box::new(FileRegistryStore::open(dir.path()).unwrap()))
+            .await
+            .unwrap();
+        assert_eq!(reg.get("cpu").unwrap().version, 2);
+        assert_eq!(reg.get_version("cpu", 1).unwrap().arrow_schema.fields().len(), 2);
+        assert_eq!(reg.list().iter().filter(|t| t.name() == "logs_events").count(), 1);
+    }
+}

@@ -1,0 +1,670 @@
+//! The write-ahead log: every accepted batch is appended here, and made durable, before
+//! its ack is sent.
+//!
+//! # What flows through it
+//! Callers hand over an IPC-encoded batch ([`WalEntry`]); one writer thread takes all
+//! entries waiting at that moment, gives them consecutive sequence numbers, appends them
+//! to the current segment and fsyncs once for the whole group (group commit). Then, in
+//! sequence order, it runs each entry's `on_durable` callback (the pipeline puts the batch
+//! in the recent buffer there, so buffer order is WAL order) and answers its caller with
+//! the sequence number. On start, [`Wal::open`] checks every segment (a torn record at the
+//! end of the last one, left by a crash mid-write, is cut off: it was never acknowledged)
+//! and [`Wal::replay`] reads the records back. Segments are deleted by
+//! [`Wal::release_upto`] once every sink has made their records durable.
+//!
+//! # Format
+//! Segment files `wal/<first seq, 20 digits>.wal`: the magic `SLWAL001`, then records
+//! `[u32 payload length][u32 crc32 of payload][payload]`, payload =
+//! `[u64 seq][u64 schema version][u16 table length][table][u32 header length]
+//! [Arrow IPC message header][Arrow IPC body]`, integers little-endian.
+
+use std::collections::VecDeque;
+use std::fs::{File, OpenOptions};
+use std::io::{BufReader, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use arrow::record_batch::RecordBatch;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::metrics::Metrics;
+
+const MAGIC: &[u8; 8] = b"SLWAL001";
+const RECORD_HEADER: usize = 8;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WalError {
+    #[error("WAL I/O error on {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("WAL segment {path} is corrupt at offset {offset}: {reason}")]
+    Corrupt {
+        path: String,
+        offset: u64,
+        reason: String,
+    },
+    #[error("the WAL is closed")]
+    Closed,
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> WalError + '_ {
+    move |source| WalError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// Options of the WAL (from `[wal]`).
+#[derive(Debug, Clone)]
+pub struct WalOptions {
+    pub dir: PathBuf,
+    pub fsync: bool,
+    pub segment_size: u64,
+    pub max_group_bytes: u64,
+}
+
+/// A batch to append.
+pub struct WalEntry {
+    pub table: Arc<str>,
+    pub version: u64,
+    /// Arrow IPC message header (flatbuffer) of the batch.
+    pub ipc_header: Vec<u8>,
+    /// Arrow IPC message body.
+    pub ipc_body: Vec<u8>,
+    /// Runs on the writer thread once the entry is durable, before the caller hears of it,
+    /// in sequence order.
+    pub on_durable: Box<dyn FnOnce(u64) + Send>,
+    pub reply: oneshot::Sender<Result<u64, WalError>>,
+}
+
+impl WalEntry {
+    fn payload_len(&self) -> usize {
+        8 + 8 + 2 + self.table.len() + 4 + self.ipc_header.len() + self.ipc_body.len()
+    }
+}
+
+/// A record read back from the WAL.
+pub struct WalRecord {
+    pub seq: u64,
+    pub table: String,
+    pub version: u64,
+    pub ipc_header: Vec<u8>,
+    pub ipc_body: Vec<u8>,
+}
+
+impl WalRecord {
+    /// Decodes the batch with the schema of the version it was written at.
+    pub fn decode(&self, schema: arrow::datatypes::SchemaRef) -> Result<RecordBatch, String> {
+        let data = arrow_flight::FlightData {
+            data_header: self.ipc_header.clone().into(),
+            data_body: self.ipc_body.clone().into(),
+            ..Default::default()
+        };
+        arrow_flight::utils::flight_data_to_arrow_batch(&data, schema, &Default::default())
+            .map_err(|e| e.to_string())
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Segment {
+    path: PathBuf,
+    first_seq: u64,
+    /// `first_seq - 1` while empty.
+    last_seq: u64,
+    size: u64,
+}
+
+struct Shared {
+    segments: Mutex<VecDeque<Segment>>,
+    last_seq: AtomicU64,
+    metrics: Arc<Metrics>,
+}
+
+impl Shared {
+    fn publish_sizes(&self, segs: &VecDeque<Segment>) {
+        self.metrics.wal_segments.set(segs.len() as i64);
+        self.metrics
+            .wal_bytes
+            .set(segs.iter().map(|s| s.size).sum::<u64>() as i64);
+    }
+}
+
+/// Handle to the WAL; cheap to clone.
+#[derive(Clone)]
+pub struct Wal {
+    tx: Arc<Mutex<Option<mpsc::UnboundedSender<WalEntry>>>>,
+    shared: Arc<Shared>,
+    old_segments: Arc<Vec<Segment>>,
+    writer: Arc<Mutex<Option<std::thread::JoinHandle<()>>>>,
+}
+
+fn segment_path(dir: &Path, first_seq: u64) -> PathBuf {
+    dir.join(format!("{first_seq:020}.wal"))
+}
+
+/// Scans one segment: returns the last seq and the valid length. A torn or corrupt tail is
+/// tolerated only in the last segment (`is_last`), where it is cut off.
+fn scan_segment(seg: &mut Segment, is_last: bool) -> Result<(), WalError> {
+    let path = seg.path.clone();
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .map_err(io_err(&path))?;
+    let len = file.metadata().map_err(io_err(&path))?.len();
+    let mut reader = BufReader::with_capacity(1 << 20, &mut file);
+    let mut magic = [0u8; 8];
+    let mut offset = 0u64;
+    let mut cut: Option<(u64, String)> = None;
+    if len < 8 || reader.read_exact(&mut magic).is_err() || &magic != MAGIC {
+        cut = Some((0, "missing segment header".into()));
+    } else {
+        offset = 8;
+        let mut payload = Vec::new();
+        loop {
+            if offset == len {
+                break;
+            }
+            match read_record(&mut reader, &mut payload) {
+                Ok(()) => {
+                    let seq = u64::from_le_bytes(payload[0..8].try_into().unwrap());
+                    seg.last_seq = seq;
+                    offset += (RECORD_HEADER + payload.len()) as u64;
+                }
+                Err(reason) => {
+                    cut = Some((offset, reason));
+                    break;
+                }
+            }
+        }
+    }
+    drop(reader);
+    if let Some((at, reason)) = cut {
+        if !is_last {
+            return Err(WalError::Corrupt {
+                path: path.display().to_string(),
+                offset: at,
+                reason,
+            });
+        }
+        tracing::warn!(path = %path.display(), offset = at, %reason,
+            "cutting off a torn WAL tail (a write that was never acknowledged)");
+        if at == 0 {
+            file.set_len(0).map_err(io_err(&path))?;
+            file.write_all(MAGIC).map_err(io_err(&path))?;
+            offset = 8;
+        } else {
+            file.set_len(at).map_err(io_err(&path))?;
+            offset = at;
+        }
+        file.sync_all().map_err(io_err(&path))?;
+    }
+    seg.size = offset;
+    Ok(())
+}
+
+/// Reads one record into `payload`, checking length and CRC.
+fn read_record(r: &mut impl Read, payload: &mut Vec<u8>) -> Result<(), String> {
+    let mut head = [0u8; RECORD_HEADER];
+    r.read_exact(&mut head)
+        .map_err(|_| "truncated record header".to_string())?;
+    let len = u32::from_le_bytes(head[0..4].try_into().unwrap()) as usize;
+    let crc = u32::from_le_bytes(head[4..8].try_into().unwrap());
+    if len < 22 {
+        return Err(format!("record length {len} is too small"));
+    }
+    payload.resize(len, 0);
+    r.read_exact(payload)
+        .map_err(|_| format!("truncated record of {len} bytes"))?;
+    if crc32fast::hash(payload) != crc {
+        return Err("checksum mismatch".into());
+    }
+    Ok(())
+}
+
+fn parse_payload(payload: &[u8]) -> Result<WalRecord, String> {
+    let u64_at = |o: usize| u64::from_le_bytes(payload[o..o + 8].try_into().unwrap());
+    let seq = u64_at(0);
+    let version = u64_at(8);
+    let tlen = u16::from_le_bytes(payload[16..18].try_into().unwrap()) as usize;
+    let mut o = 18;
+    let table = std::str::from_utf8(payload.get(o..o + tlen).ok_or("bad table length")?)
+        .map_err(|_| "table name is not UTF-8")?
+        .to_string();
+    o += tlen;
+    let hlen = u32::from_le_bytes(
+        payload
+            .get(o..o + 4)
+            .ok_or("bad header length")?
+            .try_into()
+            .unwrap(),
+    ) as usize;
+    o += 4;
+    let ipc_header = payload.get(o..o + hlen).ok_or("bad header length")?.to_vec();
+    o += hlen;
+    let ipc_body = payload[o..].to_vec();
+    Ok(WalRecord {
+        seq,
+        table,
+        version,
+        ipc_header,
+        ipc_body,
+    })
+}
+
+impl Wal {
+    /// Opens the WAL in `opts.dir`: checks existing segments (cutting a torn tail off the
+    /// last one) and starts the writer on a new segment after the last sequence number.
+    pub fn open(opts: WalOptions, metrics: Arc<Metrics>) -> Result<Self, WalError> {
+        std::fs::create_dir_all(&opts.dir).map_err(io_err(&opts.dir))?;
+        let mut segments = Vec::new();
+        for entry in std::fs::read_dir(&opts.dir).map_err(io_err(&opts.dir))? {
+            let entry = entry.map_err(io_err(&opts.dir))?;
+            let name = entry.file_name().to_string_lossy().to_string();
+            if let Some(num) = name.strip_suffix(".wal") {
+                if let Ok(first_seq) = num.parse::<u64>() {
+                    segments.push(Segment {
+                        path: entry.path(),
+                        first_seq,
+                        last_seq: first_seq.saturating_sub(1),
+                        size: 0,
+                    });
+                }
+            }
+        }
+        segments.sort_by_key(|s| s.first_seq);
+        let n = segments.len();
+        for (i, seg) in segments.iter_mut().enumerate() {
+            scan_segment(seg, i + 1 == n)?;
+        }
+        let last_seq = segments
+            .iter()
+            .map(|s| s.last_seq)
+            .max()
+            .unwrap_or(0)
+            .max(segments.last().map_or(0, |s| s.first_seq.saturating_sub(1)));
+        let shared = Arc::new(Shared {
+            segments: Mutex::new(segments.iter().cloned().collect()),
+            last_seq: AtomicU64::new(last_seq),
+            metrics,
+        });
+        shared.metrics.wal_last_seq.set(last_seq as i64);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let writer = Writer::start(opts, shared.clone(), last_seq)?;
+        let handle = std::thread::Builder::new()
+            .name("sluice-wal".into())
+            .spawn(move || writer.run(rx))
+            .map_err(|e| WalError::Io {
+                path: "wal writer thread".into(),
+                source: e,
+            })?;
+        Ok(Self {
+            tx: Arc::new(Mutex::new(Some(tx))),
+            shared,
+            old_segments: Arc::new(segments),
+            writer: Arc::new(Mutex::new(Some(handle))),
+        })
+    }
+
+    /// Appends an entry; the entry's `reply` answers with its sequence number once durable.
+    pub fn append(&self, entry: WalEntry) -> Result<(), WalError> {
+        match self.tx.lock().expect("wal sender").as_ref() {
+            Some(tx) => tx.send(entry).map_err(|_| WalError::Closed),
+            None => Err(WalError::Closed),
+        }
+    }
+
+    /// The last durable sequence number.
+    pub fn last_seq(&self) -> u64 {
+        self.shared.last_seq.load(Ordering::Acquire)
+    }
+
+    /// Reads every record that was in the WAL when it was opened, in sequence order.
+    pub fn replay(&self) -> impl Iterator<Item = Result<WalRecord, WalError>> + Send + 'static {
+        let segments = self.old_segments.clone();
+        let mut idx = 0usize;
+        let mut current: Option<(BufReader<File>, u64, PathBuf)> = None;
+        let mut payload = Vec::new();
+        std::iter::from_fn(move || loop {
+            if current.is_none() {
+                let seg = segments.get(idx)?;
+                idx += 1;
+                let file = match File::open(&seg.path) {
+                    Ok(f) => f,
+                    Err(e) => return Some(Err(io_err(&seg.path)(e))),
+                };
+                let mut r = BufReader::with_capacity(1 << 20, file);
+                if let Err(e) = r.seek(SeekFrom::Start(8)) {
+                    return Some(Err(io_err(&seg.path)(e)));
+                }
+                current = Some((r, seg.size.max(8) - 8, seg.path.clone()));
+            }
+            let (reader, remaining, path) = current.as_mut().unwrap();
+            if *remaining == 0 {
+                current = None;
+                continue;
+            }
+            let result = read_record(reader, &mut payload)
+                .and_then(|()| parse_payload(&payload))
+                .map_err(|reason| WalError::Corrupt {
+                    path: path.display().to_string(),
+                    offset: 0,
+                    reason,
+                });
+            *remaining = remaining.saturating_sub((RECORD_HEADER + payload.len()) as u64);
+            if result.is_err() {
+                *remaining = 0;
+            }
+            return Some(result);
+        })
+    }
+
+    /// Deletes closed segments whose records all have `seq <= durable_seq` in every sink.
+    pub fn release_upto(&self, durable_seq: u64) {
+        let mut segs = self.shared.segments.lock().expect("wal segments");
+        // The last segment is the one being written: never delete it.
+        while segs.len() > 1 && segs[0].last_seq <= durable_seq {
+            let seg = segs.pop_front().unwrap();
+            match std::fs::remove_file(&seg.path) {
+                Ok(()) => tracing::debug!(path = %seg.path.display(), "WAL segment released"),
+                Err(e) => {
+                    tracing::warn!(path = %seg.path.display(), error = %e, "cannot delete WAL segment");
+                    segs.push_front(seg);
+                    break;
+                }
+            }
+        }
+        self.shared.publish_sizes(&segs);
+    }
+
+    /// Number of segment files and their total size.
+    pub fn disk_usage(&self) -> (usize, u64) {
+        let segs = self.shared.segments.lock().expect("wal segments");
+        (segs.len(), segs.iter().map(|s| s.size).sum())
+    }
+
+    /// Stops accepting entries, lets the writer finish and fsync what it has, and waits
+    /// for it (blocking).
+    pub fn close(&self) {
+        self.tx.lock().expect("wal sender").take();
+        if let Some(h) = self.writer.lock().expect("wal writer").take() {
+            let _ = h.join();
+        }
+    }
+}
+
+struct Writer {
+    opts: WalOptions,
+    shared: Arc<Shared>,
+    file: File,
+    seg_index_first: u64,
+    next_seq: u64,
+}
+
+impl Writer {
+    fn start(opts: WalOptions, shared: Arc<Shared>, last_seq: u64) -> Result<Self, WalError> {
+        let first = last_seq + 1;
+        let file = Self::create_segment(&opts, &shared, first)?;
+        Ok(Self {
+            opts,
+            shared,
+            file,
+            seg_index_first: first,
+            next_seq: first,
+        })
+    }
+
+    fn create_segment(opts: &WalOptions, shared: &Shared, first: u64) -> Result<File, WalError> {
+        let path = segment_path(&opts.dir, first);
+        let mut file = OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .open(&path)
+            .map_err(io_err(&path))?;
+        file.write_all(MAGIC).map_err(io_err(&path))?;
+        if opts.fsync {
+            file.sync_all().map_err(io_err(&path))?;
+            File::open(&opts.dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io_err(&opts.dir))?;
+        }
+        let mut segs = shared.segments.lock().expect("wal segments");
+        segs.push_back(Segment {
+            path,
+            first_seq: first,
+            last_seq: first - 1,
+            size: MAGIC.len() as u64,
+        });
+        shared.publish_sizes(&segs);
+        Ok(file)
+    }
+
+    fn run(mut self, mut rx: mpsc::UnboundedReceiver<WalEntry>) {
+        let mut group: Vec<WalEntry> = Vec::new();
+        let mut buf: Vec<u8> = Vec::with_capacity(1 << 20);
+        while let Some(first) = rx.blocking_recv() {
+            let mut bytes = first.payload_len() as u64;
+            group.push(first);
+            while bytes < self.opts.max_group_bytes {
+                match rx.try_recv() {
+                    Ok(e) => {
+                        bytes += e.payload_len() as u64;
+                        group.push(e);
+                    }
+                    Err(_) => break,
+                }
+            }
+            let result = self.write_group(&mut group, &mut buf);
+            match result {
+                Ok(first_seq) => {
+                    for (i, e) in group.drain(..).enumerate() {
+                        let seq = first_seq + i as u64;
+                        (e.on_durable)(seq);
+                        self.shared.last_seq.store(seq, Ordering::Release);
+                        let _ = e.reply.send(Ok(seq));
+                    }
+                    self.shared
+                        .metrics
+                        .wal_last_seq
+                        .set(self.shared.last_seq.load(Ordering::Acquire) as i64);
+                }
+                Err(err) => {
+                    tracing::error!(error = %err, "WAL write failed; failing the group");
+                    let msg = err.to_string();
+                    for e in group.drain(..) {
+                        let _ = e.reply.send(Err(WalError::Io {
+                            path: self.opts.dir.display().to_string(),
+                            source: std::io::Error::other(msg.clone()),
+                        }));
+                    }
+                }
+            }
+        }
+        if self.opts.fsync {
+            let _ = self.file.sync_data();
+        }
+    }
+
+    /// Writes a group and fsyncs it; returns the first sequence number used.
+    fn write_group(&mut self, group: &mut [WalEntry], buf: &mut Vec<u8>) -> Result<u64, WalError> {
+        let first_seq = self.next_seq;
+        let path = segment_path(&self.opts.dir, self.seg_index_first);
+        let mut written = 0u64;
+        let mut seg_bytes = 0u64;
+        for (i, e) in group.iter().enumerate() {
+            let seq = first_seq + i as u64;
+            let cur_size = {
+                let segs = self.shared.segments.lock().expect("wal segments");
+                segs.back().map_or(0, |s| s.size)
+            } + seg_bytes;
+            if cur_size >= self.opts.segment_size && cur_size > MAGIC.len() as u64 {
+                // Roll: make the old segment durable, then start a new one at `seq`.
+                if self.opts.fsync {
+                    self.file.sync_data().map_err(io_err(&path))?;
+                }
+                self.commit_sizes(seg_bytes, seq - 1);
+                seg_bytes = 0;
+                self.file = Self::create_segment(&self.opts, &self.shared, seq)?;
+                self.seg_index_first = seq;
+            }
+            buf.clear();
+            let payload_len = e.payload_len();
+            buf.extend_from_slice(&(payload_len as u32).to_le_bytes());
+            buf.extend_from_slice(&[0u8; 4]);
+            buf.extend_from_slice(&seq.to_le_bytes());
+            buf.extend_from_slice(&e.version.to_le_bytes());
+            buf.extend_from_slice(&(e.table.len() as u16).to_le_bytes());
+            buf.extend_from_slice(e.table.as_bytes());
+            buf.extend_from_slice(&(e.ipc_header.len() as u32).to_le_bytes());
+            buf.extend_from_slice(&e.ipc_header);
+            let mut h = crc32fast::Hasher::new();
+            h.update(&buf[RECORD_HEADER..]);
+            h.update(&e.ipc_body);
+            let crc = h.finalize();
+            buf[4..8].copy_from_slice(&crc.to_le_bytes());
+            let cur_path = segment_path(&self.opts.dir, self.seg_index_first);
+            self.file.write_all(buf).map_err(io_err(&cur_path))?;
+            self.file.write_all(&e.ipc_body).map_err(io_err(&cur_path))?;
+            let n = (RECORD_HEADER + payload_len) as u64;
+            seg_bytes += n;
+            written += n;
+        }
+        if self.opts.fsync {
+            let cur_path = segment_path(&self.opts.dir, self.seg_index_first);
+            self.file.sync_data().map_err(io_err(&cur_path))?;
+        }
+        let last = first_seq + group.len() as u64 - 1;
+        self.commit_sizes(seg_bytes, last);
+        self.next_seq = last + 1;
+        self.shared.metrics.wal_written_bytes.inc_by(written);
+        self.shared.metrics.wal_fsyncs.inc();
+        Ok(first_seq)
+    }
+
+    fn commit_sizes(&self, added: u64, last_seq: u64) {
+        let mut segs = self.shared.segments.lock().expect("wal segments");
+        if let Some(s) = segs.back_mut() {
+            s.size += added;
+            if last_seq >= s.first_seq {
+                s.last_seq = last_seq;
+            }
+        }
+        self.shared.publish_sizes(&segs);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::Int64Array;
+    use arrow::datatypes::{DataType, Field, Schema};
+
+    fn schema() -> arrow::datatypes::SchemaRef {
+        Arc::new(Schema::new(vec![Field::new("v", DataType::Int64, false)]))
+    }
+
+    fn append(wal: &Wal, values: Vec<i64>) -> oneshot::Receiver<Result<u64, WalError>> {
+        let batch = RecordBatch::try_new(schema(), vec![Arc::new(Int64Array::from(values))]).unwrap();
+        let (h, b) = crate::pipeline::encode_ipc(&batch).unwrap();
+        let (tx, rx) = oneshot::channel();
+        wal.append(WalEntry {
+            table: Arc::from("t"),
+            version: 1,
+            ipc_header: h,
+            ipc_body: b,
+            on_durable: Box::new(|_| {}),
+            reply: tx,
+        })
+        .unwrap();
+        rx
+    }
+
+    fn opts(dir: &Path, segment_size: u64) -> WalOptions {
+        WalOptions {
+            dir: dir.to_path_buf(),
+            fsync: true,
+            segment_size,
+            max_group_bytes: 1 << 20,
+        }
+    }
+
+    fn replayed(wal: &Wal) -> Vec<(u64, Vec<i64>)> {
+        wal.replay()
+            .map(|r| {
+                let r = r.unwrap();
+                let b = r.decode(schema()).unwrap();
+                let v = b.column(0).as_any().downcast_ref::<Int64Array>().unwrap().values().to_vec();
+                (r.seq, v)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn appends_replay_and_torn_tail_is_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = Arc::new(Metrics::new());
+        let wal = Wal::open(opts(dir.path(), 1 << 20), m.clone()).unwrap();
+        let rxs: Vec<_> = (0..5).map(|i| append(&wal, vec![i, i + 100])).collect();
+        let seqs: Vec<u64> = rxs.into_iter().map(|rx| rx.blocking_recv().unwrap().unwrap()).collect();
+        assert_eq!(seqs, vec![1, 2, 3, 4, 5]);
+        wal.close();
+        drop(wal);
+
+        // A crash mid-write leaves half a record at the end of the last segment.
+        let seg = segment_path(dir.path(), 1);
+        let mut f = OpenOptions::new().append(true).open(&seg).unwrap();
+        f.write_all(&[200, 0, 0, 0, 1, 2, 3, 4, 9, 9]).unwrap();
+        drop(f);
+
+        let wal = Wal::open(opts(dir.path(), 1 << 20), m.clone()).unwrap();
+        let got = replayed(&wal);
+        assert_eq!(got.len(), 5);
+        assert_eq!(got[4], (5, vec![4, 104]));
+        // New writes continue after the last durable sequence number.
+        assert_eq!(append(&wal, vec![7]).blocking_recv().unwrap().unwrap(), 6);
+        wal.close();
+    }
+
+    #[test]
+    fn segments_roll_and_are_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = Arc::new(Metrics::new());
+        // Tiny segments: every record starts a new one.
+        let wal = Wal::open(opts(dir.path(), 16), m.clone()).unwrap();
+        for i in 0..4 {
+            append(&wal, vec![i]).blocking_recv().unwrap().unwrap();
+        }
+        assert_eq!(wal.disk_usage().0, 4);
+        wal.release_upto(2);
+        assert_eq!(wal.disk_usage().0, 2);
+        wal.close();
+        drop(wal);
+        let wal = Wal::open(opts(dir.path(), 16), m).unwrap();
+        let got: Vec<u64> = replayed(&wal).into_iter().map(|(s, _)| s).collect();
+        assert_eq!(got, vec![3, 4]);
+        wal.close();
+    }
+
+    #[test]
+    fn corruption_before_the_last_segment_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = Arc::new(Metrics::new());
+        let wal = Wal::open(opts(dir.path(), 16), m.clone()).unwrap();
+        for i in 0..3 {
+            append(&wal, vec![i]).blocking_recv().unwrap().unwrap();
+        }
+        wal.close();
+        drop(wal);
+        let seg = segment_path(dir.path(), 1);
+        let mut bytes = std::fs::read(&seg).unwrap();
+        let n = bytes.len();
+        bytes[n - 3] ^= 0xff;
+        std::fs::write(&seg, bytes).unwrap();
+        let err = Wal::open(opts(dir.path(), 16), m).err().expect("corrupt");
+        assert!(err.to_string().contains("checksum mismatch"), "{err}");
+    }
+}

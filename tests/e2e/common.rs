@@ -1,0 +1,230 @@
+//! Test harness: starts the real `sluice` binary on free loopback ports with its own
+//! data directory, and gives Flight and HTTP clients for it.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arrow::array::RecordBatch;
+use arrow_flight::encode::FlightDataEncoderBuilder;
+use arrow_flight::flight_service_client::FlightServiceClient;
+use arrow_flight::{Action, FlightClient, FlightDescriptor, PutResult, Ticket};
+use futures::{Stream, StreamExt, TryStreamExt};
+
+pub struct Sluice {
+    pub child: Child,
+    pub grpc: SocketAddr,
+    pub http: SocketAddr,
+    pub data_dir: PathBuf,
+}
+
+/// The repo's example config, loaded by every test server.
+pub fn example_config() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../sluice.example.toml")
+}
+
+impl Sluice {
+    /// Starts `sluice serve` with the example config, free ports, `data_dir`, and `env`
+    /// overrides (`("WAL__FSYNC", "false")` sets `SLUICE__WAL__FSYNC`).
+    pub fn start(data_dir: &Path, env: &[(&str, &str)]) -> Sluice {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluice"));
+        cmd.arg("serve")
+            .arg("--config")
+            .arg(example_config())
+            .env("SLUICE__SERVER__GRPC_ADDR", "127.0.0.1:0")
+            .env("SLUICE__SERVER__HTTP_ADDR", "127.0.0.1:0")
+            .env("SLUICE__SERVER__DATA_DIR", data_dir)
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        for (k, v) in env {
+            cmd.env(format!("SLUICE__{k}"), v);
+        }
+        let mut child = cmd.spawn().expect("spawn sluice");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            if let Some(Ok(line)) = lines.next() {
+                let _ = tx.send(line);
+            }
+            for _ in lines {}
+        });
+        let line = rx
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|_| panic!("sluice did not print SLUICE_READY within 60 s"));
+        let mut grpc = None;
+        let mut http = None;
+        for part in line.split_whitespace() {
+            if let Some(a) = part.strip_prefix("grpc=") {
+                grpc = a.parse().ok();
+            }
+            if let Some(a) = part.strip_prefix("http=") {
+                http = a.parse().ok();
+            }
+        }
+        assert!(line.starts_with("SLUICE_READY"), "unexpected first line: {line}");
+        Sluice {
+            child,
+            grpc: grpc.expect("grpc addr"),
+            http: http.expect("http addr"),
+            data_dir: data_dir.to_path_buf(),
+        }
+    }
+
+    pub async fn flight(&self) -> FlightClient {
+        let channel = tonic::transport::Channel::from_shared(format!("http://{}", self.grpc))
+            .unwrap()
+            .connect()
+            .await
+            .expect("connect flight");
+        FlightClient::new_from_inner(
+            FlightServiceClient::new(channel)
+                .max_decoding_message_size(usize::MAX)
+                .max_encoding_message_size(usize::MAX),
+        )
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.http, path)
+    }
+
+    /// kill -9.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then waits for exit (at most 30 s).
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "sluice did not exit within 30 s of SIGTERM");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// A field of /proc/<pid>/status in kB (VmRSS, VmHWM).
+    pub fn proc_status_kb(&self, field: &str) -> u64 {
+        let text = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        text.lines()
+            .find(|l| l.starts_with(field))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{field} not in /proc status"))
+    }
+}
+
+impl Drop for Sluice {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs a Flight action and returns its single result body as JSON.
+pub async fn action(client: &mut FlightClient, name: &str, body: &str) -> Result<serde_json::Value, tonic::Status> {
+    let mut results = client
+        .do_action(Action::new(name, body.to_string()))
+        .await
+        .map_err(to_status)?;
+    let first = results.next().await.expect("one result").map_err(to_status)?;
+    Ok(serde_json::from_slice(&first).expect("json result"))
+}
+
+pub fn to_status(e: arrow_flight::error::FlightError) -> tonic::Status {
+    match e {
+        arrow_flight::error::FlightError::Tonic(s) => *s,
+        other => tonic::Status::unknown(other.to_string()),
+    }
+}
+
+/// Acks of a DoPut, or the error that ended it after the acks before it.
+pub struct PutOutcome {
+    pub acks: Vec<serde_json::Value>,
+    pub error: Option<tonic::Status>,
+}
+
+impl PutOutcome {
+    pub fn rows(&self) -> u64 {
+        self.acks.iter().map(|a| a["rows"].as_u64().unwrap()).sum()
+    }
+}
+
+/// DoPut of a stream of batches to `table`; collects acks until the end or an error.
+pub async fn put_stream(
+    client: &mut FlightClient,
+    table: &str,
+    batches: impl Stream<Item = RecordBatch> + Send + 'static,
+) -> PutOutcome {
+    let data = FlightDataEncoderBuilder::new()
+        .with_flight_descriptor(Some(FlightDescriptor::new_path(vec![table.to_string()])))
+        .with_max_flight_data_size(usize::MAX)
+        .build(batches.map(Ok));
+    let mut acks = Vec::new();
+    let mut error = None;
+    match client.do_put(data).await {
+        Ok(mut results) => loop {
+            match results.next().await {
+                Some(Ok(PutResult { app_metadata })) => {
+                    acks.push(serde_json::from_slice(&app_metadata).expect("ack json"))
+                }
+                Some(Err(e)) => {
+                    error = Some(to_status(e));
+                    break;
+                }
+                None => break,
+            }
+        },
+        Err(e) => error = Some(to_status(e)),
+    }
+    PutOutcome { acks, error }
+}
+
+pub async fn put(client: &mut FlightClient, table: &str, batches: Vec<RecordBatch>) -> PutOutcome {
+    put_stream(client, table, futures::stream::iter(batches)).await
+}
+
+/// Runs SQL through DoGet and returns the batches.
+pub async fn query(client: &mut FlightClient, sql: &str) -> Result<Vec<RecordBatch>, tonic::Status> {
+    let stream = client
+        .do_get(Ticket::new(sql.to_string()))
+        .await
+        .map_err(to_status)?;
+    stream.try_collect().await.map_err(to_status)
+}
+
+/// One scalar of the first row of a query (integer).
+pub async fn query_i64(client: &mut FlightClient, sql: &str) -> i64 {
+    let batches = query(client, sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+    let b = batches.iter().find(|b| b.num_rows() > 0).expect("a row");
+    let col = arrow::compute::cast(b.column(0), &arrow::datatypes::DataType::Int64).unwrap();
+    col.as_any()
+        .downcast_ref::<arrow::array::Int64Array>()
+        .unwrap()
+        .value(0)
+}
+
+
+/// Waits until `f` returns true (polling every 100 ms) or panics after `timeout`.
+pub async fn eventually<F, Fut>(timeout: Duration, what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !f().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
