@@ -28,7 +28,28 @@ enum Command {
     },
 }
 
+/// Tunes glibc malloc so resident memory follows what Sluice holds. By default every
+/// thread gets its own arena and the mmap threshold rises after the first large free, so
+/// batch-sized buffers freed by the archive and WAL threads stay mapped in arenas and
+/// resident memory drifts far above the memory budget (measured: +110 MiB over a 64 MiB
+/// budget). Two arenas and a fixed 1 MiB mmap threshold (large buffers go back to the OS
+/// when freed) keep it close. `MALLOC_ARENA_MAX` / `MALLOC_MMAP_THRESHOLD_` in the
+/// environment win.
+fn tune_malloc() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator tuning; called before any thread starts.
+    unsafe {
+        if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+            libc::mallopt(libc::M_ARENA_MAX, 2);
+        }
+        if std::env::var_os("MALLOC_MMAP_THRESHOLD_").is_none() {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+        }
+    }
+}
+
 fn main() -> std::process::ExitCode {
+    tune_malloc();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

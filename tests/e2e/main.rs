@@ -189,27 +189,28 @@ async fn refusals_name_table_column_and_row_and_keep_earlier_batches() {
         vec![ts(vec![1]), Arc::new(StringArray::from(vec!["a"])), Arc::new(StringArray::from(vec!["x"]))],
     )
     .unwrap();
-    // A good batch first: it is acked and stays.
-    let good = RecordBatch::try_new(
-        Arc::new(Schema::new(vec![ts_field(), Field::new("host", DataType::Utf8, false)])),
-        vec![ts(vec![1, 2]), Arc::new(StringArray::from(vec!["a", "b"]))],
-    )
-    .unwrap();
-    let out = put(&mut client, "cpu", vec![good.clone(), bad]).await;
-    assert_eq!(out.acks.len(), 1, "the good batch before the bad one is acked");
-    let e = out.error.expect("refused");
+    let e = put(&mut client, "cpu", vec![bad]).await.error.expect("refused");
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
     assert!(e.message().contains("table 'cpu'") && e.message().contains("unknown column 'hots'"), "{}", e.message());
 
-    // Null in a non-null column, with its row.
+    // A good batch, then one with a null in a non-null column (same stream, same schema):
+    // the good one is acked and stays, the bad one ends the call naming column and row.
+    let nullable_host = Arc::new(Schema::new(vec![ts_field(), Field::new("host", DataType::Utf8, true)]));
+    let good = RecordBatch::try_new(
+        nullable_host.clone(),
+        vec![ts(vec![1, 2]), Arc::new(StringArray::from(vec!["a", "b"]))],
+    )
+    .unwrap();
     let nulls = RecordBatch::try_new(
-        Arc::new(Schema::new(vec![ts_field(), Field::new("host", DataType::Utf8, true)])),
+        nullable_host,
         vec![ts(vec![1, 2, 3]), Arc::new(StringArray::from(vec![Some("a"), Some("b"), None]))],
     )
     .unwrap();
-    let e = put(&mut client, "cpu", vec![nulls]).await.error.expect("refused");
+    let out = put(&mut client, "cpu", vec![good.clone(), nulls]).await;
+    assert_eq!(out.acks.len(), 1, "the good batch before the bad one is acked");
+    let e = out.error.expect("refused");
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
-    assert!(e.message().contains("column 'host'") && e.message().contains("row 2"), "{}", e.message());
+    assert!(e.message().contains("table 'cpu'") && e.message().contains("column 'host'") && e.message().contains("row 2"), "{}", e.message());
 
     // Lossy cast: int64 value out of int32 range.
     let lossy = RecordBatch::try_new(

@@ -14,9 +14,10 @@ use futures::StreamExt;
 
 const BUDGET_MIB: u64 = 64;
 /// Fixed overhead beyond the budget, on top of the resident size right after start:
-/// HTTP/2 receive windows (16 MiB per connection), one Parquet file being encoded
-/// (at most buffer.max_bytes before compression), IPC encode scratch and allocator slack.
-const OVERHEAD_MIB: u64 = 96;
+/// the HTTP/2 receive window (16 MiB per connection, 8 MiB per stream), the one decoded
+/// batch a DoPut holds before it is charged, the Parquet encoder of a flush, and allocator
+/// slack. Measured growth on this machine: 98 MiB for a 64 MiB budget (34 MiB overhead).
+const OVERHEAD_MIB: u64 = 56;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_stays_within_budget_under_a_fast_client_and_slow_sink() {
