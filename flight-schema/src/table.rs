@@ -257,18 +257,12 @@ impl TableSchema {
 }
 
 /// Checks that a JSON default fits the column type.
-fn check_default(
-    column: &str,
-    ty: ColumnType,
-    value: &serde_json::Value,
-) -> Result<(), String> {
+fn check_default(column: &str, ty: ColumnType, value: &serde_json::Value) -> Result<(), String> {
     use serde_json::Value as V;
     let ok = match (ty, value) {
         (_, V::Null) => true,
         (ColumnType::Bool, V::Bool(_)) => true,
-        (ColumnType::Int32, V::Number(n)) => n
-            .as_i64()
-            .is_some_and(|v| i32::try_from(v).is_ok()),
+        (ColumnType::Int32, V::Number(n)) => n.as_i64().is_some_and(|v| i32::try_from(v).is_ok()),
         (ColumnType::Int64, V::Number(n)) => n.as_i64().is_some(),
         (ColumnType::Float | ColumnType::Double, V::Number(_)) => true,
         (ColumnType::Decimal { .. }, V::Number(_) | V::String(_)) => true,
@@ -364,16 +358,22 @@ mod tests {
 
     #[test]
     fn refusals_name_the_problem() {
-        let e = TableSchema::from_json(br#"{"name":"x","columns":[{"name":"v","type":"double"}]}"#, None)
-            .unwrap()
-            .validate(1)
-            .unwrap_err();
+        let e = TableSchema::from_json(
+            br#"{"name":"x","columns":[{"name":"v","type":"double"}]}"#,
+            None,
+        )
+        .unwrap()
+        .validate(1)
+        .unwrap_err();
         assert!(e.to_string().contains("needs a time column"), "{e}");
         let e = TableSchema::from_json(br#"{"name":"x; drop","columns":[]}"#, None)
             .unwrap()
             .validate(1)
             .unwrap_err();
-        assert!(e.to_string().contains("invalid table name 'x; drop'"), "{e}");
+        assert!(
+            e.to_string().contains("invalid table name 'x; drop'"),
+            "{e}"
+        );
         let e = TableSchema::from_json(br#"{"name":"x","columns":[{"name":"t","type":"timestamp"},{"name":"t","type":"int32"}]}"#, None)
             .unwrap()
             .validate(1)
@@ -383,7 +383,11 @@ mod tests {
             .unwrap()
             .validate(1)
             .unwrap_err();
-        assert!(e.to_string().contains("default \"a\" does not fit type int32"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("default \"a\" does not fit type int32"),
+            "{e}"
+        );
         let e = TableSchema::from_json(br#"{"name":"x","colums":[]}"#, None).unwrap_err();
         assert!(e.to_string().contains("unknown field `colums`"), "{e}");
     }
@@ -400,12 +404,19 @@ mod tests {
         c.nullable = Some(false);
         add_nn.columns.push(c);
         let e = check_evolution(&v1, &add_nn.validate(2).unwrap()).unwrap_err();
-        assert!(e.to_string().contains("new column 'host' is not nullable"), "{e}");
+        assert!(
+            e.to_string().contains("new column 'host' is not nullable"),
+            "{e}"
+        );
 
         let mut retype = cpu();
         retype.columns[1].column_type = ColumnType::Float;
         let e = check_evolution(&v1, &retype.validate(2).unwrap()).unwrap_err();
-        assert!(e.to_string().contains("column 'value' changes type from double to float"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("column 'value' changes type from double to float"),
+            "{e}"
+        );
 
         let mut drop = cpu();
         drop.columns.pop();

@@ -42,7 +42,10 @@ pub enum ColumnType {
     Timestamp(TimeUnit),
     Date,
     Uuid,
-    Decimal { precision: u8, scale: i8 },
+    Decimal {
+        precision: u8,
+        scale: i8,
+    },
     Jsonb,
     /// String to string map.
     Map,
@@ -143,9 +146,7 @@ impl ColumnType {
             Self::Uuid => DataType::FixedSizeBinary(16),
             Self::Decimal { precision, scale } => DataType::Decimal128(*precision, *scale),
             Self::Map => map_type(),
-            Self::StringArray => {
-                DataType::List(Arc::new(Field::new("item", DataType::Utf8, true)))
-            }
+            Self::StringArray => DataType::List(Arc::new(Field::new("item", DataType::Utf8, true))),
             Self::DoubleArray => {
                 DataType::List(Arc::new(Field::new("item", DataType::Float64, true)))
             }
@@ -243,7 +244,11 @@ mod tests {
     #[test]
     fn refuses_unknown_and_bad_decimal() {
         let e = ColumnType::parse("varchar", "host").unwrap_err();
-        assert!(e.to_string().contains("column 'host': unknown type 'varchar'"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("column 'host': unknown type 'varchar'"),
+            "{e}"
+        );
         assert!(ColumnType::parse("decimal(40,2)", "x").is_err());
         assert!(ColumnType::parse("decimal(4,5)", "x").is_err());
     }
@@ -256,6 +261,9 @@ mod tests {
         );
         let f = ColumnType::Jsonb.to_field("labels", true);
         assert_eq!(f.data_type(), &DataType::Utf8);
-        assert_eq!(f.metadata().get(EXTENSION_NAME_KEY).unwrap(), JSON_EXTENSION);
+        assert_eq!(
+            f.metadata().get(EXTENSION_NAME_KEY).unwrap(),
+            JSON_EXTENSION
+        );
     }
 }

@@ -155,7 +155,10 @@ impl Archiver {
                 .await
                 .map_err(Error::internal)?;
             let m: Manifest = serde_json::from_slice(&bytes).map_err(|e| {
-                Error::Internal(format!("archive manifest {} is unreadable: {e}", meta.location))
+                Error::Internal(format!(
+                    "archive manifest {} is unreadable: {e}",
+                    meta.location
+                ))
             })?;
             manifests.insert(m.table.clone(), m);
         }
@@ -171,9 +174,13 @@ impl Archiver {
                 .await
                 .map_err(Error::internal)?;
             for f in files {
-                if f.location.as_ref().ends_with(".parquet") && !known.contains(f.location.as_ref()) {
+                if f.location.as_ref().ends_with(".parquet") && !known.contains(f.location.as_ref())
+                {
                     tracing::warn!(file = %f.location, "deleting an archive file no manifest names (an interrupted flush; its rows are replayed from the WAL)");
-                    self.store.delete(&f.location).await.map_err(Error::internal)?;
+                    self.store
+                        .delete(&f.location)
+                        .await
+                        .map_err(Error::internal)?;
                 }
             }
             let state = self.buffers.table(&name);
@@ -265,17 +272,21 @@ impl Archiver {
 
         let mut new_entries = Vec::new();
         for (i, (partition, rows, data)) in files.into_iter().enumerate() {
-            let path = format!(
-                "{table}/{partition}/part-{min_seq:020}-{max_seq:020}-{i}.parquet"
-            );
+            let path = format!("{table}/{partition}/part-{min_seq:020}-{max_seq:020}-{i}.parquet");
             let size = data.len() as u64;
             self.store
                 .put(&ObjPath::from(path.as_str()), PutPayload::from(data))
                 .await
                 .map_err(|e| Error::Unavailable(format!("archive write {path}: {e}")))?;
             self.metrics.archive_files.with_label_values(&[table]).inc();
-            self.metrics.archive_bytes.with_label_values(&[table]).inc_by(size);
-            self.metrics.archive_rows.with_label_values(&[table]).inc_by(rows);
+            self.metrics
+                .archive_bytes
+                .with_label_values(&[table])
+                .inc_by(size);
+            self.metrics
+                .archive_rows
+                .with_label_values(&[table])
+                .inc_by(rows);
             new_entries.push(FileEntry {
                 path,
                 size,
@@ -375,7 +386,11 @@ fn hour_of(values: &dyn Array) -> Result<Vec<i64>> {
         other => return Err(Error::Internal(format!("time column has type {other}"))),
     };
     let ints = arr.as_primitive::<arrow::datatypes::Int64Type>();
-    Ok(ints.values().iter().map(|v| v.div_euclid(per_hour)).collect())
+    Ok(ints
+        .values()
+        .iter()
+        .map(|v| v.div_euclid(per_hour))
+        .collect())
 }
 
 /// Splits batches by hour and encodes one Parquet file per hour.
@@ -403,10 +418,7 @@ fn encode_partitions(
             .column_by_name(time_col)
             .ok_or_else(|| Error::Internal(format!("batch lacks time column {time_col}")))?;
         let hours = hour_of(times.as_ref())?;
-        let (lo, hi) = (
-            *hours.iter().min().unwrap(),
-            *hours.iter().max().unwrap(),
-        );
+        let (lo, hi) = (*hours.iter().min().unwrap(), *hours.iter().max().unwrap());
         let mut parts: Vec<(i64, RecordBatch)> = Vec::new();
         if lo == hi {
             parts.push((lo, batch));
@@ -415,8 +427,10 @@ fn encode_partitions(
             keys.sort_unstable();
             keys.dedup();
             for h in keys {
-                let mask: arrow::array::BooleanArray = hours.iter().map(|x| Some(*x == h)).collect();
-                let part = arrow::compute::filter_record_batch(&batch, &mask).map_err(Error::internal)?;
+                let mask: arrow::array::BooleanArray =
+                    hours.iter().map(|x| Some(*x == h)).collect();
+                let part =
+                    arrow::compute::filter_record_batch(&batch, &mask).map_err(Error::internal)?;
                 parts.push((h, part));
             }
         }
@@ -438,7 +452,11 @@ fn encode_partitions(
         let data = w.into_inner().map_err(Error::internal)?;
         let start = chrono::DateTime::from_timestamp(h * 3600, 0)
             .ok_or_else(|| Error::Internal(format!("hour {h} out of range")))?;
-        out.push((start.format("date=%Y-%m-%d/hour=%H").to_string(), rows, data));
+        out.push((
+            start.format("date=%Y-%m-%d/hour=%H").to_string(),
+            rows,
+            data,
+        ));
     }
     Ok(out)
 }
@@ -452,7 +470,11 @@ mod tests {
     #[test]
     fn splits_rows_by_hour_into_partitions() {
         let schema = Arc::new(Schema::new(vec![
-            Field::new("time", DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())), false),
+            Field::new(
+                "time",
+                DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+                false,
+            ),
             Field::new("v", DataType::Float64, true),
         ]));
         let h = 3_600_000_000i64;
@@ -461,7 +483,10 @@ mod tests {
         let batch = RecordBatch::try_new(
             schema.clone(),
             vec![
-                Arc::new(TimestampMicrosecondArray::from(vec![base, base + h + 5, base + 10, -1]).with_timezone("UTC")),
+                Arc::new(
+                    TimestampMicrosecondArray::from(vec![base, base + h + 5, base + 10, -1])
+                        .with_timezone("UTC"),
+                ),
                 Arc::new(Float64Array::from(vec![1.0, 2.0, 3.0, 4.0])),
             ],
         )
@@ -482,7 +507,9 @@ mod tests {
         )
         .unwrap();
         let got: Vec<RecordBatch> = reader.collect::<std::result::Result<_, _>>().unwrap();
-        let v = got[0].column(1).as_primitive::<arrow::datatypes::Float64Type>();
+        let v = got[0]
+            .column(1)
+            .as_primitive::<arrow::datatypes::Float64Type>();
         assert_eq!(v.values().to_vec(), vec![1.0, 3.0]);
     }
 }

@@ -56,7 +56,9 @@ impl MemoryCharge {
             if let Some(part) = self.permit.split(units as usize) {
                 drop(part);
                 self.units -= units;
-                self.metrics.memory_used_bytes.sub(units as i64 * UNIT as i64);
+                self.metrics
+                    .memory_used_bytes
+                    .sub(units as i64 * UNIT as i64);
             }
         }
     }
@@ -70,7 +72,12 @@ pub fn data_size(batch: &RecordBatch) -> usize {
             + d.nulls().map_or(0, |n| n.buffer().len())
             + d.child_data().iter().map(of).sum::<usize>()
     }
-    batch.columns().iter().map(|c| of(&c.to_data())).sum::<usize>() + 64
+    batch
+        .columns()
+        .iter()
+        .map(|c| of(&c.to_data()))
+        .sum::<usize>()
+        + 64
 }
 
 impl MemoryBudget {

@@ -47,7 +47,11 @@ impl ByteSize {
             "m" | "mb" | "mib" => 1 << 20,
             "g" | "gb" | "gib" => 1 << 30,
             "t" | "tb" | "tib" => 1 << 40,
-            u => return Err(format!("unknown size unit '{u}' in '{s}' (use B, KiB, MiB, GiB, TiB)")),
+            u => {
+                return Err(format!(
+                    "unknown size unit '{u}' in '{s}' (use B, KiB, MiB, GiB, TiB)"
+                ))
+            }
         };
         Ok(ByteSize((num * mult as f64) as u64))
     }
@@ -56,11 +60,11 @@ impl ByteSize {
 impl fmt::Display for ByteSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let b = self.0;
-        if b >= 1 << 30 && b % (1 << 30) == 0 {
+        if b >= 1 << 30 && b.is_multiple_of(1 << 30) {
             write!(f, "{}GiB", b >> 30)
-        } else if b >= 1 << 20 && b % (1 << 20) == 0 {
+        } else if b >= 1 << 20 && b.is_multiple_of(1 << 20) {
             write!(f, "{}MiB", b >> 20)
-        } else if b >= 1 << 10 && b % (1 << 10) == 0 {
+        } else if b >= 1 << 10 && b.is_multiple_of(1 << 10) {
             write!(f, "{}KiB", b >> 10)
         } else {
             write!(f, "{b}B")
@@ -298,14 +302,16 @@ impl Config {
                     .entry(section.clone())
                     .or_insert_with(|| toml::Value::Table(toml::Table::new()));
                 table = entry.as_table_mut().ok_or_else(|| {
-                    ConfigError(format!("environment variable {key}: '{section}' is not a section"))
+                    ConfigError(format!(
+                        "environment variable {key}: '{section}' is not a section"
+                    ))
                 })?;
             }
             table.insert(path[path.len() - 1].clone(), value);
             from_env.insert((path.join("."), key));
         }
-        let config: Config = serde_path_to_error::deserialize(toml::Value::Table(root))
-            .map_err(|e| {
+        let config: Config =
+            serde_path_to_error::deserialize(toml::Value::Table(root)).map_err(|e| {
                 let key = e.path().to_string();
                 let origin = from_env
                     .iter()
@@ -324,7 +330,10 @@ impl Config {
         let err = |key: &str, msg: String| Err(ConfigError(format!("key '{key}': {msg}")));
         let budget = self.memory.budget.as_u64();
         if budget < ByteSize::mib(16).as_u64() {
-            return err("memory.budget", format!("{} is too small; at least 16MiB", self.memory.budget));
+            return err(
+                "memory.budget",
+                format!("{} is too small; at least 16MiB", self.memory.budget),
+            );
         }
         if self.server.max_message_size.as_u64() > budget / 2 {
             return err(
@@ -360,14 +369,20 @@ impl Config {
             return err("wal.max_group_bytes", "must be more than 0".into());
         }
         if !(1..=22).contains(&self.archive.zstd_level) {
-            return err("archive.zstd_level", format!("{} is not a zstd level (1..=22)", self.archive.zstd_level));
+            return err(
+                "archive.zstd_level",
+                format!("{} is not a zstd level (1..=22)", self.archive.zstd_level),
+            );
         }
         if self.archive.row_group_rows == 0 {
             return err("archive.row_group_rows", "must be at least 1".into());
         }
         if let Some(t) = self.archive.throttle_bytes_per_sec {
             if t.as_u64() == 0 {
-                return err("archive.throttle_bytes_per_sec", "must be more than 0 (or unset)".into());
+                return err(
+                    "archive.throttle_bytes_per_sec",
+                    "must be more than 0 (or unset)".into(),
+                );
             }
         }
         if let Some(url) = &self.archive.url {
@@ -389,7 +404,9 @@ impl Config {
 /// otherwise as a plain string (`127.0.0.1:0`, `64MiB`).
 fn parse_env_value(raw: &str) -> toml::Value {
     match toml::from_str::<toml::Table>(&format!("v = {raw}")) {
-        Ok(mut t) => t.remove("v").unwrap_or_else(|| toml::Value::String(raw.to_string())),
+        Ok(mut t) => t
+            .remove("v")
+            .unwrap_or_else(|| toml::Value::String(raw.to_string())),
         Err(_) => toml::Value::String(raw.to_string()),
     }
 }
@@ -399,7 +416,10 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -433,7 +453,10 @@ mod tests {
 
         let e = Config::load(None, env(&[("SLUICE__SERVER__GRPC_ADDR", "nowhere")])).unwrap_err();
         let m = e.to_string();
-        assert!(m.contains("server.grpc_addr") && m.contains("SLUICE__SERVER__GRPC_ADDR"), "{m}");
+        assert!(
+            m.contains("server.grpc_addr") && m.contains("SLUICE__SERVER__GRPC_ADDR"),
+            "{m}"
+        );
 
         let e = Config::load(None, env(&[("SLUICE__SERVER__GPRC_ADDR", "x")])).unwrap_err();
         assert!(e.to_string().contains("unknown field `gprc_addr`"), "{e}");
@@ -442,7 +465,11 @@ mod tests {
         assert!(e.to_string().contains("memory.budget"), "{e}");
 
         let e = Config::load(None, env(&[("SLUICE__MEMORY__BUDGET", "1MiB")])).unwrap_err();
-        assert!(e.to_string().contains("key 'memory.budget': 1MiB is too small"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("key 'memory.budget': 1MiB is too small"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -453,9 +480,15 @@ mod tests {
         let text = std::fs::read_to_string(&path).unwrap();
         let defaults = toml::Table::try_from(Config::default()).unwrap();
         for (section, keys) in defaults {
-            assert!(text.contains(&format!("[{section}]")), "example lacks [{section}]");
+            assert!(
+                text.contains(&format!("[{section}]")),
+                "example lacks [{section}]"
+            );
             for key in keys.as_table().unwrap().keys() {
-                assert!(text.contains(&format!("{key} =")), "example lacks {section}.{key}");
+                assert!(
+                    text.contains(&format!("{key} =")),
+                    "example lacks {section}.{key}"
+                );
             }
         }
         for key in ["url", "throttle_bytes_per_sec"] {

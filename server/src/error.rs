@@ -94,7 +94,8 @@ impl IntoResponse for Error {
             Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
-        let mut resp = (status, Json(serde_json::json!({"error": self.to_string()}))).into_response();
+        let mut resp =
+            (status, Json(serde_json::json!({"error": self.to_string()}))).into_response();
         if status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::SERVICE_UNAVAILABLE {
             resp.headers_mut()
                 .insert("retry-after", axum::http::HeaderValue::from_static("1"));

@@ -47,7 +47,11 @@ impl FlightFrontEnd {
         Self { state }
     }
 
-    async fn flight_info_for_sql(&self, sql: &str, descriptor: FlightDescriptor) -> Result<FlightInfo, Status> {
+    async fn flight_info_for_sql(
+        &self,
+        sql: &str,
+        descriptor: FlightDescriptor,
+    ) -> Result<FlightInfo, Status> {
         let (schema, _stream) = self.state.query.sql(sql).await.map_err(Error::from)?;
         FlightInfo::new()
             .try_with_schema(&schema)
@@ -59,9 +63,11 @@ impl FlightFrontEnd {
     }
 
     fn flight_info_for_table(&self, table: &str) -> Result<FlightInfo, Status> {
-        let t = self.state.registry.get(table).ok_or_else(|| {
-            Status::not_found(format!("table '{table}' is not registered"))
-        })?;
+        let t = self
+            .state
+            .registry
+            .get(table)
+            .ok_or_else(|| Status::not_found(format!("table '{table}' is not registered")))?;
         let sql = format!("SELECT * FROM \"{table}\"");
         FlightInfo::new()
             .try_with_schema(&t.arrow_schema)
@@ -76,7 +82,9 @@ impl FlightFrontEnd {
 /// The table named by a DoPut descriptor: PATH with exactly one element.
 fn table_of(descriptor: Option<&FlightDescriptor>) -> Result<String, Status> {
     let d = descriptor.ok_or_else(|| {
-        Status::invalid_argument("DoPut: the first message must carry a FlightDescriptor PATH [\"<table>\"]")
+        Status::invalid_argument(
+            "DoPut: the first message must carry a FlightDescriptor PATH [\"<table>\"]",
+        )
     })?;
     if d.r#type() != DescriptorType::Path || d.path.len() != 1 {
         return Err(Status::invalid_argument(format!(
@@ -139,7 +147,9 @@ impl FlightService for FlightFrontEnd {
         let info = match d.r#type() {
             DescriptorType::Cmd => {
                 let sql = std::str::from_utf8(&d.cmd)
-                    .map_err(|_| Status::invalid_argument("the CMD descriptor must hold UTF-8 SQL"))?
+                    .map_err(|_| {
+                        Status::invalid_argument("the CMD descriptor must hold UTF-8 SQL")
+                    })?
                     .to_string();
                 let span = tracing::info_span!("get_flight_info", protocol = "flight", sql = %sql);
                 self.flight_info_for_sql(&sql, d).instrument(span).await?
@@ -158,7 +168,9 @@ impl FlightService for FlightFrontEnd {
         &self,
         _request: Request<FlightDescriptor>,
     ) -> Result<Response<PollInfo>, Status> {
-        Err(Status::unimplemented("PollFlightInfo: use GetFlightInfo; queries are not long-running here"))
+        Err(Status::unimplemented(
+            "PollFlightInfo: use GetFlightInfo; queries are not long-running here",
+        ))
     }
 
     async fn get_schema(
@@ -171,15 +183,22 @@ impl FlightService for FlightFrontEnd {
                 .state
                 .registry
                 .get(&d.path[0])
-                .ok_or_else(|| Status::not_found(format!("table '{}' is not registered", d.path[0])))?
+                .ok_or_else(|| {
+                    Status::not_found(format!("table '{}' is not registered", d.path[0]))
+                })?
                 .arrow_schema
                 .clone(),
             DescriptorType::Cmd => {
-                let sql = std::str::from_utf8(&d.cmd)
-                    .map_err(|_| Status::invalid_argument("the CMD descriptor must hold UTF-8 SQL"))?;
+                let sql = std::str::from_utf8(&d.cmd).map_err(|_| {
+                    Status::invalid_argument("the CMD descriptor must hold UTF-8 SQL")
+                })?;
                 self.state.query.sql(sql).await.map_err(Error::from)?.0
             }
-            _ => return Err(Status::invalid_argument("GetSchema takes a PATH [\"<table>\"] or a CMD with SQL")),
+            _ => {
+                return Err(Status::invalid_argument(
+                    "GetSchema takes a PATH [\"<table>\"] or a CMD with SQL",
+                ))
+            }
         };
         let result: SchemaResult = SchemaAsIpc::new(&schema, &IpcWriteOptions::default())
             .try_into()
@@ -187,7 +206,10 @@ impl FlightService for FlightFrontEnd {
         Ok(Response::new(result))
     }
 
-    async fn do_get(&self, request: Request<Ticket>) -> Result<Response<Self::DoGetStream>, Status> {
+    async fn do_get(
+        &self,
+        request: Request<Ticket>,
+    ) -> Result<Response<Self::DoGetStream>, Status> {
         let ticket = request.into_inner();
         let sql = std::str::from_utf8(&ticket.ticket)
             .map_err(|_| Status::invalid_argument("DoGet: the ticket must be UTF-8 SQL"))?
@@ -216,13 +238,17 @@ impl FlightService for FlightFrontEnd {
         request: Request<Streaming<FlightData>>,
     ) -> Result<Response<Self::DoPutStream>, Status> {
         let mut input = request.into_inner();
-        let first = input
-            .message()
-            .await?
-            .ok_or_else(|| Status::invalid_argument("DoPut: empty stream; the first message must carry the descriptor and the schema"))?;
+        let first = input.message().await?.ok_or_else(|| {
+            Status::invalid_argument(
+                "DoPut: empty stream; the first message must carry the descriptor and the schema",
+            )
+        })?;
         let table = table_of(first.flight_descriptor.as_ref())?;
         // Unknown tables fail before any data is read.
-        self.state.ingest.check_table(&table).map_err(Status::from)?;
+        self.state
+            .ingest
+            .check_table(&table)
+            .map_err(Status::from)?;
         let span = tracing::info_span!("do_put", protocol = "flight", table = %table);
 
         let (ack_tx, ack_rx) = mpsc::channel::<Result<PutResult, Status>>(MAX_UNACKED_PER_STREAM);
@@ -238,9 +264,15 @@ impl FlightService for FlightFrontEnd {
                             let rows = pending.rows;
                             match pending.durable().await {
                                 Ok(wal_seq) => {
-                                    let ack = PutAck { request_id, rows, wal_seq };
+                                    let ack = PutAck {
+                                        request_id,
+                                        rows,
+                                        wal_seq,
+                                    };
                                     let meta = serde_json::to_vec(&ack).expect("ack serializes");
-                                    Ok(PutResult { app_metadata: meta.into() })
+                                    Ok(PutResult {
+                                        app_metadata: meta.into(),
+                                    })
                                 }
                                 Err(e) => Err(Status::from(e)),
                             }
@@ -305,16 +337,25 @@ impl FlightService for FlightFrontEnd {
         &self,
         _request: Request<Streaming<FlightData>>,
     ) -> Result<Response<Self::DoExchangeStream>, Status> {
-        Err(Status::unimplemented("DoExchange is not supported; use DoPut to write and DoGet to query"))
+        Err(Status::unimplemented(
+            "DoExchange is not supported; use DoPut to write and DoGet to query",
+        ))
     }
 
-    async fn do_action(&self, request: Request<Action>) -> Result<Response<Self::DoActionStream>, Status> {
+    async fn do_action(
+        &self,
+        request: Request<Action>,
+    ) -> Result<Response<Self::DoActionStream>, Status> {
         let action = request.into_inner();
         let span = tracing::info_span!("do_action", protocol = "flight", action = %action.r#type);
         let _e = span.enter();
         let result = match action.r#type.as_str() {
             actions::REGISTER_TABLE => {
-                let r = self.state.register_table(&action.body).await.map_err(Status::from)?;
+                let r = self
+                    .state
+                    .register_table(&action.body)
+                    .await
+                    .map_err(Status::from)?;
                 json_result(&r)?
             }
             actions::GET_TABLE => {
@@ -323,7 +364,9 @@ impl FlightService for FlightFrontEnd {
                     name: String,
                 }
                 let b: Body = serde_json::from_slice(&action.body).map_err(|e| {
-                    Status::invalid_argument(format!("get_table: body must be {{\"name\": \"<table>\"}}: {e}"))
+                    Status::invalid_argument(format!(
+                        "get_table: body must be {{\"name\": \"<table>\"}}: {e}"
+                    ))
                 })?;
                 json_result(&self.state.table_json(&b.name).map_err(Status::from)?)?
             }
@@ -334,10 +377,15 @@ impl FlightService for FlightFrontEnd {
                 )))
             }
         };
-        Ok(Response::new(Box::pin(futures::stream::once(async { Ok(result) }))))
+        Ok(Response::new(Box::pin(futures::stream::once(async {
+            Ok(result)
+        }))))
     }
 
-    async fn list_actions(&self, _request: Request<Empty>) -> Result<Response<Self::ListActionsStream>, Status> {
+    async fn list_actions(
+        &self,
+        _request: Request<Empty>,
+    ) -> Result<Response<Self::ListActionsStream>, Status> {
         let list = [
             (actions::REGISTER_TABLE, "Register a table or a new version of it. Body: schema JSON with \"name\". Result: {\"name\",\"version\"}"),
             (actions::GET_TABLE, "Get a registered table. Body: {\"name\": \"<table>\"}. Result: schema JSON with \"version\""),

@@ -38,7 +38,11 @@ pub fn router(state: Arc<AppState>) -> Router {
 
 async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     let (ready, details) = state.readiness.readiness();
-    let code = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let code = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     (code, Json(details)).into_response()
 }
 
@@ -50,7 +54,10 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         .into_response()
 }
 
-async fn register(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Json<flight_schema::RegisterResult>> {
+async fn register(
+    State(state): State<Arc<AppState>>,
+    body: Bytes,
+) -> Result<Json<flight_schema::RegisterResult>> {
     let span = tracing::info_span!("register", protocol = "http");
     state.register_table(&body).instrument(span).await.map(Json)
 }
@@ -59,7 +66,10 @@ async fn list_schemas(State(state): State<Arc<AppState>>) -> Json<serde_json::Va
     Json(state.tables_json())
 }
 
-async fn get_schema(State(state): State<Arc<AppState>>, Path(table): Path<String>) -> Result<Json<serde_json::Value>> {
+async fn get_schema(
+    State(state): State<Arc<AppState>>,
+    Path(table): Path<String>,
+) -> Result<Json<serde_json::Value>> {
     state.table_json(&table).map(Json)
 }
 
@@ -68,7 +78,11 @@ struct QueryBody {
     sql: String,
 }
 
-async fn query(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Result<Response> {
+async fn query(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response> {
     let q: QueryBody = serde_json::from_slice(&body)
         .map_err(|e| Error::InvalidArgument(format!("body must be {{\"sql\": \"...\"}}: {e}")))?;
     let span = tracing::info_span!("query", protocol = "http", sql = %q.sql);
@@ -84,7 +98,8 @@ async fn query(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Byt
     if wants_arrow {
         let mut buf = Vec::new();
         {
-            let mut w = arrow::ipc::writer::StreamWriter::try_new(&mut buf, &schema).map_err(Error::internal)?;
+            let mut w = arrow::ipc::writer::StreamWriter::try_new(&mut buf, &schema)
+                .map_err(Error::internal)?;
             for b in &batches {
                 w.write(b).map_err(Error::internal)?;
             }

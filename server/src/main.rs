@@ -7,7 +7,11 @@ use clap::{Parser, Subcommand};
 use sluice::config::Config;
 
 #[derive(Parser)]
-#[command(name = "sluice", version, about = "Lands Arrow observability data in PostgreSQL, ClickHouse and Parquet")]
+#[command(
+    name = "sluice",
+    version,
+    about = "Lands Arrow observability data in PostgreSQL, ClickHouse and Parquet"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -67,7 +71,10 @@ fn main() -> std::process::ExitCode {
         }
     };
     if let Command::Config { .. } = cli.command {
-        print!("{}", toml::to_string_pretty(&cfg).expect("config serializes"));
+        print!(
+            "{}",
+            toml::to_string_pretty(&cfg).expect("config serializes")
+        );
         return std::process::ExitCode::SUCCESS;
     }
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -39,7 +39,9 @@ impl PendingWrite {
         match self.rx.await {
             Ok(Ok(seq)) => Ok(seq),
             Ok(Err(e)) => Err(e.into()),
-            Err(_) => Err(Error::Unavailable("the WAL stopped before the batch was durable".into())),
+            Err(_) => Err(Error::Unavailable(
+                "the WAL stopped before the batch was durable".into(),
+            )),
         }
     }
 }
@@ -49,7 +51,8 @@ impl PendingWrite {
 pub trait Ingest: Send + Sync {
     /// Validates `batch` for `table` and submits it to the WAL. Waits (without reading
     /// more input) while the memory budget is full. The returned write is not yet durable.
-    async fn submit(&self, table: &str, batch: RecordBatch, protocol: &str) -> Result<PendingWrite>;
+    async fn submit(&self, table: &str, batch: RecordBatch, protocol: &str)
+        -> Result<PendingWrite>;
 
     /// Checks that `table` can be written to at all (registered, routed to a sink).
     fn check_table(&self, table: &str) -> Result<()>;
@@ -72,7 +75,10 @@ impl Pipeline {
                 "table '{table}' is not registered (register it with the register_table action or POST /schema/register)"
             ))
         })?;
-        if !CONFIGURED_SINKS.iter().any(|s| t.routes_to(*s, CONFIGURED_SINKS)) {
+        if !CONFIGURED_SINKS
+            .iter()
+            .any(|s| t.routes_to(*s, CONFIGURED_SINKS))
+        {
             return Err(Error::FailedPrecondition(format!(
                 "table '{table}' routes to {:?}, none of which is configured here (configured: archive)",
                 t.definition.sinks.as_deref().unwrap_or_default()
@@ -101,10 +107,17 @@ impl Pipeline {
 pub fn encode_ipc(batch: &RecordBatch) -> Result<(Vec<u8>, Vec<u8>)> {
     let mut tracker = DictionaryTracker::new(false);
     let (dicts, data) = IpcDataGenerator::default()
-        .encode(batch, &mut tracker, &IpcWriteOptions::default(), &mut Default::default())
+        .encode(
+            batch,
+            &mut tracker,
+            &IpcWriteOptions::default(),
+            &mut Default::default(),
+        )
         .map_err(Error::internal)?;
     if !dicts.is_empty() {
-        return Err(Error::Internal("registered schemas have no dictionary columns".into()));
+        return Err(Error::Internal(
+            "registered schemas have no dictionary columns".into(),
+        ));
     }
     Ok((data.ipc_message, data.arrow_data))
 }
@@ -115,7 +128,12 @@ impl Ingest for Pipeline {
         self.table(table).map(|_| ())
     }
 
-    async fn submit(&self, table: &str, batch: RecordBatch, protocol: &str) -> Result<PendingWrite> {
+    async fn submit(
+        &self,
+        table: &str,
+        batch: RecordBatch,
+        protocol: &str,
+    ) -> Result<PendingWrite> {
         let resolved = match self.table(table) {
             Ok(t) => t,
             Err(e) => {
@@ -132,9 +150,10 @@ impl Ingest for Pipeline {
         };
         // Columns the reshape kept are slices of the received message; new ones are copies.
         let changed = batch.num_columns() != reshaped.num_columns()
-            || reshaped.columns().iter().any(|c| {
-                !batch.columns().iter().any(|o| Arc::ptr_eq(o, c))
-            });
+            || reshaped
+                .columns()
+                .iter()
+                .any(|c| !batch.columns().iter().any(|o| Arc::ptr_eq(o, c)));
         drop(batch);
         let bytes = data_size(&reshaped);
         // In flight: the batch and its IPC encoding. Buffered: the batch, and the received

@@ -99,7 +99,10 @@ impl RegistryStore for FileRegistryStore {
             // Drop a torn tail first so the new line starts on its own line.
             if let Ok(existing) = std::fs::read(&path) {
                 if !existing.is_empty() && !existing.ends_with(b"\n") {
-                    let keep = existing.iter().rposition(|b| *b == b'\n').map_or(0, |p| p + 1);
+                    let keep = existing
+                        .iter()
+                        .rposition(|b| *b == b'\n')
+                        .map_or(0, |p| p + 1);
                     let f = std::fs::OpenOptions::new().write(true).open(&path)?;
                     f.set_len(keep as u64)?;
                 }
@@ -131,9 +134,10 @@ impl Registry {
         stored.sort_by(|a, b| (&a.schema.name, a.version).cmp(&(&b.schema.name, b.version)));
         let mut tables: BTreeMap<String, Vec<Arc<ResolvedTable>>> = BTreeMap::new();
         for v in stored {
-            let resolved = v.schema.validate(v.version).map_err(|e| {
-                Error::Internal(format!("stored registry entry is invalid: {e}"))
-            })?;
+            let resolved = v
+                .schema
+                .validate(v.version)
+                .map_err(|e| Error::Internal(format!("stored registry entry is invalid: {e}")))?;
             let versions = tables.entry(v.schema.name.clone()).or_default();
             if versions.last().is_some_and(|l| l.version == v.version) {
                 continue;
@@ -246,7 +250,10 @@ mod tests {
         let reg = Registry::open(Box::new(FileRegistryStore::open(dir.path()).unwrap()))
             .await
             .unwrap();
-        assert!(reg.get("logs_events").is_some(), "seed tables are pre-registered");
+        assert!(
+            reg.get("logs_events").is_some(),
+            "seed tables are pre-registered"
+        );
         let (t, created) = reg.register(cpu("")).await.unwrap();
         assert_eq!((t.version, created), (1, true));
         let (t, created) = reg.register(cpu("")).await.unwrap();
@@ -260,14 +267,31 @@ mod tests {
             .register(cpu(r#",{"name":"host","type":"int64"}"#))
             .await
             .unwrap_err();
-        assert!(e.to_string().contains("column 'host' changes type from string to int64"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("column 'host' changes type from string to int64"),
+            "{e}"
+        );
         drop(reg);
 
         let reg = Registry::open(Box::new(FileRegistryStore::open(dir.path()).unwrap()))
             .await
             .unwrap();
         assert_eq!(reg.get("cpu").unwrap().version, 2);
-        assert_eq!(reg.get_version("cpu", 1).unwrap().arrow_schema.fields().len(), 2);
-        assert_eq!(reg.list().iter().filter(|t| t.name() == "logs_events").count(), 1);
+        assert_eq!(
+            reg.get_version("cpu", 1)
+                .unwrap()
+                .arrow_schema
+                .fields()
+                .len(),
+            2
+        );
+        assert_eq!(
+            reg.list()
+                .iter()
+                .filter(|t| t.name() == "logs_events")
+                .count(),
+            1
+        );
     }
 }

@@ -91,13 +91,20 @@ async fn shutdown_signal() {
 pub async fn run(config: Config, on_ready: impl FnOnce(BoundAddrs)) -> Result<()> {
     let metrics = Arc::new(Metrics::new());
     let data_dir = config.server.data_dir.clone();
-    std::fs::create_dir_all(&data_dir)
-        .map_err(|e| Error::Internal(format!("cannot create data_dir {}: {e}", data_dir.display())))?;
+    std::fs::create_dir_all(&data_dir).map_err(|e| {
+        Error::Internal(format!(
+            "cannot create data_dir {}: {e}",
+            data_dir.display()
+        ))
+    })?;
 
     let registry = Arc::new(Registry::open(Box::new(FileRegistryStore::open(&data_dir)?)).await?);
     let (store, store_url) = archive::open_store(&config.archive, &data_dir)?;
     let buffers = Arc::new(Buffers::new(registry.clone(), metrics.clone()));
-    let memory = Arc::new(MemoryBudget::new(config.memory.budget.as_u64(), metrics.clone()));
+    let memory = Arc::new(MemoryBudget::new(
+        config.memory.budget.as_u64(),
+        metrics.clone(),
+    ));
     let wal_opts = WalOptions {
         dir: data_dir.join("wal"),
         fsync: config.wal.fsync,
@@ -149,12 +156,22 @@ pub async fn run(config: Config, on_ready: impl FnOnce(BoundAddrs)) -> Result<()
         }),
     });
 
-    let grpc_listener = TcpListener::bind(config.server.grpc_addr).await.map_err(|e| {
-        Error::Unavailable(format!("cannot listen on server.grpc_addr {}: {e}", config.server.grpc_addr))
-    })?;
-    let http_listener = TcpListener::bind(config.server.http_addr).await.map_err(|e| {
-        Error::Unavailable(format!("cannot listen on server.http_addr {}: {e}", config.server.http_addr))
-    })?;
+    let grpc_listener = TcpListener::bind(config.server.grpc_addr)
+        .await
+        .map_err(|e| {
+            Error::Unavailable(format!(
+                "cannot listen on server.grpc_addr {}: {e}",
+                config.server.grpc_addr
+            ))
+        })?;
+    let http_listener = TcpListener::bind(config.server.http_addr)
+        .await
+        .map_err(|e| {
+            Error::Unavailable(format!(
+                "cannot listen on server.http_addr {}: {e}",
+                config.server.http_addr
+            ))
+        })?;
     let addrs = BoundAddrs {
         grpc: grpc_listener.local_addr().map_err(Error::internal)?,
         http: http_listener.local_addr().map_err(Error::internal)?,
@@ -212,7 +229,12 @@ pub async fn run(config: Config, on_ready: impl FnOnce(BoundAddrs)) -> Result<()
 }
 
 /// Replays WAL records the archive does not hold yet into the recent buffer.
-async fn replay(wal: &Wal, registry: &Registry, buffers: &Buffers, memory: &MemoryBudget) -> Result<()> {
+async fn replay(
+    wal: &Wal,
+    registry: &Registry,
+    buffers: &Buffers,
+    memory: &MemoryBudget,
+) -> Result<()> {
     let (tx, mut rx) = tokio::sync::mpsc::channel(8);
     let records = wal.replay();
     let reader = tokio::task::spawn_blocking(move || {
@@ -225,20 +247,26 @@ async fn replay(wal: &Wal, registry: &Registry, buffers: &Buffers, memory: &Memo
     let (mut replayed, mut skipped, mut rows) = (0u64, 0u64, 0u64);
     while let Some(record) = rx.recv().await {
         let record = record?;
-        let archived = buffers.table(&record.table).lock().expect("table lock").archived_seq;
+        let archived = buffers
+            .table(&record.table)
+            .lock()
+            .expect("table lock")
+            .archived_seq;
         if record.seq <= archived {
             skipped += 1;
             continue;
         }
-        let table = registry.get_version(&record.table, record.version).ok_or_else(|| {
-            Error::Internal(format!(
-                "WAL record {} is for table '{}' version {}, which the registry does not have",
-                record.seq, record.table, record.version
-            ))
+        let table = registry
+            .get_version(&record.table, record.version)
+            .ok_or_else(|| {
+                Error::Internal(format!(
+                    "WAL record {} is for table '{}' version {}, which the registry does not have",
+                    record.seq, record.table, record.version
+                ))
+            })?;
+        let batch = record.decode(table.arrow_schema.clone()).map_err(|e| {
+            Error::Internal(format!("WAL record {} cannot be decoded: {e}", record.seq))
         })?;
-        let batch = record
-            .decode(table.arrow_schema.clone())
-            .map_err(|e| Error::Internal(format!("WAL record {} cannot be decoded: {e}", record.seq)))?;
         let bytes = crate::buffer::data_size(&batch);
         let charge = memory.charge(bytes).await;
         rows += batch.num_rows() as u64;

@@ -243,7 +243,10 @@ fn parse_payload(payload: &[u8]) -> Result<WalRecord, String> {
             .unwrap(),
     ) as usize;
     o += 4;
-    let ipc_header = payload.get(o..o + hlen).ok_or("bad header length")?.to_vec();
+    let ipc_header = payload
+        .get(o..o + hlen)
+        .ok_or("bad header length")?
+        .to_vec();
     o += hlen;
     let ipc_body = payload[o..].to_vec();
     Ok(WalRecord {
@@ -528,7 +531,9 @@ impl Writer {
             buf[4..8].copy_from_slice(&crc.to_le_bytes());
             let cur_path = segment_path(&self.opts.dir, self.seg_index_first);
             self.file.write_all(buf).map_err(io_err(&cur_path))?;
-            self.file.write_all(&e.ipc_body).map_err(io_err(&cur_path))?;
+            self.file
+                .write_all(&e.ipc_body)
+                .map_err(io_err(&cur_path))?;
             let n = (RECORD_HEADER + payload_len) as u64;
             seg_bytes += n;
             written += n;
@@ -568,7 +573,8 @@ mod tests {
     }
 
     fn append(wal: &Wal, values: Vec<i64>) -> oneshot::Receiver<Result<u64, WalError>> {
-        let batch = RecordBatch::try_new(schema(), vec![Arc::new(Int64Array::from(values))]).unwrap();
+        let batch =
+            RecordBatch::try_new(schema(), vec![Arc::new(Int64Array::from(values))]).unwrap();
         let (h, b) = crate::pipeline::encode_ipc(&batch).unwrap();
         let (tx, rx) = oneshot::channel();
         wal.append(WalEntry {
@@ -597,7 +603,13 @@ mod tests {
             .map(|r| {
                 let r = r.unwrap();
                 let b = r.decode(schema()).unwrap();
-                let v = b.column(0).as_any().downcast_ref::<Int64Array>().unwrap().values().to_vec();
+                let v = b
+                    .column(0)
+                    .as_any()
+                    .downcast_ref::<Int64Array>()
+                    .unwrap()
+                    .values()
+                    .to_vec();
                 (r.seq, v)
             })
             .collect()
@@ -609,7 +621,10 @@ mod tests {
         let m = Arc::new(Metrics::new());
         let wal = Wal::open(opts(dir.path(), 1 << 20), m.clone()).unwrap();
         let rxs: Vec<_> = (0..5).map(|i| append(&wal, vec![i, i + 100])).collect();
-        let seqs: Vec<u64> = rxs.into_iter().map(|rx| rx.blocking_recv().unwrap().unwrap()).collect();
+        let seqs: Vec<u64> = rxs
+            .into_iter()
+            .map(|rx| rx.blocking_recv().unwrap().unwrap())
+            .collect();
         assert_eq!(seqs, vec![1, 2, 3, 4, 5]);
         wal.close();
         drop(wal);

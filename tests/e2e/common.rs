@@ -5,7 +5,6 @@ use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arrow::array::RecordBatch;
@@ -18,7 +17,6 @@ pub struct Sluice {
     pub child: Child,
     pub grpc: SocketAddr,
     pub http: SocketAddr,
-    pub data_dir: PathBuf,
 }
 
 /// The repo's example config, loaded by every test server.
@@ -37,7 +35,10 @@ impl Sluice {
             .env("SLUICE__SERVER__GRPC_ADDR", "127.0.0.1:0")
             .env("SLUICE__SERVER__HTTP_ADDR", "127.0.0.1:0")
             .env("SLUICE__SERVER__DATA_DIR", data_dir)
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
         for (k, v) in env {
@@ -66,12 +67,14 @@ impl Sluice {
                 http = a.parse().ok();
             }
         }
-        assert!(line.starts_with("SLUICE_READY"), "unexpected first line: {line}");
+        assert!(
+            line.starts_with("SLUICE_READY"),
+            "unexpected first line: {line}"
+        );
         Sluice {
             child,
             grpc: grpc.expect("grpc addr"),
             http: http.expect("http addr"),
-            data_dir: data_dir.to_path_buf(),
         }
     }
 
@@ -109,7 +112,10 @@ impl Sluice {
             if let Some(s) = self.child.try_wait().unwrap() {
                 return s;
             }
-            assert!(Instant::now() < deadline, "sluice did not exit within 30 s of SIGTERM");
+            assert!(
+                Instant::now() < deadline,
+                "sluice did not exit within 30 s of SIGTERM"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -133,12 +139,20 @@ impl Drop for Sluice {
 }
 
 /// Runs a Flight action and returns its single result body as JSON.
-pub async fn action(client: &mut FlightClient, name: &str, body: &str) -> Result<serde_json::Value, tonic::Status> {
+pub async fn action(
+    client: &mut FlightClient,
+    name: &str,
+    body: &str,
+) -> Result<serde_json::Value, tonic::Status> {
     let mut results = client
         .do_action(Action::new(name, body.to_string()))
         .await
         .map_err(to_status)?;
-    let first = results.next().await.expect("one result").map_err(to_status)?;
+    let first = results
+        .next()
+        .await
+        .expect("one result")
+        .map_err(to_status)?;
     Ok(serde_json::from_slice(&first).expect("json result"))
 }
 
@@ -196,7 +210,10 @@ pub async fn put(client: &mut FlightClient, table: &str, batches: Vec<RecordBatc
 }
 
 /// Runs SQL through DoGet and returns the batches.
-pub async fn query(client: &mut FlightClient, sql: &str) -> Result<Vec<RecordBatch>, tonic::Status> {
+pub async fn query(
+    client: &mut FlightClient,
+    sql: &str,
+) -> Result<Vec<RecordBatch>, tonic::Status> {
     let stream = client
         .do_get(Ticket::new(sql.to_string()))
         .await
@@ -206,7 +223,9 @@ pub async fn query(client: &mut FlightClient, sql: &str) -> Result<Vec<RecordBat
 
 /// One scalar of the first row of a query (integer).
 pub async fn query_i64(client: &mut FlightClient, sql: &str) -> i64 {
-    let batches = query(client, sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+    let batches = query(client, sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
     let b = batches.iter().find(|b| b.num_rows() > 0).expect("a row");
     let col = arrow::compute::cast(b.column(0), &arrow::datatypes::DataType::Int64).unwrap();
     col.as_any()
@@ -214,7 +233,6 @@ pub async fn query_i64(client: &mut FlightClient, sql: &str) -> i64 {
         .unwrap()
         .value(0)
 }
-
 
 /// Waits until `f` returns true (polling every 100 ms) or panics after `timeout`.
 pub async fn eventually<F, Fut>(timeout: Duration, what: &str, mut f: F)

@@ -20,7 +20,11 @@ const BATCH: i64 = 1000;
 
 fn batch(i: i64) -> RecordBatch {
     let schema = Arc::new(Schema::new(vec![
-        Field::new("time", DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())), false),
+        Field::new(
+            "time",
+            DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+            false,
+        ),
         Field::new("id", DataType::Int64, false),
     ]));
     let now = chrono::Utc::now().timestamp_micros();
@@ -28,7 +32,10 @@ fn batch(i: i64) -> RecordBatch {
     RecordBatch::try_new(
         schema,
         vec![
-            Arc::new(TimestampMicrosecondArray::from_iter_values(ids.iter().map(|k| now + k)).with_timezone("UTC")),
+            Arc::new(
+                TimestampMicrosecondArray::from_iter_values(ids.iter().map(|k| now + k))
+                    .with_timezone("UTC"),
+            ),
             Arc::new(Int64Array::from(ids)),
         ],
     )
@@ -43,7 +50,9 @@ async fn stream_until_killed(server: &mut Sluice, from: i64, kill_after_acks: us
     let task = tokio::spawn(async move {
         use futures::StreamExt;
         let data = arrow_flight::encode::FlightDataEncoderBuilder::new()
-            .with_flight_descriptor(Some(arrow_flight::FlightDescriptor::new_path(vec!["events".into()])))
+            .with_flight_descriptor(Some(arrow_flight::FlightDescriptor::new_path(vec![
+                "events".into(),
+            ])))
             .build(stream.map(Ok));
         let mut results = match client.do_put(data).await {
             Ok(r) => r,
@@ -71,17 +80,27 @@ fn archive_ids(data_dir: &Path) -> Vec<i64> {
     let mut ids = Vec::new();
     let mut stack = vec![data_dir.join("archive/events")];
     while let Some(dir) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
         for e in entries {
             let p = e.unwrap().path();
             if p.is_dir() {
                 stack.push(p);
             } else if p.extension().is_some_and(|x| x == "parquet") {
                 let file = std::fs::File::open(&p).unwrap();
-                let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReader::try_new(file, 8192).unwrap();
+                let reader =
+                    parquet::arrow::arrow_reader::ParquetRecordBatchReader::try_new(file, 8192)
+                        .unwrap();
                 for b in reader {
                     let b = b.unwrap();
-                    ids.extend(b.column_by_name("id").unwrap().as_primitive::<Int64Type>().values().iter());
+                    ids.extend(
+                        b.column_by_name("id")
+                            .unwrap()
+                            .as_primitive::<Int64Type>()
+                            .values()
+                            .iter(),
+                    );
                 }
             }
         }
@@ -98,7 +117,10 @@ fn assert_each_acked_once(what: &str, ids: &[i64], acked_batches: &[i64]) {
     assert!(dups.is_empty(), "{what}: duplicated ids {dups:?}");
     for b in acked_batches {
         for id in b * BATCH..(b + 1) * BATCH {
-            assert!(counts.contains_key(&id), "{what}: acked id {id} (batch {b}) is missing");
+            assert!(
+                counts.contains_key(&id),
+                "{what}: acked id {id} (batch {b}) is missing"
+            );
         }
     }
 }
@@ -130,21 +152,35 @@ async fn kill_9_mid_stream_loses_and_duplicates_nothing() {
     // Everything reaches the archive (max_age 1s), each row once.
     let http = reqwest::Client::new();
     let url = server.url("/metrics");
-    eventually(Duration::from_secs(30), "the buffer to drain to the archive", || {
-        let http = http.clone();
-        let url = url.clone();
-        async move {
-            let m = http.get(&url).send().await.unwrap().text().await.unwrap();
-            m.contains(r#"sluice_buffer_rows{table="events"} 0"#)
-        }
-    })
+    eventually(
+        Duration::from_secs(30),
+        "the buffer to drain to the archive",
+        || {
+            let http = http.clone();
+            let url = url.clone();
+            async move {
+                let m = http.get(&url).send().await.unwrap().text().await.unwrap();
+                m.contains(r#"sluice_buffer_rows{table="events"} 0"#)
+            }
+        },
+    )
     .await;
     let archived = archive_ids(dir.path());
-    assert_eq!(archived.len(), ids.len(), "archive and SQL hold the same rows");
+    assert_eq!(
+        archived.len(),
+        ids.len(),
+        "archive and SQL hold the same rows"
+    );
     assert_each_acked_once("archive", &archived, &acked);
     // And SQL still answers the same after the move to Parquet.
-    assert_eq!(query_i64(&mut client, "SELECT count(*) FROM events").await as usize, ids.len());
-    assert_eq!(query_i64(&mut client, "SELECT count(DISTINCT id) FROM events").await as usize, ids.len());
+    assert_eq!(
+        query_i64(&mut client, "SELECT count(*) FROM events").await as usize,
+        ids.len()
+    );
+    assert_eq!(
+        query_i64(&mut client, "SELECT count(DISTINCT id) FROM events").await as usize,
+        ids.len()
+    );
     // WAL segments are released once archived: only the live segment remains.
     let m = http.get(&url).send().await.unwrap().text().await.unwrap();
     assert!(m.contains("sluice_wal_segments 1"), "{m}");
@@ -161,6 +197,12 @@ async fn graceful_shutdown_keeps_buffered_rows() {
     assert!(server.terminate().success());
     let server = Sluice::start(dir.path(), &[]);
     let mut client = server.flight().await;
-    assert_eq!(query_i64(&mut client, "SELECT count(DISTINCT id) FROM events").await, 5 * BATCH);
-    assert_eq!(query_i64(&mut client, "SELECT count(*) FROM events").await, 5 * BATCH);
+    assert_eq!(
+        query_i64(&mut client, "SELECT count(DISTINCT id) FROM events").await,
+        5 * BATCH
+    );
+    assert_eq!(
+        query_i64(&mut client, "SELECT count(*) FROM events").await,
+        5 * BATCH
+    );
 }

@@ -7,8 +7,8 @@ mod memory;
 use std::sync::Arc;
 
 use arrow::array::{
-    Array, AsArray, DictionaryArray, Float64Array, Int32Array, Int64Array, RecordBatch, StringArray,
-    TimestampNanosecondArray,
+    Array, AsArray, DictionaryArray, Float64Array, Int32Array, Int64Array, RecordBatch,
+    StringArray, TimestampNanosecondArray,
 };
 use arrow::datatypes::{DataType, Field, Int8Type, Schema, TimeUnit};
 use common::*;
@@ -30,7 +30,11 @@ fn client_batch(start: i64, n: usize) -> RecordBatch {
             DataType::Dictionary(Box::new(DataType::Int8), Box::new(DataType::Utf8)),
             false,
         ),
-        Field::new("time", DataType::Timestamp(TimeUnit::Nanosecond, Some("+02:00".into())), false),
+        Field::new(
+            "time",
+            DataType::Timestamp(TimeUnit::Nanosecond, Some("+02:00".into())),
+            false,
+        ),
         Field::new("cores", DataType::Int64, true),
     ]));
     let base_ns = 1_700_000_000_000_000_000i64;
@@ -42,11 +46,15 @@ fn client_batch(start: i64, n: usize) -> RecordBatch {
     RecordBatch::try_new(
         schema,
         vec![
-            Arc::new(Float64Array::from_iter_values(ids.iter().map(|i| *i as f64 * 0.5))),
+            Arc::new(Float64Array::from_iter_values(
+                ids.iter().map(|i| *i as f64 * 0.5),
+            )),
             Arc::new(hosts),
             Arc::new(
-                TimestampNanosecondArray::from_iter_values(ids.iter().map(|i| base_ns + i * 1_000_000_123))
-                    .with_timezone("+02:00"),
+                TimestampNanosecondArray::from_iter_values(
+                    ids.iter().map(|i| base_ns + i * 1_000_000_123),
+                )
+                .with_timezone("+02:00"),
             ),
             Arc::new(Int64Array::from_iter_values(ids.iter().map(|i| i % 8))),
         ],
@@ -65,57 +73,119 @@ async fn register_put_and_query_exact_values() {
     // Identical registration: same version, nothing new.
     let again = action(&mut client, "register_table", CPU).await.unwrap();
     assert_eq!(again["version"], 1);
-    let got = action(&mut client, "get_table", r#"{"name":"cpu"}"#).await.unwrap();
+    let got = action(&mut client, "get_table", r#"{"name":"cpu"}"#)
+        .await
+        .unwrap();
     assert_eq!(got["columns"][1]["name"], "host");
     assert_eq!(got["time_column"], "time");
     let list = action(&mut client, "list_tables", "").await.unwrap();
-    let names: Vec<&str> = list.as_array().unwrap().iter().map(|t| t["name"].as_str().unwrap()).collect();
-    for seed in ["cpu", "logs_events", "metrics", "metrics_events", "span_events", "spans"] {
+    let names: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    for seed in [
+        "cpu",
+        "logs_events",
+        "metrics",
+        "metrics_events",
+        "span_events",
+        "spans",
+    ] {
         assert!(names.contains(&seed), "{seed} missing from {names:?}");
     }
 
-    let out = put(&mut client, "cpu", vec![client_batch(0, 3), client_batch(3, 2), client_batch(5, 1)]).await;
+    let out = put(
+        &mut client,
+        "cpu",
+        vec![client_batch(0, 3), client_batch(3, 2), client_batch(5, 1)],
+    )
+    .await;
     assert!(out.error.is_none(), "{:?}", out.error);
     assert_eq!(out.acks.len(), 3);
     for (i, ack) in out.acks.iter().enumerate() {
         assert_eq!(ack["request_id"], (i + 1) as u64);
     }
-    assert_eq!(out.acks.iter().map(|a| a["rows"].as_u64().unwrap()).collect::<Vec<_>>(), vec![3, 2, 1]);
-    let seqs: Vec<u64> = out.acks.iter().map(|a| a["wal_seq"].as_u64().unwrap()).collect();
-    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "wal_seq increases: {seqs:?}");
+    assert_eq!(
+        out.acks
+            .iter()
+            .map(|a| a["rows"].as_u64().unwrap())
+            .collect::<Vec<_>>(),
+        vec![3, 2, 1]
+    );
+    let seqs: Vec<u64> = out
+        .acks
+        .iter()
+        .map(|a| a["wal_seq"].as_u64().unwrap())
+        .collect();
+    assert!(
+        seqs.windows(2).all(|w| w[0] < w[1]),
+        "wal_seq increases: {seqs:?}"
+    );
 
     // Queryable at once, exact values, timestamps converted to UTC µs (truncated).
-    let batches = query(&mut client, "SELECT time, host, value, cores, labels FROM cpu ORDER BY time").await.unwrap();
+    let batches = query(
+        &mut client,
+        "SELECT time, host, value, cores, labels FROM cpu ORDER BY time",
+    )
+    .await
+    .unwrap();
     let b = arrow::compute::concat_batches(&batches[0].schema(), &batches).unwrap();
     assert_eq!(b.num_rows(), 6);
     assert_eq!(
         b.schema().field(0).data_type(),
         &DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()))
     );
-    let times = b.column(0).as_primitive::<arrow::datatypes::TimestampMicrosecondType>();
-    let expected: Vec<i64> = (0..6i64).map(|i| (1_700_000_000_000_000_000 + i * 1_000_000_123) / 1000).collect();
+    let times = b
+        .column(0)
+        .as_primitive::<arrow::datatypes::TimestampMicrosecondType>();
+    let expected: Vec<i64> = (0..6i64)
+        .map(|i| (1_700_000_000_000_000_000 + i * 1_000_000_123) / 1000)
+        .collect();
     assert_eq!(times.values().to_vec(), expected);
-    let hosts: Vec<&str> = b.column(1).as_string::<i32>().iter().map(|s| s.unwrap()).collect();
+    let hosts: Vec<&str> = b
+        .column(1)
+        .as_string::<i32>()
+        .iter()
+        .map(|s| s.unwrap())
+        .collect();
     assert_eq!(hosts, vec!["a", "b", "a", "b", "a", "b"]);
     let values = b.column(2).as_primitive::<arrow::datatypes::Float64Type>();
     assert_eq!(values.values().to_vec(), vec![0.0, 0.5, 1.0, 1.5, 2.0, 2.5]);
     let cores = b.column(3).as_any().downcast_ref::<Int32Array>().unwrap();
     assert_eq!(cores.values().to_vec(), vec![0, 1, 2, 3, 4, 5]);
-    assert_eq!(b.column(4).null_count(), 6, "missing nullable column is null");
+    assert_eq!(
+        b.column(4).null_count(),
+        6,
+        "missing nullable column is null"
+    );
 
     // Aggregates.
-    assert_eq!(query_i64(&mut client, "SELECT count(*) FROM cpu WHERE host = 'a'").await, 3);
+    assert_eq!(
+        query_i64(&mut client, "SELECT count(*) FROM cpu WHERE host = 'a'").await,
+        3
+    );
 
     // GetFlightInfo with a CMD descriptor returns a ticket that DoGet runs.
     let info = client
-        .get_flight_info(arrow_flight::FlightDescriptor::new_cmd("SELECT sum(cores) AS s FROM cpu"))
+        .get_flight_info(arrow_flight::FlightDescriptor::new_cmd(
+            "SELECT sum(cores) AS s FROM cpu",
+        ))
         .await
         .unwrap();
     let ticket = info.endpoint[0].ticket.clone().unwrap();
-    let batches: Vec<RecordBatch> = futures::TryStreamExt::try_collect(client.do_get(ticket).await.unwrap())
-        .await
-        .unwrap();
-    assert_eq!(batches[0].column(0).as_primitive::<arrow::datatypes::Int64Type>().value(0), 15);
+    let batches: Vec<RecordBatch> =
+        futures::TryStreamExt::try_collect(client.do_get(ticket).await.unwrap())
+            .await
+            .unwrap();
+    assert_eq!(
+        batches[0]
+            .column(0)
+            .as_primitive::<arrow::datatypes::Int64Type>()
+            .value(0),
+        15
+    );
 
     // HTTP: /query JSON, /schema, /healthz, /metrics.
     let http = reqwest::Client::new();
@@ -128,7 +198,10 @@ async fn register_put_and_query_exact_values() {
         .json()
         .await
         .unwrap();
-    assert_eq!(rows, serde_json::json!([{"host": "a", "n": 3}, {"host": "b", "n": 3}]));
+    assert_eq!(
+        rows,
+        serde_json::json!([{"host": "a", "n": 3}, {"host": "b", "n": 3}])
+    );
     let arrow_resp = http
         .post(server.url("/query"))
         .header("accept", "application/vnd.apache.arrow.stream")
@@ -136,37 +209,113 @@ async fn register_put_and_query_exact_values() {
         .send()
         .await
         .unwrap();
-    assert_eq!(arrow_resp.headers()["content-type"], "application/vnd.apache.arrow.stream");
+    assert_eq!(
+        arrow_resp.headers()["content-type"],
+        "application/vnd.apache.arrow.stream"
+    );
     let bytes = arrow_resp.bytes().await.unwrap();
-    let reader = arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(bytes), None).unwrap();
+    let reader =
+        arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(bytes), None).unwrap();
     let got: Vec<RecordBatch> = reader.collect::<Result<_, _>>().unwrap();
-    assert_eq!(got[0].column(0).as_primitive::<arrow::datatypes::Float64Type>().value(0), 2.5);
+    assert_eq!(
+        got[0]
+            .column(0)
+            .as_primitive::<arrow::datatypes::Float64Type>()
+            .value(0),
+        2.5
+    );
 
-    let schema: serde_json::Value = http.get(server.url("/schema/cpu")).send().await.unwrap().json().await.unwrap();
+    let schema: serde_json::Value = http
+        .get(server.url("/schema/cpu"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(schema["version"], 1);
-    let all: serde_json::Value = http.get(server.url("/schema")).send().await.unwrap().json().await.unwrap();
+    let all: serde_json::Value = http
+        .get(server.url("/schema"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert!(all.as_array().unwrap().len() >= 6);
-    assert_eq!(http.get(server.url("/healthz")).send().await.unwrap().status(), 200);
-    let ready: serde_json::Value = http.get(server.url("/readyz")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(
+        http.get(server.url("/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let ready: serde_json::Value = http
+        .get(server.url("/readyz"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(ready["sinks"]["archive"]["state"], "ok");
-    let metrics = http.get(server.url("/metrics")).send().await.unwrap().text().await.unwrap();
-    assert!(metrics.contains(r#"sluice_ingest_rows_total{protocol="flight",table="cpu"} 6"#), "{metrics}");
+    let metrics = http
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(r#"sluice_ingest_rows_total{protocol="flight",table="cpu"} 6"#),
+        "{metrics}"
+    );
     assert!(metrics.contains("sluice_wal_segments"), "{metrics}");
-    assert!(metrics.contains(r#"sluice_buffer_rows{table="cpu"} 6"#), "{metrics}");
+    assert!(
+        metrics.contains(r#"sluice_buffer_rows{table="cpu"} 6"#),
+        "{metrics}"
+    );
     assert!(metrics.contains("sluice_archive_lag_seconds"), "{metrics}");
 
     // Schema evolution over HTTP: adding a nullable column is a new version; retyping is refused.
-    let evolved = CPU.replace(r#"{"name":"labels","type":"jsonb"}"#, r#"{"name":"labels","type":"jsonb"},{"name":"dc","type":"string"}"#);
-    let r = http.post(server.url("/schema/register")).body(evolved).send().await.unwrap();
+    let evolved = CPU.replace(
+        r#"{"name":"labels","type":"jsonb"}"#,
+        r#"{"name":"labels","type":"jsonb"},{"name":"dc","type":"string"}"#,
+    );
+    let r = http
+        .post(server.url("/schema/register"))
+        .body(evolved)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.json::<serde_json::Value>().await.unwrap()["version"], 2);
-    let retyped = CPU.replace(r#""name":"cores","type":"int32""#, r#""name":"cores","type":"string""#);
-    let r = http.post(server.url("/schema/register")).body(retyped).send().await.unwrap();
+    let retyped = CPU.replace(
+        r#""name":"cores","type":"int32""#,
+        r#""name":"cores","type":"string""#,
+    );
+    let r = http
+        .post(server.url("/schema/register"))
+        .body(retyped)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 400);
     let e: serde_json::Value = r.json().await.unwrap();
-    assert!(e["error"].as_str().unwrap().contains("column 'cores' changes type from int32 to string"), "{e}");
+    assert!(
+        e["error"]
+            .as_str()
+            .unwrap()
+            .contains("column 'cores' changes type from int32 to string"),
+        "{e}"
+    );
     // Old rows read with the new column as null.
-    assert_eq!(query_i64(&mut client, "SELECT count(*) FROM cpu WHERE dc IS NULL").await, 6);
+    assert_eq!(
+        query_i64(&mut client, "SELECT count(*) FROM cpu WHERE dc IS NULL").await,
+        6
+    );
 
     // Graceful shutdown exits cleanly.
     let mut server = server;
@@ -180,22 +329,49 @@ async fn refusals_name_table_column_and_row_and_keep_earlier_batches() {
     let mut client = server.flight().await;
     action(&mut client, "register_table", CPU).await.unwrap();
 
-    let ts = |v: Vec<i64>| Arc::new(arrow::array::TimestampMicrosecondArray::from(v).with_timezone("UTC")) as Arc<dyn Array>;
-    let ts_field = || Field::new("time", DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())), false);
+    let ts = |v: Vec<i64>| {
+        Arc::new(arrow::array::TimestampMicrosecondArray::from(v).with_timezone("UTC"))
+            as Arc<dyn Array>
+    };
+    let ts_field = || {
+        Field::new(
+            "time",
+            DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+            false,
+        )
+    };
 
     // Unknown column.
     let bad = RecordBatch::try_new(
-        Arc::new(Schema::new(vec![ts_field(), Field::new("host", DataType::Utf8, false), Field::new("hots", DataType::Utf8, true)])),
-        vec![ts(vec![1]), Arc::new(StringArray::from(vec!["a"])), Arc::new(StringArray::from(vec!["x"]))],
+        Arc::new(Schema::new(vec![
+            ts_field(),
+            Field::new("host", DataType::Utf8, false),
+            Field::new("hots", DataType::Utf8, true),
+        ])),
+        vec![
+            ts(vec![1]),
+            Arc::new(StringArray::from(vec!["a"])),
+            Arc::new(StringArray::from(vec!["x"])),
+        ],
     )
     .unwrap();
-    let e = put(&mut client, "cpu", vec![bad]).await.error.expect("refused");
+    let e = put(&mut client, "cpu", vec![bad])
+        .await
+        .error
+        .expect("refused");
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
-    assert!(e.message().contains("table 'cpu'") && e.message().contains("unknown column 'hots'"), "{}", e.message());
+    assert!(
+        e.message().contains("table 'cpu'") && e.message().contains("unknown column 'hots'"),
+        "{}",
+        e.message()
+    );
 
     // A good batch, then one with a null in a non-null column (same stream, same schema):
     // the good one is acked and stays, the bad one ends the call naming column and row.
-    let nullable_host = Arc::new(Schema::new(vec![ts_field(), Field::new("host", DataType::Utf8, true)]));
+    let nullable_host = Arc::new(Schema::new(vec![
+        ts_field(),
+        Field::new("host", DataType::Utf8, true),
+    ]));
     let good = RecordBatch::try_new(
         nullable_host.clone(),
         vec![ts(vec![1, 2]), Arc::new(StringArray::from(vec!["a", "b"]))],
@@ -203,32 +379,75 @@ async fn refusals_name_table_column_and_row_and_keep_earlier_batches() {
     .unwrap();
     let nulls = RecordBatch::try_new(
         nullable_host,
-        vec![ts(vec![1, 2, 3]), Arc::new(StringArray::from(vec![Some("a"), Some("b"), None]))],
+        vec![
+            ts(vec![1, 2, 3]),
+            Arc::new(StringArray::from(vec![Some("a"), Some("b"), None])),
+        ],
     )
     .unwrap();
     let out = put(&mut client, "cpu", vec![good.clone(), nulls]).await;
-    assert_eq!(out.acks.len(), 1, "the good batch before the bad one is acked");
+    assert_eq!(
+        out.acks.len(),
+        1,
+        "the good batch before the bad one is acked"
+    );
     let e = out.error.expect("refused");
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
-    assert!(e.message().contains("table 'cpu'") && e.message().contains("column 'host'") && e.message().contains("row 2"), "{}", e.message());
+    assert!(
+        e.message().contains("table 'cpu'")
+            && e.message().contains("column 'host'")
+            && e.message().contains("row 2"),
+        "{}",
+        e.message()
+    );
 
     // Lossy cast: int64 value out of int32 range.
     let lossy = RecordBatch::try_new(
-        Arc::new(Schema::new(vec![ts_field(), Field::new("host", DataType::Utf8, false), Field::new("cores", DataType::Int64, true)])),
-        vec![ts(vec![1, 2]), Arc::new(StringArray::from(vec!["a", "b"])), Arc::new(Int64Array::from(vec![1, 1 << 40]))],
+        Arc::new(Schema::new(vec![
+            ts_field(),
+            Field::new("host", DataType::Utf8, false),
+            Field::new("cores", DataType::Int64, true),
+        ])),
+        vec![
+            ts(vec![1, 2]),
+            Arc::new(StringArray::from(vec!["a", "b"])),
+            Arc::new(Int64Array::from(vec![1, 1 << 40])),
+        ],
     )
     .unwrap();
-    let e = put(&mut client, "cpu", vec![lossy]).await.error.expect("refused");
-    assert!(e.message().contains("column 'cores'") && e.message().contains("row 1"), "{}", e.message());
+    let e = put(&mut client, "cpu", vec![lossy])
+        .await
+        .error
+        .expect("refused");
+    assert!(
+        e.message().contains("column 'cores'") && e.message().contains("row 1"),
+        "{}",
+        e.message()
+    );
 
     // Uncastable type: text in a double column.
     let text = RecordBatch::try_new(
-        Arc::new(Schema::new(vec![ts_field(), Field::new("host", DataType::Utf8, false), Field::new("value", DataType::Utf8, true)])),
-        vec![ts(vec![1, 2]), Arc::new(StringArray::from(vec!["a", "b"])), Arc::new(StringArray::from(vec!["1.5", "abc"]))],
+        Arc::new(Schema::new(vec![
+            ts_field(),
+            Field::new("host", DataType::Utf8, false),
+            Field::new("value", DataType::Utf8, true),
+        ])),
+        vec![
+            ts(vec![1, 2]),
+            Arc::new(StringArray::from(vec!["a", "b"])),
+            Arc::new(StringArray::from(vec!["1.5", "abc"])),
+        ],
     )
     .unwrap();
-    let e = put(&mut client, "cpu", vec![text]).await.error.expect("refused");
-    assert!(e.message().contains("column 'value'") && e.message().contains("row 1"), "{}", e.message());
+    let e = put(&mut client, "cpu", vec![text])
+        .await
+        .error
+        .expect("refused");
+    assert!(
+        e.message().contains("column 'value'") && e.message().contains("row 1"),
+        "{}",
+        e.message()
+    );
 
     // Missing time column.
     let no_time = RecordBatch::try_new(
@@ -236,42 +455,95 @@ async fn refusals_name_table_column_and_row_and_keep_earlier_batches() {
         vec![Arc::new(StringArray::from(vec!["a"]))],
     )
     .unwrap();
-    let e = put(&mut client, "cpu", vec![no_time]).await.error.expect("refused");
-    assert!(e.message().contains("column 'time'") && e.message().contains("time column"), "{}", e.message());
+    let e = put(&mut client, "cpu", vec![no_time])
+        .await
+        .error
+        .expect("refused");
+    assert!(
+        e.message().contains("column 'time'") && e.message().contains("time column"),
+        "{}",
+        e.message()
+    );
 
     // Unknown table.
-    let e = put(&mut client, "nope", vec![good.clone()]).await.error.expect("refused");
+    let e = put(&mut client, "nope", vec![good.clone()])
+        .await
+        .error
+        .expect("refused");
     assert_eq!(e.code(), tonic::Code::NotFound);
-    assert!(e.message().contains("table 'nope' is not registered"), "{}", e.message());
+    assert!(
+        e.message().contains("table 'nope' is not registered"),
+        "{}",
+        e.message()
+    );
 
     // A message over server.max_message_size.
     let big_n = 200_000;
     let big = RecordBatch::try_new(
-        Arc::new(Schema::new(vec![ts_field(), Field::new("host", DataType::Utf8, false)])),
-        vec![ts((0..big_n).collect()), Arc::new(StringArray::from_iter_values((0..big_n).map(|i| format!("host-{i}"))))],
+        Arc::new(Schema::new(vec![
+            ts_field(),
+            Field::new("host", DataType::Utf8, false),
+        ])),
+        vec![
+            ts((0..big_n).collect()),
+            Arc::new(StringArray::from_iter_values(
+                (0..big_n).map(|i| format!("host-{i}")),
+            )),
+        ],
     )
     .unwrap();
-    let e = put(&mut client, "cpu", vec![big]).await.error.expect("refused");
-    assert!(e.message().contains("too large") || e.message().contains("larger"), "{:?}: {}", e.code(), e.message());
+    let e = put(&mut client, "cpu", vec![big])
+        .await
+        .error
+        .expect("refused");
+    assert!(
+        e.message().contains("too large") || e.message().contains("larger"),
+        "{:?}: {}",
+        e.code(),
+        e.message()
+    );
 
     // Nothing of a refused batch was stored; the good batch is there once.
     assert_eq!(query_i64(&mut client, "SELECT count(*) FROM cpu").await, 2);
 
     // SQL is read-only.
-    for sql in ["CREATE TABLE x AS SELECT 1", "INSERT INTO cpu (host) VALUES ('z')", "DROP TABLE cpu"] {
+    for sql in [
+        "CREATE TABLE x AS SELECT 1",
+        "INSERT INTO cpu (host) VALUES ('z')",
+        "DROP TABLE cpu",
+    ] {
         let e = query(&mut client, sql).await.expect_err(sql);
-        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{sql}: {}", e.message());
+        assert_eq!(
+            e.code(),
+            tonic::Code::InvalidArgument,
+            "{sql}: {}",
+            e.message()
+        );
     }
-    let e = query(&mut client, "SELECT * FROM missing_table").await.unwrap_err();
+    let e = query(&mut client, "SELECT * FROM missing_table")
+        .await
+        .unwrap_err();
     assert!(e.message().contains("missing_table"), "{}", e.message());
 
     // Bad registrations.
-    let e = action(&mut client, "register_table", r#"{"name":"x","columns":[{"name":"v","type":"double"}]}"#)
-        .await
-        .unwrap_err();
+    let e = action(
+        &mut client,
+        "register_table",
+        r#"{"name":"x","columns":[{"name":"v","type":"double"}]}"#,
+    )
+    .await
+    .unwrap_err();
     assert!(e.message().contains("time column"), "{}", e.message());
 
     // Metrics count refusals per table.
-    let metrics = reqwest::get(server.url("/metrics")).await.unwrap().text().await.unwrap();
-    assert!(metrics.contains(r#"sluice_ingest_refused_batches_total{reason="invalid",table="cpu"} 5"#), "{metrics}");
+    let metrics = reqwest::get(server.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(r#"sluice_ingest_refused_batches_total{reason="invalid",table="cpu"} 5"#),
+        "{metrics}"
+    );
 }

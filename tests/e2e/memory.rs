@@ -48,7 +48,11 @@ async fn memory_stays_within_budget_under_a_fast_client_and_slow_sink() {
     let batch_bytes = rows_per_batch as u64 * (240 + 16);
     let n_batches = (10 * BUDGET_MIB * 1024 * 1024).div_ceil(batch_bytes) as i64;
     let schema = Arc::new(Schema::new(vec![
-        Field::new("time", DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())), false),
+        Field::new(
+            "time",
+            DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+            false,
+        ),
         Field::new("id", DataType::Int64, true),
         Field::new("payload", DataType::Utf8, true),
     ]));
@@ -58,9 +62,15 @@ async fn memory_stays_within_budget_under_a_fast_client_and_slow_sink() {
         RecordBatch::try_new(
             schema.clone(),
             vec![
-                Arc::new(TimestampMicrosecondArray::from_iter_values(ids.iter().map(|i| now + i)).with_timezone("UTC")),
+                Arc::new(
+                    TimestampMicrosecondArray::from_iter_values(ids.iter().map(|i| now + i))
+                        .with_timezone("UTC"),
+                ),
                 Arc::new(Int64Array::from(ids)),
-                Arc::new(StringArray::from_iter_values(std::iter::repeat_n(payload.as_str(), rows_per_batch as usize))),
+                Arc::new(StringArray::from_iter_values(std::iter::repeat_n(
+                    payload.as_str(),
+                    rows_per_batch as usize,
+                ))),
             ],
         )
         .unwrap()
@@ -75,7 +85,12 @@ async fn memory_stays_within_budget_under_a_fast_client_and_slow_sink() {
         std::thread::spawn(move || {
             while !done.load(Ordering::Relaxed) {
                 if let Ok(t) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
-                    if let Some(kb) = t.lines().find(|l| l.starts_with("VmRSS")).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse::<u64>().ok()) {
+                    if let Some(kb) = t
+                        .lines()
+                        .find(|l| l.starts_with("VmRSS"))
+                        .and_then(|l| l.split_whitespace().nth(1))
+                        .and_then(|v| v.parse::<u64>().ok())
+                    {
                         peak.fetch_max(kb, Ordering::Relaxed);
                     }
                 }
@@ -96,7 +111,7 @@ async fn memory_stays_within_budget_under_a_fast_client_and_slow_sink() {
     let growth_mib = peak_kb.saturating_sub(baseline_kb) / 1024;
     eprintln!(
         "memory test: streamed {} MiB in {:.1} s; baseline RSS {} MiB, peak RSS {} MiB, growth {} MiB (budget {} MiB + overhead {} MiB)",
-        n_batches as u64 * batch_bytes >> 20,
+        (n_batches as u64 * batch_bytes) >> 20,
         elapsed.as_secs_f64(),
         baseline_kb / 1024,
         peak_kb / 1024,
@@ -109,6 +124,12 @@ async fn memory_stays_within_budget_under_a_fast_client_and_slow_sink() {
         "resident memory grew by {growth_mib} MiB, over the budget {BUDGET_MIB} MiB + overhead {OVERHEAD_MIB} MiB"
     );
     // The throttled archive could not have kept up without backpressure.
-    assert!(elapsed >= Duration::from_secs(5), "streamed too fast for a throttled sink: {elapsed:?}");
-    assert_eq!(query_i64(&mut client, "SELECT count(*) FROM mem").await, n_batches * rows_per_batch);
+    assert!(
+        elapsed >= Duration::from_secs(5),
+        "streamed too fast for a throttled sink: {elapsed:?}"
+    );
+    assert_eq!(
+        query_i64(&mut client, "SELECT count(*) FROM mem").await,
+        n_batches * rows_per_batch
+    );
 }
