@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use arrow::array::{Array, ArrayRef, AsArray, RecordBatch};
+use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::datatypes::{DataType, SchemaRef, TimeUnit};
 use futures::TryStreamExt;
 use object_store::path::Path as ObjPath;
@@ -353,23 +353,6 @@ impl Archiver {
     }
 }
 
-/// Brings a batch written with an older schema version to `schema` (added columns are
-/// nullable, so they are filled with nulls).
-pub fn adapt_batch(batch: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch> {
-    if batch.schema().fields() == schema.fields() {
-        return Ok(batch.clone());
-    }
-    let columns: Vec<ArrayRef> = schema
-        .fields()
-        .iter()
-        .map(|f| match batch.column_by_name(f.name()) {
-            Some(c) => c.clone(),
-            None => arrow::array::new_null_array(f.data_type(), batch.num_rows()),
-        })
-        .collect();
-    RecordBatch::try_new(schema.clone(), columns).map_err(Error::internal)
-}
-
 /// Hour number (since the epoch) of each row's time value.
 fn hour_of(values: &dyn Array) -> Result<Vec<i64>> {
     let (per_hour, arr) = match values.data_type() {
@@ -410,7 +393,7 @@ fn encode_partitions(
         .build();
     let mut writers: BTreeMap<i64, (ArrowWriter<Vec<u8>>, u64)> = BTreeMap::new();
     for batch in batches {
-        let batch = adapt_batch(batch, schema)?;
+        let batch = sluice_sql::query::adapt_batch(batch, schema).map_err(Error::internal)?;
         if batch.num_rows() == 0 {
             continue;
         }

@@ -436,10 +436,11 @@ impl TableProvider for SnapshotTable {
     }
 }
 
-/// Adapts a buffered batch (possibly of an older schema version) to `target`:
-/// columns are matched by name, missing ones become all-null, extra ones are
-/// dropped, differing types are cast.
-fn adapt_batch(batch: &RecordBatch, target: &SchemaRef) -> Result<RecordBatch, DataFusionError> {
+/// Adapts a batch of an older schema version to `target` (columns are only ever added,
+/// nullable): columns are matched by name, missing ones become all-null, extra ones are
+/// dropped, differing types are cast. Used for buffered batches here and by the archive
+/// before it writes a file.
+pub fn adapt_batch(batch: &RecordBatch, target: &SchemaRef) -> Result<RecordBatch, ArrowError> {
     if batch.schema_ref() == target {
         return Ok(batch.clone());
     }
@@ -447,18 +448,18 @@ fn adapt_batch(batch: &RecordBatch, target: &SchemaRef) -> Result<RecordBatch, D
     let columns = target
         .fields()
         .iter()
-        .map(|field| -> Result<ArrayRef, DataFusionError> {
+        .map(|field| -> Result<ArrayRef, ArrowError> {
             match batch.column_by_name(field.name()) {
                 Some(col) if col.data_type() == field.data_type() => Ok(Arc::clone(col)),
-                Some(col) => Ok(cast(col, field.data_type())?),
+                Some(col) => cast(col, field.data_type()),
                 None => Ok(new_null_array(field.data_type(), rows)),
             }
         })
         .collect::<Result<Vec<_>, _>>()?;
     let options = RecordBatchOptions::new().with_row_count(Some(rows));
     RecordBatch::try_new_with_options(Arc::clone(target), columns, &options).map_err(|e| {
-        DataFusionError::Execution(format!(
-            "buffered batch cannot be adapted to the table schema: {e}"
+        ArrowError::SchemaError(format!(
+            "a batch of an older schema version cannot be adapted to the table schema: {e}"
         ))
     })
 }

@@ -322,132 +322,121 @@ async fn register_put_and_query_exact_values() {
     assert!(server.terminate().success());
 }
 
+/// A batch of `time` (two rows), `host` and the extra column `name`.
+fn with_column(name: &str, values: Arc<dyn Array>) -> RecordBatch {
+    let n = values.len();
+    RecordBatch::try_new(
+        Arc::new(Schema::new(vec![
+            Field::new(
+                "time",
+                DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+                false,
+            ),
+            Field::new("host", DataType::Utf8, true),
+            Field::new(name, values.data_type().clone(), true),
+        ])),
+        vec![
+            Arc::new(
+                arrow::array::TimestampMicrosecondArray::from_iter_values(0..n as i64)
+                    .with_timezone("UTC"),
+            ),
+            Arc::new(StringArray::from_iter_values(
+                (0..n).map(|i| format!("h{i}")),
+            )),
+            values,
+        ],
+    )
+    .unwrap()
+}
+
+/// Puts `batches` and checks the call ends with `code` and a message holding every part.
+async fn assert_refused(
+    client: &mut arrow_flight::FlightClient,
+    batches: Vec<RecordBatch>,
+    code: tonic::Code,
+    parts: &[&str],
+) -> PutOutcome {
+    let out = put(client, "cpu", batches).await;
+    let e = out.error.as_ref().expect("the batch is refused");
+    assert_eq!(e.code(), code, "{}", e.message());
+    for p in parts {
+        assert!(e.message().contains(p), "'{p}' not in: {}", e.message());
+    }
+    out
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refusals_name_table_column_and_row_and_keep_earlier_batches() {
     let dir = tempfile::tempdir().unwrap();
     let server = Sluice::start(dir.path(), &[("SERVER__MAX_MESSAGE_SIZE", "1MiB")]);
     let mut client = server.flight().await;
     action(&mut client, "register_table", CPU).await.unwrap();
+    let invalid = tonic::Code::InvalidArgument;
 
-    let ts = |v: Vec<i64>| {
-        Arc::new(arrow::array::TimestampMicrosecondArray::from(v).with_timezone("UTC"))
-            as Arc<dyn Array>
-    };
-    let ts_field = || {
-        Field::new(
-            "time",
-            DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
-            false,
-        )
-    };
-
-    // Unknown column.
-    let bad = RecordBatch::try_new(
-        Arc::new(Schema::new(vec![
-            ts_field(),
-            Field::new("host", DataType::Utf8, false),
-            Field::new("hots", DataType::Utf8, true),
-        ])),
-        vec![
-            ts(vec![1]),
-            Arc::new(StringArray::from(vec!["a"])),
-            Arc::new(StringArray::from(vec!["x"])),
-        ],
+    let unknown = with_column("hots", Arc::new(StringArray::from(vec!["x", "y"])));
+    assert_refused(
+        &mut client,
+        vec![unknown],
+        invalid,
+        &["table 'cpu'", "unknown column 'hots'"],
     )
-    .unwrap();
-    let e = put(&mut client, "cpu", vec![bad])
-        .await
-        .error
-        .expect("refused");
-    assert_eq!(e.code(), tonic::Code::InvalidArgument);
-    assert!(
-        e.message().contains("table 'cpu'") && e.message().contains("unknown column 'hots'"),
-        "{}",
-        e.message()
-    );
+    .await;
 
     // A good batch, then one with a null in a non-null column (same stream, same schema):
     // the good one is acked and stays, the bad one ends the call naming column and row.
-    let nullable_host = Arc::new(Schema::new(vec![
-        ts_field(),
-        Field::new("host", DataType::Utf8, true),
-    ]));
-    let good = RecordBatch::try_new(
-        nullable_host.clone(),
-        vec![ts(vec![1, 2]), Arc::new(StringArray::from(vec!["a", "b"]))],
+    let good = with_column("value", Arc::new(Float64Array::from(vec![1.0, 2.0])));
+    let mut nulls = with_column("value", Arc::new(Float64Array::from(vec![1.0, 2.0, 3.0])));
+    let hosts = Arc::new(StringArray::from(vec![Some("a"), Some("b"), None]));
+    nulls = RecordBatch::try_new(
+        nulls.schema(),
+        vec![nulls.column(0).clone(), hosts, nulls.column(2).clone()],
     )
     .unwrap();
-    let nulls = RecordBatch::try_new(
-        nullable_host,
-        vec![
-            ts(vec![1, 2, 3]),
-            Arc::new(StringArray::from(vec![Some("a"), Some("b"), None])),
-        ],
+    let out = assert_refused(
+        &mut client,
+        vec![good.clone(), nulls],
+        invalid,
+        &["table 'cpu'", "column 'host'", "row 2"],
     )
-    .unwrap();
-    let out = put(&mut client, "cpu", vec![good.clone(), nulls]).await;
+    .await;
     assert_eq!(
         out.acks.len(),
         1,
         "the good batch before the bad one is acked"
     );
-    let e = out.error.expect("refused");
-    assert_eq!(e.code(), tonic::Code::InvalidArgument);
-    assert!(
-        e.message().contains("table 'cpu'")
-            && e.message().contains("column 'host'")
-            && e.message().contains("row 2"),
-        "{}",
-        e.message()
-    );
 
-    // Lossy cast: int64 value out of int32 range.
-    let lossy = RecordBatch::try_new(
-        Arc::new(Schema::new(vec![
-            ts_field(),
-            Field::new("host", DataType::Utf8, false),
-            Field::new("cores", DataType::Int64, true),
-        ])),
-        vec![
-            ts(vec![1, 2]),
-            Arc::new(StringArray::from(vec!["a", "b"])),
-            Arc::new(Int64Array::from(vec![1, 1 << 40])),
-        ],
+    // Lossy cast: an int64 value out of int32 range.
+    let lossy = with_column("cores", Arc::new(Int64Array::from(vec![1, 1 << 40])));
+    assert_refused(
+        &mut client,
+        vec![lossy],
+        invalid,
+        &["column 'cores'", "row 1"],
     )
-    .unwrap();
-    let e = put(&mut client, "cpu", vec![lossy])
-        .await
-        .error
-        .expect("refused");
-    assert!(
-        e.message().contains("column 'cores'") && e.message().contains("row 1"),
-        "{}",
-        e.message()
-    );
+    .await;
 
-    // Uncastable type: text in a double column.
-    let text = RecordBatch::try_new(
-        Arc::new(Schema::new(vec![
-            ts_field(),
-            Field::new("host", DataType::Utf8, false),
-            Field::new("value", DataType::Utf8, true),
-        ])),
-        vec![
-            ts(vec![1, 2]),
-            Arc::new(StringArray::from(vec!["a", "b"])),
-            Arc::new(StringArray::from(vec!["1.5", "abc"])),
-        ],
+    // Text that is not a number in a double column.
+    let text = with_column("value", Arc::new(StringArray::from(vec!["1.5", "abc"])));
+    assert_refused(
+        &mut client,
+        vec![text],
+        invalid,
+        &["column 'value'", "row 1", "abc"],
     )
-    .unwrap();
-    let e = put(&mut client, "cpu", vec![text])
-        .await
-        .error
-        .expect("refused");
-    assert!(
-        e.message().contains("column 'value'") && e.message().contains("row 1"),
-        "{}",
-        e.message()
+    .await;
+
+    // Invalid JSON in a jsonb column.
+    let json = with_column(
+        "labels",
+        Arc::new(StringArray::from(vec![r#"{"a":1}"#, "{nope"])),
     );
+    assert_refused(
+        &mut client,
+        vec![json],
+        invalid,
+        &["column 'labels'", "row 1"],
+    )
+    .await;
 
     // Missing time column.
     let no_time = RecordBatch::try_new(
@@ -455,18 +444,16 @@ async fn refusals_name_table_column_and_row_and_keep_earlier_batches() {
         vec![Arc::new(StringArray::from(vec!["a"]))],
     )
     .unwrap();
-    let e = put(&mut client, "cpu", vec![no_time])
-        .await
-        .error
-        .expect("refused");
-    assert!(
-        e.message().contains("column 'time'") && e.message().contains("time column"),
-        "{}",
-        e.message()
-    );
+    assert_refused(
+        &mut client,
+        vec![no_time],
+        invalid,
+        &["column 'time'", "time column"],
+    )
+    .await;
 
     // Unknown table.
-    let e = put(&mut client, "nope", vec![good.clone()])
+    let e = put(&mut client, "nope", vec![good])
         .await
         .error
         .expect("refused");
@@ -477,31 +464,18 @@ async fn refusals_name_table_column_and_row_and_keep_earlier_batches() {
         e.message()
     );
 
-    // A message over server.max_message_size.
-    let big_n = 200_000;
-    let big = RecordBatch::try_new(
-        Arc::new(Schema::new(vec![
-            ts_field(),
-            Field::new("host", DataType::Utf8, false),
-        ])),
-        vec![
-            ts((0..big_n).collect()),
-            Arc::new(StringArray::from_iter_values(
-                (0..big_n).map(|i| format!("host-{i}")),
-            )),
-        ],
-    )
-    .unwrap();
-    let e = put(&mut client, "cpu", vec![big])
-        .await
-        .error
-        .expect("refused");
-    assert!(
-        e.message().contains("too large") || e.message().contains("larger"),
-        "{:?}: {}",
-        e.code(),
-        e.message()
+    // A message over server.max_message_size (1 MiB here): refused with both sizes.
+    let big = with_column(
+        "value",
+        Arc::new(Float64Array::from_iter_values((0..200_000).map(f64::from))),
     );
+    assert_refused(
+        &mut client,
+        vec![big],
+        tonic::Code::OutOfRange,
+        &["table 'cpu'", "too large", "1048576"],
+    )
+    .await;
 
     // Nothing of a refused batch was stored; the good batch is there once.
     assert_eq!(query_i64(&mut client, "SELECT count(*) FROM cpu").await, 2);
@@ -543,7 +517,7 @@ async fn refusals_name_table_column_and_row_and_keep_earlier_batches() {
         .await
         .unwrap();
     assert!(
-        metrics.contains(r#"sluice_ingest_refused_batches_total{reason="invalid",table="cpu"} 5"#),
+        metrics.contains(r#"sluice_ingest_refused_batches_total{reason="invalid",table="cpu"} 6"#),
         "{metrics}"
     );
 }
