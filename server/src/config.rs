@@ -155,6 +155,19 @@ pub struct WalConfig {
     pub segment_size: ByteSize,
     /// Most bytes written per group commit before an fsync.
     pub max_group_bytes: ByteSize,
+    /// Compression of WAL records (Arrow IPC body compression): `lz4`, `zstd` or `none`.
+    /// Observability data compresses well, so this trades some CPU for much less disk
+    /// bandwidth per fsync.
+    pub compression: WalCompression,
+}
+
+/// Compression of WAL records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WalCompression {
+    None,
+    Lz4,
+    Zstd,
 }
 
 impl Default for WalConfig {
@@ -163,6 +176,7 @@ impl Default for WalConfig {
             fsync: true,
             segment_size: ByteSize::mib(128),
             max_group_bytes: ByteSize::mib(64),
+            compression: WalCompression::Lz4,
         }
     }
 }

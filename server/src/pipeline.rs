@@ -14,6 +14,7 @@
 use std::sync::Arc;
 
 use arrow::ipc::writer::{DictionaryTracker, IpcDataGenerator, IpcWriteOptions};
+use arrow::ipc::CompressionType;
 use arrow::record_batch::RecordBatch;
 use flight_schema::{ResolvedTable, SinkKind};
 use tokio::sync::oneshot;
@@ -64,6 +65,8 @@ pub struct Pipeline {
     pub buffers: Arc<Buffers>,
     pub memory: Arc<MemoryBudget>,
     pub wal: Wal,
+    /// Compression of WAL records.
+    pub wal_compression: Option<CompressionType>,
     pub metrics: Arc<Metrics>,
 }
 
@@ -103,16 +106,18 @@ impl Pipeline {
     }
 }
 
-/// Encodes a batch (of a registered schema: no dictionaries) as one Arrow IPC message.
-pub fn encode_ipc(batch: &RecordBatch) -> Result<(Vec<u8>, Vec<u8>)> {
+/// Encodes a batch (of a registered schema: no dictionaries) as one Arrow IPC message,
+/// its buffers compressed with `compression`.
+pub fn encode_ipc(
+    batch: &RecordBatch,
+    compression: Option<CompressionType>,
+) -> Result<(Vec<u8>, Vec<u8>)> {
     let mut tracker = DictionaryTracker::new(false);
+    let options = IpcWriteOptions::default()
+        .try_with_compression(compression)
+        .map_err(Error::internal)?;
     let (dicts, data) = IpcDataGenerator::default()
-        .encode(
-            batch,
-            &mut tracker,
-            &IpcWriteOptions::default(),
-            &mut Default::default(),
-        )
+        .encode(batch, &mut tracker, &options, &mut Default::default())
         .map_err(Error::internal)?;
     if !dicts.is_empty() {
         return Err(Error::Internal(
@@ -163,7 +168,7 @@ impl Ingest for Pipeline {
                 "table '{table}': a batch of {bytes} bytes does not fit the memory budget twice"
             ))
         })?;
-        let (ipc_header, ipc_body) = encode_ipc(&reshaped)?;
+        let (ipc_header, ipc_body) = encode_ipc(&reshaped, self.wal_compression)?;
         let rows = reshaped.num_rows() as u64;
         let (tx, rx) = oneshot::channel();
         let buffers = self.buffers.clone();

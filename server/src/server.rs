@@ -18,7 +18,7 @@ use tokio::net::TcpListener;
 
 use crate::archive::{self, Archiver};
 use crate::buffer::{Buffers, MemoryBudget};
-use crate::config::Config;
+use crate::config::{Config, WalCompression};
 use crate::error::{Error, Result};
 use crate::flight::FlightFrontEnd;
 use crate::metrics::Metrics;
@@ -141,6 +141,11 @@ pub async fn run(config: Config, on_ready: impl FnOnce(BoundAddrs)) -> Result<()
         buffers: buffers.clone(),
         memory: memory.clone(),
         wal: wal.clone(),
+        wal_compression: match config.wal.compression {
+            WalCompression::None => None,
+            WalCompression::Lz4 => Some(arrow::ipc::CompressionType::LZ4_FRAME),
+            WalCompression::Zstd => Some(arrow::ipc::CompressionType::ZSTD),
+        },
         metrics: metrics.clone(),
     });
     let state = Arc::new(AppState {

@@ -575,7 +575,9 @@ mod tests {
     fn append(wal: &Wal, values: Vec<i64>) -> oneshot::Receiver<Result<u64, WalError>> {
         let batch =
             RecordBatch::try_new(schema(), vec![Arc::new(Int64Array::from(values))]).unwrap();
-        let (h, b) = crate::pipeline::encode_ipc(&batch).unwrap();
+        let (h, b) =
+            crate::pipeline::encode_ipc(&batch, Some(arrow::ipc::CompressionType::LZ4_FRAME))
+                .unwrap();
         let (tx, rx) = oneshot::channel();
         wal.append(WalEntry {
             table: Arc::from("t"),
@@ -641,6 +643,25 @@ mod tests {
         assert_eq!(got[4], (5, vec![4, 104]));
         // New writes continue after the last durable sequence number.
         assert_eq!(append(&wal, vec![7]).blocking_recv().unwrap().unwrap(), 6);
+        wal.close();
+    }
+
+    #[test]
+    fn many_small_batches_share_fsyncs() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = Arc::new(Metrics::new());
+        let wal = Wal::open(opts(dir.path(), 1 << 30), m.clone()).unwrap();
+        let rxs: Vec<_> = (0..500).map(|i| append(&wal, vec![i])).collect();
+        let seqs: Vec<u64> = rxs
+            .into_iter()
+            .map(|rx| rx.blocking_recv().unwrap().unwrap())
+            .collect();
+        assert_eq!(seqs, (1..=500).collect::<Vec<u64>>());
+        let fsyncs = m.wal_fsyncs.get();
+        assert!(
+            fsyncs < 100,
+            "500 queued appends took {fsyncs} group commits"
+        );
         wal.close();
     }
 
