@@ -1,0 +1,375 @@
+#!/usr/bin/env python3
+"""End-to-end Flight ingest benchmark: Sluice against the raw transport limit.
+
+In one run, with the same pre-generated rows (2,000,000 per shape by default, in
+64k-row batches):
+
+1. the **limit**: a pyarrow Flight server in a subprocess that reads every batch of a
+   DoPut and acks it with a tiny JSON message, nothing else;
+2. **sluice**: the real release binary with ``SLUICE__WAL__FSYNC=true`` in a fresh
+   data directory, writing into ``bench_logs`` and ``bench_points``; an ack arrives
+   once its batch is durable and the run ends when every ack is in.
+
+Both sides are driven by the same client code (``SluiceClient.write``: one DoPut per
+run, acks read on a background thread). Shapes:
+
+* logs:   timestamp (ms, UTC), service, host, level, message (60-100 chars),
+  trace_id (32 hex chars)
+* points: time (us, UTC), series_id int64, value double
+
+MB is the sum of ``RecordBatch.nbytes`` (10^6 bytes). Each measurement is repeated
+``--reps`` times and the best is reported, with the ratio sluice/limit (target >= 0.7)
+and the sluice process' peak RSS (VmHWM). A third reference is the disk: sequential
+write + fsync of as many bytes in the same file system, since every acked byte is
+written to the WAL.
+
+Usage: ``bench/run.sh`` (builds the release binary first), or
+``python bench/flight_bench.py [--rows N] [--reps N] [--sluice-bin PATH] [--limit-only]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from array import array
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.flight as flight
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "clients" / "python"))
+from sluice_client import SluiceClient  # noqa: E402
+
+BATCH_ROWS = 65536
+
+LOGS_SCHEMA = {
+    "name": "bench_logs",
+    "columns": [
+        {"name": "timestamp", "type": "timestamp_ms"},
+        {"name": "service", "type": "string"},
+        {"name": "host", "type": "string"},
+        {"name": "level", "type": "string"},
+        {"name": "message", "type": "string"},
+        {"name": "trace_id", "type": "string"},
+    ],
+}
+POINTS_SCHEMA = {
+    "name": "bench_points",
+    "columns": [
+        {"name": "time", "type": "timestamp"},
+        {"name": "series_id", "type": "int64"},
+        {"name": "value", "type": "double"},
+    ],
+}
+
+
+# -- the discarding Flight server (runs in its own process) ------------------------------------
+
+
+class DiscardServer(flight.FlightServerBase):
+    """Reads every batch of a DoPut, acks it like Sluice does, keeps nothing."""
+
+    def do_put(self, context, descriptor, reader, writer):
+        request_id = 0
+        while True:
+            try:
+                chunk = reader.read_chunk()
+            except StopIteration:
+                return
+            if chunk.data is None:
+                continue
+            request_id += 1
+            ack = {"request_id": request_id, "rows": chunk.data.num_rows, "wal_seq": request_id}
+            writer.write(pa.py_buffer(json.dumps(ack).encode()))
+
+
+def serve_discard() -> None:
+    server = DiscardServer("grpc://127.0.0.1:0")
+    print(f"DISCARD_READY grpc=127.0.0.1:{server.port}", flush=True)
+    server.serve()
+
+
+# -- data ---------------------------------------------------------------------------------------
+
+
+def _random_indices(rng: random.Random, n: int, mask: int) -> pa.Array:
+    """n pseudo-random uint32 indices in [0, mask] (mask = 2^k - 1), without Python ints."""
+    raw = pa.Array.from_buffers(pa.uint32(), n, [None, pa.py_buffer(rng.randbytes(4 * n))])
+    return pc.bit_wise_and(raw, pa.scalar(mask, pa.uint32()))
+
+
+def _hex_ids(rng: random.Random, n: int) -> pa.Array:
+    """n random 32-char lowercase hex strings, built straight from buffers."""
+    data = rng.randbytes(16 * n).hex().encode()
+    offsets = array("i", range(0, 32 * n + 1, 32))
+    return pa.StringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(data))
+
+
+def _time_column(n: int, base: int, step: int, unit: str) -> pa.Array:
+    ints = pa.array(range(base, base + n * step, step), pa.int64())
+    return ints.cast(pa.timestamp(unit, tz="UTC"))
+
+
+def gen_logs(n: int, seed: int = 1) -> pa.Table:
+    rng = random.Random(seed)
+    words = ("request handled upstream timeout retry cache miss user session token "
+             "connection reset by peer slow query payment accepted queue depth exceeded "
+             "disk latency gc pause scheduled job completed shard rebalanced").split()
+    messages = []
+    for _ in range(4096):
+        target = rng.randint(60, 100)
+        msg = f"id={rng.getrandbits(32):08x}"
+        while len(msg) < target:
+            msg += " " + rng.choice(words)
+        messages.append(msg[:target])
+    services = pa.array([f"svc-{name}" for name in
+                         ("api", "auth", "billing", "search", "cart", "mail", "queue", "web")])
+    hosts = pa.array([f"host-{i:03d}.dc1.example.net" for i in range(64)])
+    levels = pa.array(["INFO"] * 10 + ["DEBUG"] * 3 + ["WARN"] * 2 + ["ERROR"])
+    now_ms = int(time.time() * 1000) - n
+    return pa.table({
+        "timestamp": _time_column(n, now_ms, 1, "ms"),
+        "service": services.take(_random_indices(rng, n, 7)),
+        "host": hosts.take(_random_indices(rng, n, 63)),
+        "level": levels.take(_random_indices(rng, n, 15)),
+        "message": pa.array(messages).take(_random_indices(rng, n, 4095)),
+        "trace_id": _hex_ids(rng, n),
+    })
+
+
+def gen_points(n: int, seed: int = 2) -> pa.Table:
+    rng = random.Random(seed)
+    now_us = int(time.time() * 1_000_000) - n * 1000
+    seq = pa.array(range(n), pa.int64())
+    raw = _random_indices(rng, n, 0xFFFFFFFF).cast(pa.float64())
+    return pa.table({
+        "time": _time_column(n, now_us, 1000, "us"),
+        "series_id": pc.bit_wise_and(seq, 1023),
+        "value": pc.divide(raw, 1 << 20),
+    })
+
+
+# -- processes ---------------------------------------------------------------------------------
+
+
+class Proc:
+    """A child process whose stdout announces readiness with one line."""
+
+    def __init__(self, argv, env, marker, log_path, timeout=30.0):
+        self.log_path = log_path
+        self.log = open(log_path, "wb")
+        self.proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=self.log)
+        lines: "queue.Queue[bytes]" = queue.Queue()
+
+        def pump():
+            for line in self.proc.stdout:
+                lines.put(line)
+            lines.put(b"")
+
+        threading.Thread(target=pump, daemon=True).start()
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                line = lines.get(timeout=max(left, 0.01))
+            except queue.Empty:
+                line = None
+            if line and line.decode(errors="replace").startswith(marker):
+                self.addrs = dict(kv.split("=", 1) for kv in line.decode().split()[1:])
+                return
+            if line == b"" or left <= 0:
+                self.stop()
+                raise RuntimeError(f"{argv[0]} did not print {marker} within {timeout}s "
+                                   f"(exit {self.proc.returncode}); log:\n{self.tail()}")
+
+    def tail(self, n=4000) -> str:
+        self.log.flush()
+        return Path(self.log_path).read_bytes()[-n:].decode(errors="replace")
+
+    def peak_rss_kib(self):
+        try:
+            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+        except OSError:
+            return None
+        return None
+
+    def stop(self, timeout=15.0):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+# -- measuring -----------------------------------------------------------------------------------
+
+
+def disk_write_mb_s(directory: Path, nbytes: int, fsync_every: int = 64 << 20) -> float:
+    """Sequential write + fsync throughput of ``directory``'s file system, in MB/s.
+
+    Every acked byte goes through Sluice's WAL, so this bounds what Sluice can sustain
+    (with fsync on, and without it once the kernel's dirty-page limit is reached).
+    """
+    chunk = os.urandom(4 << 20)
+    path = directory / "disk-probe"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        start = time.perf_counter()
+        written = since_sync = 0
+        while written < nbytes:
+            written += os.write(fd, chunk)
+            since_sync += len(chunk)
+            if since_sync >= fsync_every:
+                os.fsync(fd)
+                since_sync = 0
+        os.fsync(fd)
+        return written / (time.perf_counter() - start) / 1e6
+    finally:
+        os.close(fd)
+        path.unlink()
+
+
+def run_once(client: SluiceClient, table: str, batches) -> float:
+    start = time.perf_counter()
+    acks = client.write(table, batches)
+    elapsed = time.perf_counter() - start
+    rows = sum(b.num_rows for b in batches)
+    acked = sum(a.get("rows", 0) for a in acks)
+    if acked != rows or len(acks) != len(batches):
+        raise RuntimeError(f"{table}: {len(acks)} acks for {acked} rows, "
+                           f"expected {len(batches)} acks for {rows} rows")
+    return elapsed
+
+
+def best_of(client, table, batches, reps, label):
+    times = []
+    for i in range(reps):
+        t = run_once(client, table, batches)
+        times.append(t)
+        rows = sum(b.num_rows for b in batches)
+        print(f"  {label:<16} rep {i + 1}: {t:7.3f} s  {rows / t / 1e6:6.2f} M rows/s", flush=True)
+    return min(times)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rows", type=int, default=2_000_000)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--sluice-bin", default=os.environ.get("SLUICE_BIN")
+                    or str(Path.home() / ".cache/sluice-target/release/sluice"))
+    ap.add_argument("--limit-only", action="store_true", help="skip the sluice half")
+    ap.add_argument("--no-fsync", action="store_true",
+                    help="run sluice with SLUICE__WAL__FSYNC=false (diagnosis only)")
+    ap.add_argument("--keep-data", action="store_true", help="keep sluice's data directory")
+    ap.add_argument("--discard-server", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.discard_server:
+        serve_discard()
+        return 0
+
+    print(f"generating {args.rows:,} rows per shape ...", flush=True)
+    shapes = {}
+    for name, gen, table in (("logs", gen_logs, "bench_logs"),
+                             ("points", gen_points, "bench_points")):
+        batches = gen(args.rows).to_batches(max_chunksize=BATCH_ROWS)
+        nbytes = sum(b.nbytes for b in batches)
+        shapes[name] = (table, batches, nbytes)
+        print(f"  {name}: {len(batches)} batches, {nbytes / 1e6:.1f} MB", flush=True)
+
+    workdir = Path(tempfile.mkdtemp(prefix="sluice-bench-"))
+    results = {}  # (side, shape) -> seconds
+    peak_rss = disk = None
+    try:
+        disk = disk_write_mb_s(workdir, max(n for _, _, n in shapes.values()))
+        print(f"disk: sequential write + fsync every 64 MiB in {workdir}: {disk:.0f} MB/s",
+              flush=True)
+        print("limit: discarding pyarrow Flight server (subprocess)", flush=True)
+        discard = Proc([sys.executable, __file__, "--discard-server"], dict(os.environ),
+                       "DISCARD_READY", workdir / "discard.log")
+        try:
+            with SluiceClient(f"grpc://{discard.addrs['grpc']}") as client:
+                for name, (table, batches, _) in shapes.items():
+                    results["limit", name] = best_of(client, table, batches, args.reps,
+                                                     f"limit {name}")
+        finally:
+            discard.stop()
+
+        if not args.limit_only:
+            if not os.access(args.sluice_bin, os.X_OK):
+                raise SystemExit(f"sluice binary not found at {args.sluice_bin} "
+                                 "(build it: cargo build --release -p sluice, or --sluice-bin)")
+            data_dir = workdir / "data"
+            env = dict(os.environ,
+                       SLUICE__SERVER__GRPC_ADDR="127.0.0.1:0",
+                       SLUICE__SERVER__HTTP_ADDR="127.0.0.1:0",
+                       SLUICE__SERVER__DATA_DIR=str(data_dir),
+                       SLUICE__WAL__FSYNC="false" if args.no_fsync else "true")
+            print(f"sluice: {args.sluice_bin} (fsync {'off' if args.no_fsync else 'on'}, "
+                  f"data in {data_dir})", flush=True)
+            sluice = Proc([args.sluice_bin, "serve"], env, "SLUICE_READY", workdir / "sluice.log")
+            try:
+                with SluiceClient(f"grpc://{sluice.addrs['grpc']}") as client:
+                    client.register_table(LOGS_SCHEMA)
+                    client.register_table(POINTS_SCHEMA)
+                    for name, (table, batches, _) in shapes.items():
+                        results["sluice", name] = best_of(client, table, batches, args.reps,
+                                                          f"sluice {name}")
+                    for name, (table, _, _) in shapes.items():
+                        got = client.query(f"SELECT count(*) AS n FROM {table}").column("n")[0]
+                        want = args.reps * args.rows
+                        status = "ok" if got.as_py() == want else "MISMATCH"
+                        print(f"  {table}: count(*) = {got.as_py():,} "
+                              f"(expected {want:,}) {status}", flush=True)
+                peak_rss = sluice.peak_rss_kib()
+            except BaseException:
+                print(f"--- sluice log (tail) ---\n{sluice.tail()}", file=sys.stderr)
+                raise
+            finally:
+                sluice.stop()
+    finally:
+        if args.keep_data:
+            print(f"data kept in {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    print()
+    print(f"rows per run: {args.rows:,}, batch {BATCH_ROWS:,} rows, best of {args.reps}")
+    print(f"{'shape':<8} {'side':<7} {'M rows/s':>9} {'MB/s':>9} {'ratio':>7}")
+    for name, (_, _, nbytes) in shapes.items():
+        limit = results["limit", name]
+        for side in ("limit", "sluice"):
+            if (side, name) not in results:
+                continue
+            t = results[side, name]
+            ratio = f"{limit / t:7.2f}" if side == "sluice" else f"{'':>7}"
+            print(f"{name:<8} {side:<7} {args.rows / t / 1e6:9.2f} {nbytes / t / 1e6:9.1f} {ratio}")
+    if disk is not None:
+        print(f"disk write+fsync: {disk:.0f} MB/s (every byte Sluice acks is written to its WAL)")
+    if peak_rss is not None:
+        print(f"sluice peak RSS (VmHWM): {peak_rss / 1024:.1f} MiB")
+    ratios = [results["limit", n] / results["sluice", n] for n in shapes if ("sluice", n) in results]
+    if ratios:
+        verdict = "meets" if min(ratios) >= 0.7 else "BELOW"
+        print(f"target sluice/limit >= 0.70: {verdict} (worst {min(ratios):.2f})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
