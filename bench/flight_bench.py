@@ -10,8 +10,9 @@ In one run, with the same pre-generated rows (2,000,000 per shape by default, in
    data directory, writing into ``bench_logs`` and ``bench_points``; an ack arrives
    once its batch is durable and the run ends when every ack is in.
 
-Both sides are driven by the same client code (``SluiceClient.write``: one DoPut per
-run, acks read on a background thread). Shapes:
+The two sides run alternately, rep by rep, so both see the same machine, and both are
+driven by the same client code (``SluiceClient.write``: one DoPut per run, acks read on
+a background thread). Shapes:
 
 * logs:   timestamp (ms, UTC), service, host, level, message (60-100 chars),
   trace_id (32 hex chars)
@@ -258,16 +259,6 @@ def run_once(client: SluiceClient, table: str, batches) -> float:
     return elapsed
 
 
-def best_of(client, table, batches, reps, label):
-    times = []
-    for i in range(reps):
-        t = run_once(client, table, batches)
-        times.append(t)
-        rows = sum(b.num_rows for b in batches)
-        print(f"  {label:<16} rep {i + 1}: {t:7.3f} s  {rows / t / 1e6:6.2f} M rows/s", flush=True)
-    return min(times)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", type=int, default=2_000_000)
@@ -293,28 +284,23 @@ def main() -> int:
         shapes[name] = (table, batches, nbytes)
         print(f"  {name}: {len(batches)} batches, {nbytes / 1e6:.1f} MB", flush=True)
 
+    sides = ["limit"] if args.limit_only else ["limit", "sluice"]
+    if "sluice" in sides and not os.access(args.sluice_bin, os.X_OK):
+        raise SystemExit(f"sluice binary not found at {args.sluice_bin} "
+                         "(build it: cargo build --release -p sluice, or --sluice-bin)")
+
     workdir = Path(tempfile.mkdtemp(prefix="sluice-bench-"))
-    results = {}  # (side, shape) -> seconds
+    times = {}  # (side, shape) -> [seconds per rep]
     peak_rss = disk = None
+    procs = {}
     try:
         disk = disk_write_mb_s(workdir, max(n for _, _, n in shapes.values()))
         print(f"disk: sequential write + fsync every 64 MiB in {workdir}: {disk:.0f} MB/s",
               flush=True)
         print("limit: discarding pyarrow Flight server (subprocess)", flush=True)
-        discard = Proc([sys.executable, __file__, "--discard-server"], dict(os.environ),
-                       "DISCARD_READY", workdir / "discard.log")
-        try:
-            with SluiceClient(f"grpc://{discard.addrs['grpc']}") as client:
-                for name, (table, batches, _) in shapes.items():
-                    results["limit", name] = best_of(client, table, batches, args.reps,
-                                                     f"limit {name}")
-        finally:
-            discard.stop()
-
-        if not args.limit_only:
-            if not os.access(args.sluice_bin, os.X_OK):
-                raise SystemExit(f"sluice binary not found at {args.sluice_bin} "
-                                 "(build it: cargo build --release -p sluice, or --sluice-bin)")
+        procs["limit"] = Proc([sys.executable, __file__, "--discard-server"], dict(os.environ),
+                              "DISCARD_READY", workdir / "discard.log")
+        if "sluice" in sides:
             data_dir = workdir / "data"
             env = dict(os.environ,
                        SLUICE__SERVER__GRPC_ADDR="127.0.0.1:0",
@@ -323,43 +309,57 @@ def main() -> int:
                        SLUICE__WAL__FSYNC="false" if args.no_fsync else "true")
             print(f"sluice: {args.sluice_bin} (fsync {'off' if args.no_fsync else 'on'}, "
                   f"data in {data_dir})", flush=True)
-            sluice = Proc([args.sluice_bin, "serve"], env, "SLUICE_READY", workdir / "sluice.log")
-            try:
-                with SluiceClient(f"grpc://{sluice.addrs['grpc']}") as client:
-                    client.register_table(LOGS_SCHEMA)
-                    client.register_table(POINTS_SCHEMA)
-                    for name, (table, batches, _) in shapes.items():
-                        results["sluice", name] = best_of(client, table, batches, args.reps,
-                                                          f"sluice {name}")
-                    for name, (table, _, _) in shapes.items():
-                        got = client.query(f"SELECT count(*) AS n FROM {table}").column("n")[0]
-                        want = args.reps * args.rows
-                        status = "ok" if got.as_py() == want else "MISMATCH"
-                        print(f"  {table}: count(*) = {got.as_py():,} "
-                              f"(expected {want:,}) {status}", flush=True)
-                peak_rss = sluice.peak_rss_kib()
-            except BaseException:
-                print(f"--- sluice log (tail) ---\n{sluice.tail()}", file=sys.stderr)
-                raise
-            finally:
-                sluice.stop()
+            procs["sluice"] = Proc([args.sluice_bin, "serve"], env, "SLUICE_READY",
+                                   workdir / "sluice.log")
+        clients = {side: SluiceClient(f"grpc://{procs[side].addrs['grpc']}") for side in sides}
+        if "sluice" in clients:
+            clients["sluice"].register_table(LOGS_SCHEMA)
+            clients["sluice"].register_table(POINTS_SCHEMA)
+
+        # Alternate the sides rep by rep so both see the same machine (noisy neighbours,
+        # page cache, CPU frequency); report the best rep of each.
+        for rep in range(1, args.reps + 1):
+            for name, (table, batches, _) in shapes.items():
+                for side in sides:
+                    t = run_once(clients[side], table, batches)
+                    times.setdefault((side, name), []).append(t)
+                    print(f"  rep {rep}  {name:<7} {side:<7} {t:7.3f} s  "
+                          f"{args.rows / t / 1e6:7.2f} M rows/s", flush=True)
+
+        if "sluice" in clients:
+            for name, (table, _, _) in shapes.items():
+                got = clients["sluice"].query(f"SELECT count(*) AS n FROM {table}")
+                got, want = got.column("n")[0].as_py(), args.reps * args.rows
+                print(f"  sluice {table}: count(*) = {got:,} (expected {want:,}) "
+                      f"{'ok' if got == want else 'MISMATCH'}", flush=True)
+            peak_rss = procs["sluice"].peak_rss_kib()
+        for client in clients.values():
+            client.close()
+    except BaseException:
+        if "sluice" in procs:
+            print(f"--- sluice log (tail) ---\n{procs['sluice'].tail()}", file=sys.stderr)
+        raise
     finally:
+        for proc in procs.values():
+            proc.stop()
         if args.keep_data:
             print(f"data kept in {workdir}")
         else:
             shutil.rmtree(workdir, ignore_errors=True)
+    results = {key: min(ts) for key, ts in times.items()}
 
     print()
     print(f"rows per run: {args.rows:,}, batch {BATCH_ROWS:,} rows, best of {args.reps}")
-    print(f"{'shape':<8} {'side':<7} {'M rows/s':>9} {'MB/s':>9} {'ratio':>7}")
+    print(f"{'shape':<8} {'side':<7} {'M rows/s':>9} {'MB/s':>9} {'ratio':>7} {'of disk':>8}")
     for name, (_, _, nbytes) in shapes.items():
         limit = results["limit", name]
         for side in ("limit", "sluice"):
             if (side, name) not in results:
                 continue
             t = results[side, name]
-            ratio = f"{limit / t:7.2f}" if side == "sluice" else f"{'':>7}"
-            print(f"{name:<8} {side:<7} {args.rows / t / 1e6:9.2f} {nbytes / t / 1e6:9.1f} {ratio}")
+            mb_s = nbytes / t / 1e6
+            extra = f"{limit / t:7.2f} {mb_s / disk:8.2f}" if side == "sluice" else ""
+            print(f"{name:<8} {side:<7} {args.rows / t / 1e6:9.2f} {mb_s:9.1f} {extra}")
     if disk is not None:
         print(f"disk write+fsync: {disk:.0f} MB/s (every byte Sluice acks is written to its WAL)")
     if peak_rss is not None:

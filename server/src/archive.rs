@@ -95,46 +95,22 @@ fn manifest_path(table: &str) -> ObjPath {
 
 /// The archive sink: manifests, flushes and the background task.
 pub struct Archiver {
-    store: Arc<dyn ObjectStore>,
-    buffers: Arc<Buffers>,
-    registry: Arc<Registry>,
-    wal: Wal,
-    metrics: Arc<Metrics>,
-    cfg: ArchiveConfig,
-    limits: BufferConfig,
-    memory: Arc<crate::buffer::MemoryBudget>,
-    /// While the WAL is being replayed, segments must not be released.
+    pub store: Arc<dyn ObjectStore>,
+    pub buffers: Arc<Buffers>,
+    pub registry: Arc<Registry>,
+    pub wal: Wal,
+    pub metrics: Arc<Metrics>,
+    pub cfg: ArchiveConfig,
+    /// When a table's buffer is due for a flush.
+    pub limits: BufferConfig,
+    pub memory: Arc<crate::buffer::MemoryBudget>,
+    /// While the WAL is being replayed, segments must not be released. Start with `true`.
     pub replaying: AtomicBool,
     /// Set while a flush keeps failing; shown in /readyz.
     pub last_error: std::sync::Mutex<Option<String>>,
 }
 
 impl Archiver {
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        store: Arc<dyn ObjectStore>,
-        buffers: Arc<Buffers>,
-        registry: Arc<Registry>,
-        wal: Wal,
-        metrics: Arc<Metrics>,
-        cfg: ArchiveConfig,
-        limits: BufferConfig,
-        memory: Arc<crate::buffer::MemoryBudget>,
-    ) -> Self {
-        Self {
-            store,
-            buffers,
-            registry,
-            wal,
-            metrics,
-            cfg,
-            limits,
-            memory,
-            replaying: AtomicBool::new(true),
-            last_error: std::sync::Mutex::new(None),
-        }
-    }
-
     /// Loads every table's manifest into the buffers' state and deletes Parquet files
     /// that no manifest names (left by a flush a crash cut off).
     pub async fn recover(&self) -> Result<()> {

@@ -9,7 +9,7 @@
 
 use std::future::IntoFuture;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use arrow_flight::flight_service_server::FlightServiceServer;
@@ -117,16 +117,18 @@ pub async fn run(config: Config, on_ready: impl FnOnce(BoundAddrs)) -> Result<()
             .await
             .map_err(Error::internal)??
     };
-    let archiver = Arc::new(Archiver::new(
-        store.clone(),
-        buffers.clone(),
-        registry.clone(),
-        wal.clone(),
-        metrics.clone(),
-        config.archive.clone(),
-        config.buffer.clone(),
-        memory.clone(),
-    ));
+    let archiver = Arc::new(Archiver {
+        store: store.clone(),
+        buffers: buffers.clone(),
+        registry: registry.clone(),
+        wal: wal.clone(),
+        metrics: metrics.clone(),
+        cfg: config.archive.clone(),
+        limits: config.buffer.clone(),
+        memory: memory.clone(),
+        replaying: AtomicBool::new(true),
+        last_error: Default::default(),
+    });
     archiver.recover().await?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let archiver_task = tokio::spawn(archiver.clone().run(stop_rx));
@@ -193,6 +195,8 @@ pub async fn run(config: Config, on_ready: impl FnOnce(BoundAddrs)) -> Result<()
             .initial_stream_window_size(Some(8 << 20))
             .initial_connection_window_size(Some(16 << 20))
             .tcp_nodelay(true)
+            // Let clients send big HTTP/2 DATA frames: fewer frames per batch.
+            .max_frame_size(Some(1 << 20))
             .add_service(flight)
             .serve_with_incoming_shutdown(
                 tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),

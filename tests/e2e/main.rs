@@ -225,23 +225,9 @@ async fn register_put_and_query_exact_values() {
         2.5
     );
 
-    let schema: serde_json::Value = http
-        .get(server.url("/schema/cpu"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let schema = get_json(&server.url("/schema/cpu")).await;
     assert_eq!(schema["version"], 1);
-    let all: serde_json::Value = http
-        .get(server.url("/schema"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let all = get_json(&server.url("/schema")).await;
     assert!(all.as_array().unwrap().len() >= 6);
     assert_eq!(
         http.get(server.url("/healthz"))
@@ -251,14 +237,7 @@ async fn register_put_and_query_exact_values() {
             .status(),
         200
     );
-    let ready: serde_json::Value = http
-        .get(server.url("/readyz"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let ready = get_json(&server.url("/readyz")).await;
     assert_eq!(ready["sinks"]["archive"]["state"], "ok");
     let metrics = http
         .get(server.url("/metrics"))
