@@ -206,3 +206,59 @@ async fn graceful_shutdown_keeps_buffered_rows() {
         5 * BATCH
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_mid_stream_finishes_the_call_and_its_acks() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Sluice::start(dir.path(), &[("SERVER__SHUTDOWN_TIMEOUT", "20s")]);
+    let mut client = server.flight().await;
+    action(&mut client, "register_table", EVENTS).await.unwrap();
+
+    // A slow client: 40 batches, 50 ms apart; SIGTERM arrives after the fifth ack.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let stream = futures::stream::iter(0..40i64).then(|i| async move {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        batch(i)
+    });
+    let put = tokio::spawn(async move {
+        let data = arrow_flight::encode::FlightDataEncoderBuilder::new()
+            .with_flight_descriptor(Some(arrow_flight::FlightDescriptor::new_path(vec![
+                "events".into(),
+            ])))
+            .build(stream.map(Ok));
+        let mut results = client.do_put(data).await.expect("do_put");
+        let mut acks = 0u64;
+        while let Some(r) = results.next().await {
+            let r = r.expect("no error: the call in flight is finished, not cut off");
+            let ack: serde_json::Value = serde_json::from_slice(&r.app_metadata).unwrap();
+            acks += ack["rows"].as_u64().unwrap();
+            let _ = tx.send(());
+        }
+        acks
+    });
+    for _ in 0..5 {
+        rx.recv().await.expect("early acks");
+    }
+    let _ = std::process::Command::new("kill")
+        .arg("-TERM")
+        .arg(server.child.id().to_string())
+        .status();
+    let acked = put.await.unwrap();
+    assert_eq!(
+        acked,
+        40 * BATCH as u64,
+        "every batch of the call in flight is acked"
+    );
+    assert!(server.terminate().success());
+
+    let server = Sluice::start(dir.path(), &[]);
+    let mut client = server.flight().await;
+    assert_eq!(
+        query_i64(&mut client, "SELECT count(DISTINCT id) FROM events").await,
+        40 * BATCH
+    );
+    assert_eq!(
+        query_i64(&mut client, "SELECT count(*) FROM events").await,
+        40 * BATCH
+    );
+}
