@@ -256,3 +256,35 @@ pub async fn get_json(url: &str) -> serde_json::Value {
         .await
         .unwrap_or_else(|e| panic!("GET {url}: body is not JSON: {e}"))
 }
+
+/// Starts a DoPut of `batches` to `table` in the background. Each ack's JSON is sent on
+/// the returned channel as it arrives; the task ends with the call's error, if any.
+pub fn spawn_put(
+    mut client: FlightClient,
+    table: &str,
+    batches: impl Stream<Item = RecordBatch> + Send + 'static,
+) -> (
+    tokio::task::JoinHandle<Option<tonic::Status>>,
+    tokio::sync::mpsc::UnboundedReceiver<serde_json::Value>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let data = FlightDataEncoderBuilder::new()
+        .with_flight_descriptor(Some(FlightDescriptor::new_path(vec![table.to_string()])))
+        .build(batches.map(Ok));
+    let task = tokio::spawn(async move {
+        let mut results = match client.do_put(data).await {
+            Ok(r) => r,
+            Err(e) => return Some(to_status(e)),
+        };
+        while let Some(r) = results.next().await {
+            match r {
+                Ok(r) => {
+                    let _ = tx.send(serde_json::from_slice(&r.app_metadata).expect("ack json"));
+                }
+                Err(e) => return Some(to_status(e)),
+            }
+        }
+        None
+    });
+    (task, rx)
+}

@@ -44,33 +44,18 @@ fn batch(i: i64) -> RecordBatch {
 
 /// Streams batches `from..` until the server dies; returns the batch indexes acked.
 async fn stream_until_killed(server: &mut Sluice, from: i64, kill_after_acks: usize) -> Vec<i64> {
-    let mut client = server.flight().await;
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let client = server.flight().await;
     let stream = futures::stream::iter(from..from + 1_000_000).map(batch);
-    let task = tokio::spawn(async move {
-        use futures::StreamExt;
-        let data = arrow_flight::encode::FlightDataEncoderBuilder::new()
-            .with_flight_descriptor(Some(arrow_flight::FlightDescriptor::new_path(vec![
-                "events".into(),
-            ])))
-            .build(stream.map(Ok));
-        let mut results = match client.do_put(data).await {
-            Ok(r) => r,
-            Err(_) => return,
-        };
-        while let Some(Ok(r)) = results.next().await {
-            let ack: serde_json::Value = serde_json::from_slice(&r.app_metadata).unwrap();
-            let _ = tx.send(ack["request_id"].as_i64().unwrap());
-        }
-    });
+    let (task, mut rx) = spawn_put(client, "events", stream);
     let mut acked = Vec::new();
     while acked.len() < kill_after_acks {
-        acked.push(rx.recv().await.expect("acks before the kill"));
+        let ack = rx.recv().await.expect("acks before the kill");
+        acked.push(ack["request_id"].as_i64().unwrap());
     }
     server.kill9();
     let _ = task.await;
-    while let Ok(id) = rx.try_recv() {
-        acked.push(id);
+    while let Ok(ack) = rx.try_recv() {
+        acked.push(ack["request_id"].as_i64().unwrap());
     }
     // request_id is 1-based within this call.
     acked.into_iter().map(|r| from + r - 1).collect()
@@ -215,35 +200,29 @@ async fn sigterm_mid_stream_finishes_the_call_and_its_acks() {
     action(&mut client, "register_table", EVENTS).await.unwrap();
 
     // A slow client: 40 batches, 50 ms apart; SIGTERM arrives after the fifth ack.
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let stream = futures::stream::iter(0..40i64).then(|i| async move {
         tokio::time::sleep(Duration::from_millis(50)).await;
         batch(i)
     });
-    let put = tokio::spawn(async move {
-        let data = arrow_flight::encode::FlightDataEncoderBuilder::new()
-            .with_flight_descriptor(Some(arrow_flight::FlightDescriptor::new_path(vec![
-                "events".into(),
-            ])))
-            .build(stream.map(Ok));
-        let mut results = client.do_put(data).await.expect("do_put");
-        let mut acks = 0u64;
-        while let Some(r) = results.next().await {
-            let r = r.expect("no error: the call in flight is finished, not cut off");
-            let ack: serde_json::Value = serde_json::from_slice(&r.app_metadata).unwrap();
-            acks += ack["rows"].as_u64().unwrap();
-            let _ = tx.send(());
-        }
-        acks
-    });
+    let (put, mut rx) = spawn_put(client, "events", stream);
+    let mut acked = 0u64;
     for _ in 0..5 {
-        rx.recv().await.expect("early acks");
+        acked += rx.recv().await.expect("early acks")["rows"]
+            .as_u64()
+            .unwrap();
     }
     let _ = std::process::Command::new("kill")
         .arg("-TERM")
         .arg(server.child.id().to_string())
         .status();
-    let acked = put.await.unwrap();
+    let error = put.await.unwrap();
+    assert!(
+        error.is_none(),
+        "the call in flight is finished, not cut off: {error:?}"
+    );
+    while let Ok(ack) = rx.try_recv() {
+        acked += ack["rows"].as_u64().unwrap();
+    }
     assert_eq!(
         acked,
         40 * BATCH as u64,
