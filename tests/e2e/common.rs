@@ -288,3 +288,13 @@ pub fn spawn_put(
     });
     (task, rx)
 }
+
+/// GET `url` and return the body as text (e.g. `/metrics`).
+pub async fn get_text(url: &str) -> String {
+    reqwest::get(url)
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"))
+        .text()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"))
+}

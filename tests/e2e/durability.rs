@@ -135,18 +135,14 @@ async fn kill_9_mid_stream_loses_and_duplicates_nothing() {
     assert_each_acked_once("SQL", &ids, &acked);
 
     // Everything reaches the archive (max_age 1s), each row once.
-    let http = reqwest::Client::new();
     let url = server.url("/metrics");
     eventually(
         Duration::from_secs(30),
         "the buffer to drain to the archive",
-        || {
-            let http = http.clone();
-            let url = url.clone();
-            async move {
-                let m = http.get(&url).send().await.unwrap().text().await.unwrap();
-                m.contains(r#"sluice_buffer_rows{table="events"} 0"#)
-            }
+        || async {
+            get_text(&url)
+                .await
+                .contains(r#"sluice_buffer_rows{table="events"} 0"#)
         },
     )
     .await;
@@ -167,7 +163,7 @@ async fn kill_9_mid_stream_loses_and_duplicates_nothing() {
         ids.len()
     );
     // WAL segments are released once archived: only the live segment remains.
-    let m = http.get(&url).send().await.unwrap().text().await.unwrap();
+    let m = get_text(&url).await;
     assert!(m.contains("sluice_wal_segments 1"), "{m}");
 }
 

@@ -239,14 +239,7 @@ async fn register_put_and_query_exact_values() {
     );
     let ready = get_json(&server.url("/readyz")).await;
     assert_eq!(ready["sinks"]["archive"]["state"], "ok");
-    let metrics = http
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = get_text(&server.url("/metrics")).await;
     assert!(
         metrics.contains(r#"sluice_ingest_rows_total{protocol="flight",table="cpu"} 6"#),
         "{metrics}"
@@ -489,12 +482,7 @@ async fn refusals_name_table_column_and_row_and_keep_earlier_batches() {
     assert!(e.message().contains("time column"), "{}", e.message());
 
     // Metrics count refusals per table.
-    let metrics = reqwest::get(server.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = get_text(&server.url("/metrics")).await;
     assert!(
         metrics.contains(r#"sluice_ingest_refused_batches_total{reason="invalid",table="cpu"} 6"#),
         "{metrics}"
