@@ -171,6 +171,17 @@ pub enum WalCompression {
     Zstd,
 }
 
+impl WalCompression {
+    /// The Arrow IPC compression this stands for.
+    pub fn ipc(self) -> Option<arrow::ipc::CompressionType> {
+        match self {
+            WalCompression::None => None,
+            WalCompression::Lz4 => Some(arrow::ipc::CompressionType::LZ4_FRAME),
+            WalCompression::Zstd => Some(arrow::ipc::CompressionType::ZSTD),
+        }
+    }
+}
+
 impl Default for WalConfig {
     fn default() -> Self {
         Self {

@@ -98,7 +98,7 @@ impl Pipeline {
         self.metrics
             .refused_bytes
             .with_label_values(&[table, reason])
-            .inc_by(batch.get_array_memory_size() as u64);
+            .inc_by(data_size(batch) as u64);
         self.metrics
             .refused_batches
             .with_label_values(&[table, reason])

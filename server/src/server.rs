@@ -18,7 +18,7 @@ use tokio::net::TcpListener;
 
 use crate::archive::{self, Archiver};
 use crate::buffer::{Buffers, MemoryBudget};
-use crate::config::{Config, WalCompression};
+use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::flight::FlightFrontEnd;
 use crate::metrics::Metrics;
@@ -143,11 +143,7 @@ pub async fn run(config: Config, on_ready: impl FnOnce(BoundAddrs)) -> Result<()
         buffers: buffers.clone(),
         memory: memory.clone(),
         wal: wal.clone(),
-        wal_compression: match config.wal.compression {
-            WalCompression::None => None,
-            WalCompression::Lz4 => Some(arrow::ipc::CompressionType::LZ4_FRAME),
-            WalCompression::Zstd => Some(arrow::ipc::CompressionType::ZSTD),
-        },
+        wal_compression: config.wal.compression.ipc(),
         metrics: metrics.clone(),
     });
     let state = Arc::new(AppState {
@@ -163,22 +159,8 @@ pub async fn run(config: Config, on_ready: impl FnOnce(BoundAddrs)) -> Result<()
         }),
     });
 
-    let grpc_listener = TcpListener::bind(config.server.grpc_addr)
-        .await
-        .map_err(|e| {
-            Error::Unavailable(format!(
-                "cannot listen on server.grpc_addr {}: {e}",
-                config.server.grpc_addr
-            ))
-        })?;
-    let http_listener = TcpListener::bind(config.server.http_addr)
-        .await
-        .map_err(|e| {
-            Error::Unavailable(format!(
-                "cannot listen on server.http_addr {}: {e}",
-                config.server.http_addr
-            ))
-        })?;
+    let grpc_listener = listen("server.grpc_addr", config.server.grpc_addr).await?;
+    let http_listener = listen("server.http_addr", config.server.http_addr).await?;
     let addrs = BoundAddrs {
         grpc: grpc_listener.local_addr().map_err(Error::internal)?,
         http: http_listener.local_addr().map_err(Error::internal)?,
@@ -235,6 +217,13 @@ pub async fn run(config: Config, on_ready: impl FnOnce(BoundAddrs)) -> Result<()
         .map_err(Error::internal)?;
     tracing::info!("sluice stopped");
     Ok(())
+}
+
+/// Binds a listener; the error names the config key.
+async fn listen(key: &str, addr: SocketAddr) -> Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| Error::Unavailable(format!("cannot listen on {key} {addr}: {e}")))
 }
 
 /// Replays WAL records the archive does not hold yet into the recent buffer.
