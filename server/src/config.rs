@@ -24,6 +24,9 @@ impl ByteSize {
     pub const fn mib(n: u64) -> Self {
         ByteSize(n * 1024 * 1024)
     }
+    pub const fn gib(n: u64) -> Self {
+        ByteSize(n * 1024 * 1024 * 1024)
+    }
     pub fn as_u64(self) -> u64 {
         self.0
     }
@@ -160,6 +163,10 @@ pub struct WalConfig {
     /// disk is slower than a core compresses (on the 2-core test machine it did not:
     /// LZ4 cut logs ingest from 1.26 to 0.86 M rows/s).
     pub compression: WalCompression,
+    /// Most disk the WAL may hold. Segments stay until every sink has their records, so
+    /// while a store is down the WAL grows; past this size writes are refused with
+    /// RESOURCE_EXHAUSTED until the sinks catch up.
+    pub disk_budget: ByteSize,
 }
 
 /// Compression of WAL records.
@@ -189,6 +196,7 @@ impl Default for WalConfig {
             segment_size: ByteSize::mib(128),
             max_group_bytes: ByteSize::mib(64),
             compression: WalCompression::None,
+            disk_budget: ByteSize::gib(20),
         }
     }
 }
@@ -262,11 +270,61 @@ impl Default for ArchiveConfig {
     }
 }
 
-/// `[postgres]`: the PostgreSQL/TimescaleDB sink (used when `url` is set).
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+/// `[postgres]`: the PostgreSQL/TimescaleDB sink and registry (used when `url` is set).
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PostgresConfig {
+    /// `postgresql://user:pass@host:port/db`. When set, tables routed to `postgres` are
+    /// written there and the schema registry lives in its `table_registry` table.
     pub url: Option<String>,
+    /// Connections to keep; each runs one COPY at a time, so this is also the number of
+    /// COPY streams in parallel.
+    pub pool_size: usize,
+    /// A table's rows are coalesced into one COPY of about this many rows...
+    pub batch_rows: usize,
+    /// ...or this many bytes of Arrow data, whichever comes first...
+    pub batch_bytes: ByteSize,
+    /// ...or whatever has arrived after this long.
+    #[serde(with = "humantime_serde")]
+    pub linger: Duration,
+    /// Label sets whose `metric_series` id is cached in memory.
+    pub series_cache_size: usize,
+    /// Apply `migrations/postgres` on start (what `sluice migrate` does).
+    pub migrate_on_start: bool,
+    /// First wait after a failed COPY; doubles per failure up to `retry_max`.
+    #[serde(with = "humantime_serde")]
+    pub retry_initial: Duration,
+    #[serde(with = "humantime_serde")]
+    pub retry_max: Duration,
+    /// Plain PostgreSQL (no TimescaleDB): daily partitions of `metrics_points` are created
+    /// this many days ahead.
+    pub partition_days_ahead: u32,
+    /// Plain PostgreSQL: partitions wholly older than this are dropped (the seed's
+    /// retention policy).
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
+    /// How often the maintenance task runs (partitions, retention, `metrics_1m`).
+    #[serde(with = "humantime_serde")]
+    pub maintenance_interval: Duration,
+}
+
+impl Default for PostgresConfig {
+    fn default() -> Self {
+        Self {
+            url: None,
+            pool_size: 4,
+            batch_rows: 200_000,
+            batch_bytes: ByteSize::mib(16),
+            linger: Duration::from_millis(200),
+            series_cache_size: 100_000,
+            migrate_on_start: true,
+            retry_initial: Duration::from_millis(200),
+            retry_max: Duration::from_secs(30),
+            partition_days_ahead: 3,
+            retention: Duration::from_secs(30 * 86400),
+            maintenance_interval: Duration::from_secs(60),
+        }
+    }
 }
 
 /// `[clickhouse]`: the ClickHouse sink (used when `url` is set).
@@ -416,8 +474,29 @@ impl Config {
                 return err("archive.url", format!("'{url}' is not a URL (examples: file:///var/lib/sluice/archive, s3://bucket/prefix)"));
             }
         }
-        if self.postgres.url.is_some() {
-            return err("postgres.url", "the PostgreSQL sink is not part of this build yet; unset it (data would otherwise not reach PostgreSQL)".into());
+        if let Some(url) = &self.postgres.url {
+            if url.parse::<tokio_postgres::Config>().is_err() {
+                return err(
+                    "postgres.url",
+                    "is not a PostgreSQL connection string (postgresql://user:pass@host:port/db)"
+                        .into(),
+                );
+            }
+        }
+        if self.postgres.pool_size == 0 || self.postgres.pool_size > 64 {
+            return err("postgres.pool_size", "must be between 1 and 64".into());
+        }
+        if self.postgres.batch_rows == 0 {
+            return err("postgres.batch_rows", "must be at least 1".into());
+        }
+        if self.postgres.series_cache_size == 0 {
+            return err("postgres.series_cache_size", "must be at least 1".into());
+        }
+        if self.postgres.retry_initial.is_zero() || self.postgres.retry_max < self.postgres.retry_initial {
+            return err(
+                "postgres.retry_max",
+                "retry_initial must be more than 0s and retry_max at least retry_initial".into(),
+            );
         }
         if self.clickhouse.url.is_some() {
             return err("clickhouse.url", "the ClickHouse sink is not part of this build yet; unset it (data would otherwise not reach ClickHouse)".into());

@@ -13,6 +13,8 @@
 //! - [`wal`]: group-committed, fsynced Arrow IPC segments; replay; release.
 //! - [`buffer`]: the recent buffer per table and the memory budget.
 //! - [`archive`]: the Parquet archive sink (object_store).
+//! - [`postgres`]: the PostgreSQL/TimescaleDB sink (binary COPY), migrations, maintenance
+//!   and the PostgreSQL registry store.
 //! - [`registry`]: registered tables and versions, behind a store trait.
 //! - [`config`], [`metrics`], [`error`]: configuration, Prometheus metrics, errors.
 //! - [`server`]: start-up, WAL replay, serving, graceful shutdown.
@@ -25,6 +27,7 @@ pub mod flight;
 pub mod http;
 pub mod metrics;
 pub mod pipeline;
+pub mod postgres;
 pub mod registry;
 pub mod server;
 pub mod state;
