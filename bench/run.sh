@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# End-to-end Flight ingest benchmark: builds the release binary, then compares Sluice
-# (fsync on) with a discarding pyarrow Flight server on the same pre-generated rows.
-#
-#   bench/run.sh [--rows N] [--reps N] [--limit-only]    # args go to bench/flight_bench.py
+# Benchmarks: build the release binary, then
+#   bench/run.sh [--rows N] [--reps N] [--limit-only]   Flight ingest into the embedded
+#       default vs a discarding pyarrow Flight server (bench/flight_bench.py)
+#   bench/run.sh pg [--rows N] [--reps N]               Flight into PostgreSQL end to end vs
+#       psql \copy (binary) and pyarrow + ADBC adbc_ingest (bench/pg_bench.py)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -25,4 +26,15 @@ fi
     || "$VENV/bin/pip" install -q --disable-pip-version-check pyarrow
 
 export SLUICE_BIN="${SLUICE_BIN:-$CARGO_TARGET_DIR/release/sluice}"
-exec "$VENV/bin/python" bench/flight_bench.py "$@"
+case "${1:-}" in
+    pg)
+        shift
+        "$VENV/bin/python" -c 'import adbc_driver_postgresql' >/dev/null 2>&1 \
+            || "$VENV/bin/pip" install -q --disable-pip-version-check adbc-driver-postgresql adbc-driver-manager
+        command -v psql >/dev/null 2>&1 || { echo "psql is needed (apt-get install postgresql-client)" >&2; exit 1; }
+        exec "$VENV/bin/python" bench/pg_bench.py "$@"
+        ;;
+    *)
+        exec "$VENV/bin/python" bench/flight_bench.py "$@"
+        ;;
+esac

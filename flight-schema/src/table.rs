@@ -36,6 +36,17 @@ pub enum SinkKind {
     Archive,
 }
 
+impl SinkKind {
+    /// The name used in schemas and config (`postgres`, `clickhouse`, `archive`).
+    pub fn name(self) -> &'static str {
+        match self {
+            SinkKind::Postgres => "postgres",
+            SinkKind::Clickhouse => "clickhouse",
+            SinkKind::Archive => "archive",
+        }
+    }
+}
+
 /// What to do with columns a batch has but the table does not.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -130,11 +141,59 @@ impl ResolvedTable {
         column.nullable.unwrap_or(column.name != self.time_column)
     }
 
-    /// Whether rows of this table go to `sink`, given the deployment's default routing.
-    pub fn routes_to(&self, sink: SinkKind, default: &[SinkKind]) -> bool {
+    /// The stores this table's rows go to when its schema names none (`sinks` unset),
+    /// following the seed design: metrics to PostgreSQL, logs and traces to ClickHouse,
+    /// everything to the archive. Tables outside the seed count as logs when a column has
+    /// the `message` role, as metrics otherwise.
+    pub fn default_sinks(&self) -> Vec<SinkKind> {
+        let store = match self.name() {
+            "metrics" | "metrics_events" => SinkKind::Postgres,
+            "logs_events" | "spans" | "span_events" => SinkKind::Clickhouse,
+            _ if self
+                .definition
+                .columns
+                .iter()
+                .any(|c| c.role == Some(Role::Message)) =>
+            {
+                SinkKind::Clickhouse
+            }
+            _ => SinkKind::Postgres,
+        };
+        vec![store, SinkKind::Archive]
+    }
+
+    /// The stores rows of this table go to, given the stores this deployment has.
+    ///
+    /// Named `sinks` must all be configured (an error names the missing ones, so no
+    /// row is silently kept from a store the table asks for); default routing uses
+    /// whichever of its stores are configured (the archive always is).
+    pub fn routes(&self, configured: &[SinkKind]) -> Result<Vec<SinkKind>, String> {
         match &self.definition.sinks {
-            Some(s) => s.contains(&sink),
-            None => default.contains(&sink),
+            Some(s) => {
+                let missing: Vec<String> = s
+                    .iter()
+                    .filter(|k| !configured.contains(k))
+                    .map(|k| k.name().to_string())
+                    .collect();
+                if !missing.is_empty() {
+                    return Err(format!(
+                        "table '{}' routes to {}, which this server has no URL for (set {})",
+                        self.name(),
+                        missing.join(", "),
+                        missing
+                            .iter()
+                            .map(|m| format!("{m}.url"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ));
+                }
+                Ok(s.clone())
+            }
+            None => Ok(self
+                .default_sinks()
+                .into_iter()
+                .filter(|k| configured.contains(k))
+                .collect()),
         }
     }
 }

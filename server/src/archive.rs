@@ -32,8 +32,12 @@ use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::wal::Wal;
+use flight_schema::SinkKind;
 
 const MANIFEST_DIR: &str = "_sluice/manifests";
+
+/// The archive's name among the WAL's sinks.
+pub const ARCHIVE_SINK: &str = "archive";
 
 /// A table's committed archive state.
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -108,6 +112,9 @@ pub struct Archiver {
     pub replaying: AtomicBool,
     /// Set while a flush keeps failing; shown in /readyz.
     pub last_error: std::sync::Mutex<Option<String>>,
+    /// The stores this deployment has (tables not routed to the archive are dropped
+    /// from the buffer when due instead of written).
+    pub sinks: Vec<SinkKind>,
 }
 
 impl Archiver {
@@ -240,11 +247,19 @@ impl Archiver {
         let time_col = current.time_column.clone();
         let level = self.cfg.zstd_level;
         let rg = self.cfg.row_group_rows;
-        let files = tokio::task::spawn_blocking(move || {
-            encode_partitions(&batches, &schema, &time_col, level, rg)
-        })
-        .await
-        .map_err(Error::internal)??;
+        // A table routed away from the archive only passes through the recent buffer.
+        let archived = current
+            .routes(&self.sinks)
+            .map_or(true, |r| r.contains(&SinkKind::Archive));
+        let files = if archived {
+            tokio::task::spawn_blocking(move || {
+                encode_partitions(&batches, &schema, &time_col, level, rg)
+            })
+            .await
+            .map_err(Error::internal)??
+        } else {
+            Vec::new()
+        };
 
         let mut new_entries = Vec::new();
         for (i, (partition, rows, data)) in files.into_iter().enumerate() {
@@ -317,7 +332,8 @@ impl Archiver {
             return;
         }
         let last = self.wal.last_seq();
-        self.wal.release_upto(self.buffers.durable_seq(last));
+        self.wal
+            .set_sink_position(ARCHIVE_SINK, self.buffers.durable_seq(last));
     }
 
     /// Flushes every table (used by tests and at shutdown when asked).

@@ -449,6 +449,15 @@ impl Config {
         if self.wal.segment_size.as_u64() < ByteSize::mib(1).as_u64() {
             return err("wal.segment_size", "must be at least 1MiB".into());
         }
+        if self.wal.disk_budget.as_u64() < 2 * self.wal.segment_size.as_u64() {
+            return err(
+                "wal.disk_budget",
+                format!(
+                    "{} is less than twice wal.segment_size ({}); the WAL needs room for a full segment and the one being written",
+                    self.wal.disk_budget, self.wal.segment_size
+                ),
+            );
+        }
         if self.wal.max_group_bytes.as_u64() == 0 {
             return err("wal.max_group_bytes", "must be more than 0".into());
         }
@@ -492,7 +501,9 @@ impl Config {
         if self.postgres.series_cache_size == 0 {
             return err("postgres.series_cache_size", "must be at least 1".into());
         }
-        if self.postgres.retry_initial.is_zero() || self.postgres.retry_max < self.postgres.retry_initial {
+        if self.postgres.retry_initial.is_zero()
+            || self.postgres.retry_max < self.postgres.retry_initial
+        {
             return err(
                 "postgres.retry_max",
                 "retry_initial must be more than 0s and retry_max at least retry_initial".into(),

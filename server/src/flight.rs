@@ -248,6 +248,7 @@ impl FlightService for FlightFrontEnd {
         self.state
             .ingest
             .check_table(&table)
+            .await
             .map_err(Status::from)?;
         let span = tracing::info_span!("do_put", protocol = "flight", table = %table);
 

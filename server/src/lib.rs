@@ -30,5 +30,6 @@ pub mod pipeline;
 pub mod postgres;
 pub mod registry;
 pub mod server;
+pub mod sink;
 pub mod state;
 pub mod wal;

@@ -1,4 +1,5 @@
-//! The `sluice` command line: `sluice serve [--config FILE]`.
+//! The `sluice` command line: `sluice serve [--config FILE]`, `sluice migrate [--config FILE]`,
+//! `sluice config [--config FILE]`.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -21,6 +22,13 @@ struct Cli {
 enum Command {
     /// Run the server (Flight on 127.0.0.1:50051, HTTP on 127.0.0.1:8080 by default).
     Serve {
+        /// TOML config file; every key can also be set by env SLUICE__SECTION__KEY.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Apply the migrations to the configured stores (PostgreSQL: migrations/postgres, with
+    /// TimescaleDB where the extension exists) and exit.
+    Migrate {
         /// TOML config file; every key can also be set by env SLUICE__SECTION__KEY.
         #[arg(long, short)]
         config: Option<PathBuf>,
@@ -66,7 +74,8 @@ fn main() -> std::process::ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
-    let (Command::Serve { config } | Command::Config { config }) = &cli.command;
+    let (Command::Serve { config } | Command::Migrate { config } | Command::Config { config }) =
+        &cli.command;
     let cfg = match Config::load(config.as_deref(), std::env::vars()) {
         Ok(c) => c,
         Err(e) => {
@@ -86,6 +95,15 @@ fn main() -> std::process::ExitCode {
         .thread_name("sluice")
         .build()
         .expect("tokio runtime");
+    if let Command::Migrate { .. } = cli.command {
+        return match rt.block_on(migrate(&cfg)) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("sluice: {e}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
     let result = rt.block_on(sluice::server::run(cfg, |addrs| {
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "SLUICE_READY grpc={} http={}", addrs.grpc, addrs.http);
@@ -97,5 +115,40 @@ fn main() -> std::process::ExitCode {
             eprintln!("sluice: {e}");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+/// `sluice migrate`: applies the migrations of every configured store and prints, per
+/// store, what was applied and which path the database is on.
+async fn migrate(cfg: &Config) -> Result<(), String> {
+    use sluice::postgres::{maintenance, migrate};
+    let Some(url) = &cfg.postgres.url else {
+        return Err("nothing to migrate: set postgres.url / SLUICE__POSTGRES__URL".into());
+    };
+    let mut client = sluice::postgres::connect(url).await.map_err(|e| {
+        format!(
+            "cannot connect to PostgreSQL at postgres.url: {}",
+            pg_text(&e)
+        )
+    })?;
+    let report = migrate::migrate(&mut client)
+        .await
+        .map_err(|e| format!("postgres: {e}"))?;
+    if !report.timescaledb {
+        // Partitions from today on, so rows can land right away.
+        maintenance::run_once(&client, &cfg.postgres, chrono::Utc::now())
+            .await
+            .map_err(|e| format!("postgres: {e}"))?;
+    }
+    println!("postgres: {report}");
+    Ok(())
+}
+
+/// A connection error with its cause (tokio-postgres' own text is only the kind).
+fn pg_text(e: &tokio_postgres::Error) -> String {
+    match (e.as_db_error(), std::error::Error::source(e)) {
+        (Some(db), _) => db.message().to_string(),
+        (None, Some(cause)) => format!("{e}: {cause}"),
+        (None, None) => e.to_string(),
     }
 }

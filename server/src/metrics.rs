@@ -28,6 +28,14 @@ pub struct Metrics {
     pub archive_bytes: IntCounterVec,
     pub archive_rows: IntCounterVec,
     pub archive_errors: IntCounter,
+    pub sink_rows: IntCounterVec,
+    pub sink_bytes: IntCounterVec,
+    pub sink_commits: IntCounterVec,
+    pub sink_retries: IntCounterVec,
+    pub sink_up: IntGaugeVec,
+    pub sink_lag_records: IntGaugeVec,
+    pub sink_lag_seconds: IntGaugeVec,
+    pub sink_dead_letter_rows: IntCounterVec,
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -155,6 +163,54 @@ impl Metrics {
                 &r,
                 "sluice_archive_errors_total",
                 "Failed archive flushes (retried)",
+            ),
+            sink_rows: counter_vec(
+                &r,
+                "sluice_sink_rows_total",
+                "Rows a sink made durable in its store",
+                &["sink", "table"],
+            ),
+            sink_bytes: counter_vec(
+                &r,
+                "sluice_sink_bytes_total",
+                "Encoded bytes a sink sent to its store",
+                &["sink", "table"],
+            ),
+            sink_commits: counter_vec(
+                &r,
+                "sluice_sink_commits_total",
+                "Transactions (COPY or INSERT) a sink committed",
+                &["sink", "table"],
+            ),
+            sink_retries: counter_vec(
+                &r,
+                "sluice_sink_retries_total",
+                "Failed attempts a sink will retry (store down, connection lost, ...)",
+                &["sink"],
+            ),
+            sink_up: gauge_vec(
+                &r,
+                "sluice_sink_up",
+                "1 while the sink's last attempt succeeded, 0 while it retries",
+                &["sink"],
+            ),
+            sink_lag_records: gauge_vec(
+                &r,
+                "sluice_sink_lag_records",
+                "WAL records accepted but not yet durable in the sink's store",
+                &["sink"],
+            ),
+            sink_lag_seconds: gauge_vec(
+                &r,
+                "sluice_sink_lag_seconds",
+                "Age of the oldest WAL record not yet durable in the sink's store",
+                &["sink"],
+            ),
+            sink_dead_letter_rows: counter_vec(
+                &r,
+                "sluice_sink_dead_letter_rows_total",
+                "Rows the store refused permanently, written to the dead-letter Parquet files",
+                &["sink", "table"],
             ),
             registry: r,
         }

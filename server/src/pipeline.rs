@@ -25,9 +25,6 @@ use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::wal::{Wal, WalEntry, WalError};
 
-/// Sinks available in this deployment (the archive is always there).
-pub const CONFIGURED_SINKS: &[SinkKind] = &[SinkKind::Archive];
-
 /// A write that has been accepted and is on its way to the WAL.
 pub struct PendingWrite {
     pub rows: u64,
@@ -56,7 +53,7 @@ pub trait Ingest: Send + Sync {
         -> Result<PendingWrite>;
 
     /// Checks that `table` can be written to at all (registered, routed to a sink).
-    fn check_table(&self, table: &str) -> Result<()>;
+    async fn check_table(&self, table: &str) -> Result<()>;
 }
 
 /// The pipeline of the embedded default: WAL, recent buffer, Parquet archive.
@@ -68,9 +65,39 @@ pub struct Pipeline {
     /// Compression of WAL records.
     pub wal_compression: Option<CompressionType>,
     pub metrics: Arc<Metrics>,
+    /// The stores this deployment has (the archive always).
+    pub sinks: Vec<SinkKind>,
+    /// Past this much WAL on disk, writes are refused until the sinks catch up.
+    pub wal_disk_budget: Option<u64>,
 }
 
 impl Pipeline {
+    /// [`Pipeline::table`], after re-reading the registry store once if the table is not
+    /// known here (another process sharing the store may have registered it).
+    async fn lookup(&self, table: &str) -> Result<Arc<ResolvedTable>> {
+        if self.registry.get(table).is_none() {
+            if let Err(e) = self.registry.reload_table(table).await {
+                tracing::warn!(%table, error = %e, "cannot re-read the registry store");
+            }
+        }
+        self.table(table)
+    }
+
+    fn wal_full_message(&self, used: u64, limit: u64) -> String {
+        let last = self.wal.last_seq();
+        let behind: Vec<String> = self
+            .wal
+            .sink_positions()
+            .into_iter()
+            .filter(|(_, p)| *p < last)
+            .map(|(s, p)| format!("{s} has everything up to record {p} of {last}"))
+            .collect();
+        format!(
+            "the WAL holds {used} bytes, over its disk budget of {limit} (wal.disk_budget): a sink is behind ({}); writes resume as it catches up",
+            behind.join("; ")
+        )
+    }
+
     /// Looks a table up and checks it can be routed somewhere.
     pub fn table(&self, table: &str) -> Result<Arc<ResolvedTable>> {
         let t = self.registry.get(table).ok_or_else(|| {
@@ -78,14 +105,17 @@ impl Pipeline {
                 "table '{table}' is not registered (register it with the register_table action or POST /schema/register)"
             ))
         })?;
-        if !CONFIGURED_SINKS
-            .iter()
-            .any(|s| t.routes_to(*s, CONFIGURED_SINKS))
-        {
+        let routes = t.routes(&self.sinks).map_err(Error::FailedPrecondition)?;
+        if routes.is_empty() {
             return Err(Error::FailedPrecondition(format!(
-                "table '{table}' routes to {:?}, none of which is configured here (configured: archive)",
-                t.definition.sinks.as_deref().unwrap_or_default()
+                "table '{table}' routes to no store (its sinks list is empty)"
             )));
+        }
+        if let Some(limit) = self.wal_disk_budget {
+            let (_, used) = self.wal.disk_usage();
+            if used > limit {
+                return Err(Error::ResourceExhausted(self.wal_full_message(used, limit)));
+            }
         }
         Ok(t)
     }
@@ -129,8 +159,8 @@ pub fn encode_ipc(
 
 #[async_trait::async_trait]
 impl Ingest for Pipeline {
-    fn check_table(&self, table: &str) -> Result<()> {
-        self.table(table).map(|_| ())
+    async fn check_table(&self, table: &str) -> Result<()> {
+        self.lookup(table).await.map(|_| ())
     }
 
     async fn submit(
@@ -139,7 +169,7 @@ impl Ingest for Pipeline {
         batch: RecordBatch,
         protocol: &str,
     ) -> Result<PendingWrite> {
-        let resolved = match self.table(table) {
+        let resolved = match self.lookup(table).await {
             Ok(t) => t,
             Err(e) => {
                 self.refuse(table, &batch, "unknown_table");

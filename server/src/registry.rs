@@ -5,7 +5,16 @@
 //! [`RegistryStore`]. An identical re-registration returns the current version without
 //! writing anything, so concurrent registrations of the same table do not create
 //! duplicate versions. The embedded store ([`FileRegistryStore`]) is an append-only JSON
-//! lines file in the data directory; a PostgreSQL store comes later behind the same trait.
+//! lines file in the data directory; the PostgreSQL store
+//! ([`crate::postgres::registry::PgRegistryStore`]) keeps `table_registry` and may be
+//! shared by several sluice processes.
+//!
+//! # Several processes, one store
+//! Each [`Registry`] caches the versions it has seen. Before deciding, `register` reads
+//! the table's versions from the store again, and the store's `append` refuses a version
+//! that is not the next one ([`Appended::Conflict`]); the registry then re-reads and
+//! decides again, so a registration raced from two processes ends with one new version:
+//! the first gets it, the second finds it identical (or evolves it further).
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -26,13 +35,32 @@ pub struct StoredVersion {
     pub schema: TableSchema,
 }
 
+/// What [`RegistryStore::append`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Appended {
+    /// The version is stored durably.
+    Stored,
+    /// Nothing was written: the store already holds this version of the table (or a
+    /// later one), registered by another registry sharing the store. Re-read the table
+    /// ([`RegistryStore::load_table`]) and decide again.
+    Conflict,
+}
+
 /// Where registered versions are persisted.
 #[async_trait::async_trait]
 pub trait RegistryStore: Send + Sync {
     /// Every stored version, in any order.
     async fn load(&self) -> Result<Vec<StoredVersion>>;
-    /// Durably adds a version. Fails if that (name, version) already exists.
-    async fn append(&self, version: &StoredVersion) -> Result<()>;
+    /// Every stored version of one table, in any order.
+    async fn load_table(&self, name: &str) -> Result<Vec<StoredVersion>> {
+        let mut all = self.load().await?;
+        all.retain(|v| v.schema.name == name);
+        Ok(all)
+    }
+    /// Durably adds a version, which must be the table's next one (1 for a new table).
+    /// Returns [`Appended::Conflict`], writing nothing, if that (name, version) already
+    /// exists.
+    async fn append(&self, version: &StoredVersion) -> Result<Appended>;
 }
 
 /// The embedded store: `registry/tables.jsonl` in the data directory, fsynced per append.
@@ -90,8 +118,12 @@ impl RegistryStore for FileRegistryStore {
         Ok(out)
     }
 
-    async fn append(&self, version: &StoredVersion) -> Result<()> {
+    async fn append(&self, version: &StoredVersion) -> Result<Appended> {
         let _guard = self.lock.lock().await;
+        let existing = self.load_table(&version.schema.name).await?;
+        if existing.iter().any(|v| v.version >= version.version) {
+            return Ok(Appended::Conflict);
+        }
         let mut line = serde_json::to_vec(version).map_err(Error::internal)?;
         line.push(b'\n');
         let path = self.path.clone();
@@ -116,9 +148,13 @@ impl RegistryStore for FileRegistryStore {
         })
         .await
         .map_err(Error::internal)?
-        .map_err(|e| Error::Internal(format!("cannot write the registry: {e}")))
+        .map_err(|e| Error::Internal(format!("cannot write the registry: {e}")))?;
+        Ok(Appended::Stored)
     }
 }
+
+/// How often `register` re-reads and retries after losing a race for the next version.
+const MAX_REGISTER_ATTEMPTS: usize = 16;
 
 /// Registered tables with every version, backed by a [`RegistryStore`].
 pub struct Registry {
@@ -163,30 +199,95 @@ impl Registry {
     /// definition returns the current version unchanged.
     pub async fn register(&self, schema: TableSchema) -> Result<(Arc<ResolvedTable>, bool)> {
         let _guard = self.register_lock.lock().await;
-        let current = self.get(&schema.name);
-        let version = current.as_ref().map_or(1, |c| c.version + 1);
-        let resolved = schema.validate(version)?;
-        if let Some(cur) = &current {
-            if cur.definition == resolved.definition {
-                return Ok((cur.clone(), false));
-            }
-            check_evolution(cur, &resolved)?;
+        // Another process sharing the store may have registered versions since: decide
+        // against the store's current version. If it cannot be read, the cached one
+        // still answers an identical registration; a new version needs the store anyway.
+        if let Err(e) = self.reload_table(&schema.name).await {
+            tracing::warn!(table = %schema.name, error = %e, "cannot re-read the registry; using the cached versions");
         }
-        let stored = StoredVersion {
-            version,
-            registered_at: chrono::Utc::now().to_rfc3339(),
-            schema: resolved.definition.clone(),
-        };
-        self.store.append(&stored).await?;
-        let resolved = Arc::new(resolved);
-        self.tables
-            .write()
-            .expect("registry lock")
-            .entry(schema.name.clone())
-            .or_default()
-            .push(resolved.clone());
-        tracing::info!(table = %schema.name, version, "table registered");
-        Ok((resolved, true))
+        for _ in 0..MAX_REGISTER_ATTEMPTS {
+            let current = self.get(&schema.name);
+            let version = current.as_ref().map_or(1, |c| c.version + 1);
+            let resolved = schema.validate(version)?;
+            if let Some(cur) = &current {
+                if cur.definition == resolved.definition {
+                    return Ok((cur.clone(), false));
+                }
+                check_evolution(cur, &resolved)?;
+            }
+            let stored = StoredVersion {
+                version,
+                registered_at: chrono::Utc::now().to_rfc3339(),
+                schema: resolved.definition.clone(),
+            };
+            match self.store.append(&stored).await? {
+                Appended::Stored => {
+                    let resolved = Arc::new(resolved);
+                    self.insert_version(&schema.name, resolved.clone());
+                    tracing::info!(table = %schema.name, version, "table registered");
+                    return Ok((resolved, true));
+                }
+                Appended::Conflict => {
+                    tracing::debug!(table = %schema.name, version, "version registered elsewhere first; re-reading");
+                    self.reload_table(&schema.name).await?;
+                }
+            }
+        }
+        Err(Error::Unavailable(format!(
+            "table '{}': registration kept losing races with other registrations; try again",
+            schema.name
+        )))
+    }
+
+    /// Adds the store's versions of every table that this registry has not seen (other
+    /// processes sharing the store may have registered some).
+    pub async fn refresh(&self) -> Result<()> {
+        let mut stored = self.store.load().await?;
+        stored.sort_by(|a, b| (&a.schema.name, a.version).cmp(&(&b.schema.name, b.version)));
+        for v in stored {
+            let name = v.schema.name.clone();
+            if self.get_version(&name, v.version).is_some() {
+                continue;
+            }
+            let resolved = v.schema.validate(v.version).map_err(|e| {
+                Error::Internal(format!(
+                    "stored registry entry {name} version {} is invalid: {e}",
+                    v.version
+                ))
+            })?;
+            tracing::info!(table = %name, version = v.version, "table version registered by another process");
+            self.insert_version(&name, Arc::new(resolved));
+        }
+        Ok(())
+    }
+
+    /// Adds the store's versions of `name` that this registry has not seen.
+    pub async fn reload_table(&self, name: &str) -> Result<()> {
+        let mut stored = self.store.load_table(name).await?;
+        stored.sort_by_key(|v| v.version);
+        for v in stored {
+            if self.get_version(name, v.version).is_some() {
+                continue;
+            }
+            let resolved = v.schema.validate(v.version).map_err(|e| {
+                Error::Internal(format!(
+                    "stored registry entry {name} version {} is invalid: {e}",
+                    v.version
+                ))
+            })?;
+            self.insert_version(name, Arc::new(resolved));
+        }
+        Ok(())
+    }
+
+    /// Inserts a version, keeping the table's versions in order.
+    fn insert_version(&self, name: &str, table: Arc<ResolvedTable>) {
+        let mut tables = self.tables.write().expect("registry lock");
+        let versions = tables.entry(name.to_string()).or_default();
+        match versions.binary_search_by_key(&table.version, |t| t.version) {
+            Ok(i) => versions[i] = table,
+            Err(i) => versions.insert(i, table),
+        }
     }
 
     /// The current version of a table.
@@ -293,5 +394,13 @@ mod tests {
                 .count(),
             1
         );
+
+        // The store refuses a version it already holds, writing nothing.
+        let store = FileRegistryStore::open(dir.path()).unwrap();
+        let before = store.load().await.unwrap().len();
+        let v1 = store.load_table("cpu").await.unwrap().remove(0);
+        assert_eq!(v1.version, 1);
+        assert_eq!(store.append(&v1).await.unwrap(), Appended::Conflict);
+        assert_eq!(store.load().await.unwrap().len(), before);
     }
 }

@@ -23,7 +23,9 @@ use crate::error::{Error, Result};
 use crate::flight::FlightFrontEnd;
 use crate::metrics::Metrics;
 use crate::pipeline::Pipeline;
+use crate::postgres::sink::{PgWriter, PG_SINK};
 use crate::registry::{FileRegistryStore, Registry};
+use crate::sink::{DeadLetter, SinkOptions, SinkRunner, SinkStatus};
 use crate::state::{AppState, Readiness};
 use crate::wal::{Wal, WalOptions};
 
@@ -32,6 +34,8 @@ struct ServerReadiness {
     wal: Wal,
     memory: Arc<MemoryBudget>,
     buffers: Arc<Buffers>,
+    sinks: Vec<Arc<SinkStatus>>,
+    wal_disk_budget: u64,
 }
 
 impl Readiness for ServerReadiness {
@@ -45,19 +49,35 @@ impl Readiness for ServerReadiness {
             rows += s.rows;
             oldest = oldest.max(s.oldest.map_or(0, |o| o.elapsed().as_secs()));
         }
-        let ready = last_error.is_none();
+        // Ready means writes are accepted: the WAL has room. A store that is down makes
+        // the server degraded, not unready: the WAL keeps taking writes for it.
+        let wal_full = bytes > self.wal_disk_budget;
+        let ready = last_error.is_none() && !wal_full;
+        let last_seq = self.wal.last_seq();
+        let mut sinks = serde_json::Map::new();
+        sinks.insert(
+            "archive".into(),
+            serde_json::json!({
+                "state": if last_error.is_none() { "ok" } else { "retrying" },
+                "last_error": last_error,
+                "lag_rows": rows,
+                "lag_seconds": oldest,
+            }),
+        );
+        let mut degraded = false;
+        for s in &self.sinks {
+            degraded |= !s.is_up();
+            sinks.insert(s.name.to_string(), s.json(last_seq));
+        }
         (
             ready,
             serde_json::json!({
                 "ready": ready,
-                "wal": {"segments": segments, "bytes": bytes, "last_seq": self.wal.last_seq()},
+                "degraded": degraded,
+                "wal": {"segments": segments, "bytes": bytes, "last_seq": last_seq,
+                        "disk_budget": self.wal_disk_budget, "full": wal_full},
                 "memory": {"used_fraction": self.memory.used_fraction()},
-                "sinks": {"archive": {
-                    "state": if last_error.is_none() { "ok" } else { "retrying" },
-                    "last_error": last_error,
-                    "lag_rows": rows,
-                    "lag_seconds": oldest,
-                }},
+                "sinks": sinks,
             }),
         )
     }
@@ -98,7 +118,16 @@ pub async fn run(config: Config, on_ready: impl FnOnce(BoundAddrs)) -> Result<()
         ))
     })?;
 
-    let registry = Arc::new(Registry::open(Box::new(FileRegistryStore::open(&data_dir)?)).await?);
+    // PostgreSQL first: it may hold the registry.
+    let postgres = match &config.postgres.url {
+        Some(url) => Some(prepare_postgres(url, &config).await?),
+        None => None,
+    };
+    let registry_store: Box<dyn crate::registry::RegistryStore> = match &postgres {
+        Some(pg) => Box::new(crate::postgres::registry::PgRegistryStore::connect(&pg.url).await?),
+        None => Box::new(FileRegistryStore::open(&data_dir)?),
+    };
+    let registry = Arc::new(Registry::open(registry_store).await?);
     let (store, store_url) = archive::open_store(&config.archive, &data_dir)?;
     let buffers = Arc::new(Buffers::new(registry.clone(), metrics.clone()));
     let memory = Arc::new(MemoryBudget::new(
@@ -117,6 +146,16 @@ pub async fn run(config: Config, on_ready: impl FnOnce(BoundAddrs)) -> Result<()
             .await
             .map_err(Error::internal)??
     };
+    let wal_id = wal_id(&data_dir.join("wal"))?;
+    // Every sink starts at the oldest record on disk; none can be released before the
+    // sink has looked at it.
+    let start = wal.first_seq().saturating_sub(1);
+    wal.register_sink(archive::ARCHIVE_SINK, start);
+    let mut sinks_configured = vec![flight_schema::SinkKind::Archive];
+    if postgres.is_some() {
+        sinks_configured.push(flight_schema::SinkKind::Postgres);
+        wal.register_sink(PG_SINK, start);
+    }
     let archiver = Arc::new(Archiver {
         store: store.clone(),
         buffers: buffers.clone(),
@@ -128,14 +167,72 @@ pub async fn run(config: Config, on_ready: impl FnOnce(BoundAddrs)) -> Result<()
         memory: memory.clone(),
         replaying: AtomicBool::new(true),
         last_error: Default::default(),
+        sinks: sinks_configured.clone(),
     });
     archiver.recover().await?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let archiver_task = tokio::spawn(archiver.clone().run(stop_rx));
+    let archiver_task = tokio::spawn(archiver.clone().run(stop_rx.clone()));
 
     replay(&wal, &registry, &buffers, &memory).await?;
     archiver.replaying.store(false, Ordering::Release);
     archiver.release_wal();
+
+    let mut sink_statuses = Vec::new();
+    let mut sink_tasks = Vec::new();
+    if let Some(pg) = &postgres {
+        let writer = PgWriter::new(
+            pg.url.clone(),
+            config.postgres.clone(),
+            DeadLetter {
+                store: store.clone(),
+            },
+            wal_id.clone(),
+        );
+        writer
+            .timescale
+            .store(pg.timescale, std::sync::atomic::Ordering::Relaxed);
+        let status = Arc::new(SinkStatus::new(PG_SINK));
+        sink_statuses.push(status.clone());
+        let runner = Arc::new(SinkRunner {
+            writer: Arc::new(writer),
+            wal: wal.clone(),
+            wal_id: wal_id.clone(),
+            registry: registry.clone(),
+            metrics: metrics.clone(),
+            configured: sinks_configured.clone(),
+            opts: SinkOptions {
+                workers: config.postgres.pool_size,
+                batch_rows: config.postgres.batch_rows,
+                batch_bytes: config.postgres.batch_bytes.as_usize(),
+                linger: config.postgres.linger,
+                retry_initial: config.postgres.retry_initial,
+                retry_max: config.postgres.retry_max,
+            },
+            status,
+            tracker: Default::default(),
+        });
+        sink_tasks.push(tokio::spawn(runner.run(stop_rx.clone())));
+        // Partitions, retention and metrics_1m on plain PostgreSQL (it does nothing where
+        // TimescaleDB runs the policies).
+        sink_tasks.push(tokio::spawn(crate::postgres::maintenance::run(
+            pg.url.clone(),
+            config.postgres.clone(),
+            stop_rx.clone(),
+        )));
+        // Other processes sharing the registry may register tables: pick them up.
+        let (reg, mut stop) = (registry.clone(), stop_rx.clone());
+        sink_tasks.push(tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(REGISTRY_REFRESH) => {}
+                    _ = stop.changed() => return,
+                }
+                if let Err(e) = reg.refresh().await {
+                    tracing::warn!(error = %e, "cannot re-read the registry from PostgreSQL");
+                }
+            }
+        }));
+    }
 
     let query = Arc::new(QueryEngine::new(buffers.clone(), store, store_url));
     let pipeline = Arc::new(Pipeline {
@@ -145,6 +242,8 @@ pub async fn run(config: Config, on_ready: impl FnOnce(BoundAddrs)) -> Result<()
         wal: wal.clone(),
         wal_compression: config.wal.compression.ipc(),
         metrics: metrics.clone(),
+        sinks: sinks_configured.clone(),
+        wal_disk_budget: Some(config.wal.disk_budget.as_u64()),
     });
     let state = Arc::new(AppState {
         ingest: pipeline,
@@ -156,6 +255,8 @@ pub async fn run(config: Config, on_ready: impl FnOnce(BoundAddrs)) -> Result<()
             wal: wal.clone(),
             memory,
             buffers,
+            sinks: sink_statuses,
+            wal_disk_budget: config.wal.disk_budget.as_u64(),
         }),
     });
 
@@ -212,11 +313,85 @@ pub async fn run(config: Config, on_ready: impl FnOnce(BoundAddrs)) -> Result<()
     }
     let _ = stop_tx.send(true);
     let _ = archiver_task.await;
+    for t in sink_tasks {
+        let _ = t.await;
+    }
     tokio::task::spawn_blocking(move || wal.close())
         .await
         .map_err(Error::internal)?;
     tracing::info!("sluice stopped");
     Ok(())
+}
+
+/// How often a registry kept in PostgreSQL is re-read for tables other processes added.
+const REGISTRY_REFRESH: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// What start-up learned about the configured PostgreSQL.
+struct PostgresInfo {
+    url: String,
+    timescale: bool,
+}
+
+/// Connects to PostgreSQL (waiting up to 30 s for it), applies the migrations when
+/// `postgres.migrate_on_start` is set, and finds out whether TimescaleDB is there.
+async fn prepare_postgres(url: &str, config: &Config) -> Result<PostgresInfo> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut client = loop {
+        match crate::postgres::connect(url).await {
+            Ok(c) => break c,
+            Err(e) if std::time::Instant::now() < deadline => {
+                tracing::warn!(error = %e, "PostgreSQL (postgres.url) is not reachable yet; retrying");
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+            Err(e) => {
+                return Err(Error::Unavailable(format!(
+                    "cannot connect to PostgreSQL at postgres.url: {e}"
+                )))
+            }
+        }
+    };
+    if config.postgres.migrate_on_start {
+        let report = crate::postgres::migrate::migrate(&mut client).await?;
+        tracing::info!(applied = ?report.applied, timescaledb = report.timescaledb, "PostgreSQL migrations");
+    }
+    // TimescaleDB's path: the extension is on and metrics_points is a hypertable rather
+    // than the plain path's partitioned table (a database keeps the path it was
+    // migrated on).
+    let partitioned = client
+        .query_opt(
+            "SELECT 1 FROM pg_class WHERE oid = to_regclass('metrics_points') AND relkind = 'p'",
+            &[],
+        )
+        .await
+        .map_err(|e| Error::Unavailable(format!("PostgreSQL: {e}")))?
+        .is_some();
+    let timescale = !partitioned && crate::postgres::migrate::timescaledb_enabled(&client).await?;
+    crate::postgres::maintenance::run_once(&client, &config.postgres, chrono::Utc::now()).await?;
+    tracing::info!(timescale, "PostgreSQL sink enabled");
+    Ok(PostgresInfo {
+        url: url.to_string(),
+        timescale,
+    })
+}
+
+/// The WAL's identity, kept in `wal/ID`: the key of this WAL's ranges in a store's
+/// offsets. A new WAL (its directory removed) gets a new one, so its sequence numbers,
+/// which start again at 1, are never mistaken for the old WAL's.
+fn wal_id(wal_dir: &std::path::Path) -> Result<String> {
+    let path = wal_dir.join("ID");
+    match std::fs::read_to_string(&path) {
+        Ok(s) if !s.trim().is_empty() => Ok(s.trim().to_string()),
+        _ => {
+            let id = uuid::Uuid::new_v4().simple().to_string();
+            let tmp = wal_dir.join("ID.tmp");
+            std::fs::write(&tmp, &id)
+                .and_then(|_| std::fs::File::open(&tmp)?.sync_all())
+                .and_then(|_| std::fs::rename(&tmp, &path))
+                .and_then(|_| std::fs::File::open(wal_dir)?.sync_all())
+                .map_err(|e| Error::Internal(format!("cannot write {}: {e}", path.display())))?;
+            Ok(id)
+        }
+    }
 }
 
 /// Binds a listener; the error names the config key.

@@ -121,6 +121,11 @@ struct Shared {
     segments: Mutex<VecDeque<Segment>>,
     last_seq: AtomicU64,
     metrics: Arc<Metrics>,
+    /// Woken after every group commit (tail readers wait on it).
+    durable: tokio::sync::Notify,
+    /// Per sink: every record with `seq <=` this is durable in that sink (or not routed
+    /// to it). Segments are released up to the lowest.
+    positions: Mutex<std::collections::BTreeMap<&'static str, u64>>,
 }
 
 impl Shared {
@@ -293,6 +298,8 @@ impl Wal {
             segments: Mutex::new(segments.iter().cloned().collect()),
             last_seq: AtomicU64::new(last_seq),
             metrics,
+            durable: tokio::sync::Notify::new(),
+            positions: Mutex::new(Default::default()),
         });
         shared.metrics.wal_last_seq.set(last_seq as i64);
         let (tx, rx) = mpsc::unbounded_channel();
@@ -389,6 +396,61 @@ impl Wal {
         (segs.len(), segs.iter().map(|s| s.size).sum())
     }
 
+    /// The sequence number of the oldest record still on disk (or the next one to be
+    /// written when the WAL holds none).
+    pub fn first_seq(&self) -> u64 {
+        let segs = self.shared.segments.lock().expect("wal segments");
+        segs.front().map_or(self.last_seq() + 1, |s| s.first_seq)
+    }
+
+    /// Registers a sink, starting at `seq` (every record up to it is durable there).
+    /// Segments are only released past the lowest position of all registered sinks.
+    pub fn register_sink(&self, sink: &'static str, seq: u64) {
+        self.shared
+            .positions
+            .lock()
+            .expect("wal positions")
+            .insert(sink, seq);
+    }
+
+    /// Records that every record with `seq <= position` is durable in `sink`, and
+    /// deletes the segments every sink is done with.
+    pub fn set_sink_position(&self, sink: &'static str, position: u64) {
+        let min = {
+            let mut p = self.shared.positions.lock().expect("wal positions");
+            let e = p.entry(sink).or_insert(position);
+            *e = (*e).max(position);
+            p.values().copied().min().unwrap_or(position)
+        };
+        self.release_upto(min);
+    }
+
+    /// Every sink's position, and the sink furthest behind.
+    pub fn sink_positions(&self) -> Vec<(&'static str, u64)> {
+        self.shared
+            .positions
+            .lock()
+            .expect("wal positions")
+            .iter()
+            .map(|(k, v)| (*k, *v))
+            .collect()
+    }
+
+    /// A reader of the records after `after_seq`, as they become durable.
+    pub fn tail(&self, after_seq: u64) -> WalTail {
+        WalTail {
+            shared: self.shared.clone(),
+            next_seq: after_seq + 1,
+            current: None,
+            payload: Vec::new(),
+        }
+    }
+
+    /// Waits until a group commit after this call, or `timeout`.
+    pub async fn wait_durable(&self, timeout: std::time::Duration) {
+        let _ = tokio::time::timeout(timeout, self.shared.durable.notified()).await;
+    }
+
     /// Stops accepting entries, lets the writer finish and fsync what it has, and waits
     /// for it (blocking).
     pub fn close(&self) {
@@ -396,6 +458,100 @@ impl Wal {
         if let Some(h) = self.writer.lock().expect("wal writer").take() {
             let _ = h.join();
         }
+    }
+}
+
+/// Reads WAL records in sequence order as they become durable; what a sink that keeps
+/// its own position (PostgreSQL, ClickHouse) reads from. Reads only the committed (fsynced)
+/// part of each segment, so it never sees a partial record.
+pub struct WalTail {
+    shared: Arc<Shared>,
+    next_seq: u64,
+    /// Open segment: reader, its first seq, bytes consumed so far (from the file start).
+    current: Option<(BufReader<File>, u64, u64, PathBuf)>,
+    payload: Vec<u8>,
+}
+
+impl WalTail {
+    /// The sequence number of the next record this reader returns.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// Reads durable records, up to about `max_bytes` of them; an empty result means the
+    /// reader is at the end of what is durable (wait with [`Wal::wait_durable`]).
+    /// Blocking: call from a blocking thread.
+    pub fn read(&mut self, max_bytes: usize) -> Result<Vec<WalRecord>, WalError> {
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        while bytes < max_bytes {
+            // Where the current segment ends now, and whether a later segment exists.
+            let (limit, has_next, next_first) = {
+                let segs = self.shared.segments.lock().expect("wal segments");
+                if self.current.is_none() {
+                    let first = segs.front().map_or(u64::MAX, |s| s.first_seq);
+                    if self.next_seq < first && first != u64::MAX {
+                        return Err(WalError::Corrupt {
+                            path: "wal".into(),
+                            offset: 0,
+                            reason: format!(
+                                "record {} was released before this reader took it (oldest on disk: {first})",
+                                self.next_seq
+                            ),
+                        });
+                    }
+                    // The segment holding next_seq: the last one starting at or before it.
+                    let Some(seg) = segs.iter().rev().find(|s| s.first_seq <= self.next_seq) else {
+                        return Ok(out);
+                    };
+                    let file = File::open(&seg.path).map_err(io_err(&seg.path))?;
+                    let mut r = BufReader::with_capacity(1 << 20, file);
+                    r.seek(SeekFrom::Start(MAGIC.len() as u64))
+                        .map_err(io_err(&seg.path))?;
+                    self.current = Some((r, seg.first_seq, MAGIC.len() as u64, seg.path.clone()));
+                }
+                let first = self.current.as_ref().unwrap().1;
+                let idx = segs.iter().position(|s| s.first_seq == first);
+                match idx {
+                    Some(i) => (
+                        segs[i].size,
+                        i + 1 < segs.len(),
+                        segs.get(i + 1).map(|s| s.first_seq),
+                    ),
+                    // Released while we read it: everything in it was taken by every sink.
+                    None => (0, true, segs.front().map(|s| s.first_seq)),
+                }
+            };
+            let (reader, _, consumed, path) = self.current.as_mut().unwrap();
+            if *consumed >= limit {
+                if has_next {
+                    self.current = None;
+                    if let Some(n) = next_first {
+                        self.next_seq = self.next_seq.max(n);
+                    }
+                    continue;
+                }
+                break;
+            }
+            read_record(reader, &mut self.payload).map_err(|reason| WalError::Corrupt {
+                path: path.display().to_string(),
+                offset: *consumed,
+                reason,
+            })?;
+            *consumed += (RECORD_HEADER + self.payload.len()) as u64;
+            let rec = parse_payload(&self.payload).map_err(|reason| WalError::Corrupt {
+                path: path.display().to_string(),
+                offset: *consumed,
+                reason,
+            })?;
+            if rec.seq < self.next_seq {
+                continue;
+            }
+            self.next_seq = rec.seq + 1;
+            bytes += self.payload.len();
+            out.push(rec);
+        }
+        Ok(out)
     }
 }
 
@@ -462,39 +618,55 @@ impl Writer {
                 }
             }
             let result = self.write_group(&mut group, &mut buf);
-            match result {
-                Ok(first_seq) => {
-                    for (i, e) in group.drain(..).enumerate() {
-                        let seq = first_seq + i as u64;
-                        (e.on_durable)(seq);
-                        self.shared.last_seq.store(seq, Ordering::Release);
-                        let _ = e.reply.send(Ok(seq));
-                    }
-                    self.shared
-                        .metrics
-                        .wal_last_seq
-                        .set(self.shared.last_seq.load(Ordering::Acquire) as i64);
+            let (first_seq, durable, failure) = match result {
+                Ok(first) => (first, group.len(), None),
+                Err((err, committed)) => {
+                    self.cut_back();
+                    (self.next_seq - committed as u64, committed, Some(err))
                 }
-                Err(err) => {
-                    tracing::error!(error = %err, "WAL write failed; failing the group");
-                    let msg = err.to_string();
-                    for e in group.drain(..) {
-                        let _ = e.reply.send(Err(WalError::Io {
-                            path: self.opts.dir.display().to_string(),
-                            source: std::io::Error::other(msg.clone()),
-                        }));
-                    }
+            };
+            for (i, e) in group.drain(..durable).enumerate() {
+                let seq = first_seq + i as u64;
+                (e.on_durable)(seq);
+                self.shared.last_seq.store(seq, Ordering::Release);
+                let _ = e.reply.send(Ok(seq));
+            }
+            self.shared
+                .metrics
+                .wal_last_seq
+                .set(self.shared.last_seq.load(Ordering::Acquire) as i64);
+            self.shared.durable.notify_waiters();
+            if let Some(err) = failure {
+                tracing::error!(error = %err, "WAL write failed; failing the group");
+                let msg = err.to_string();
+                for e in group.drain(..) {
+                    let _ = e.reply.send(Err(WalError::Io {
+                        path: self.opts.dir.display().to_string(),
+                        source: std::io::Error::other(msg.clone()),
+                    }));
                 }
             }
         }
         if self.opts.fsync {
             let _ = self.file.sync_data();
         }
+        self.shared.durable.notify_waiters();
     }
 
-    /// Writes a group and fsyncs it; returns the first sequence number used.
-    fn write_group(&mut self, group: &mut [WalEntry], buf: &mut Vec<u8>) -> Result<u64, WalError> {
+    /// Writes a group and fsyncs it; returns the first sequence number used. On failure,
+    /// also says how many entries of the group a segment roll had already made durable.
+    fn write_group(
+        &mut self,
+        group: &mut [WalEntry],
+        buf: &mut Vec<u8>,
+    ) -> Result<u64, (WalError, usize)> {
         let first_seq = self.next_seq;
+        let mut committed = 0usize;
+        macro_rules! w {
+            ($e:expr) => {
+                $e.map_err(|e| (e, committed))?
+            };
+        }
         let path = segment_path(&self.opts.dir, self.seg_index_first);
         let mut written = 0u64;
         let mut seg_bytes = 0u64;
@@ -507,11 +679,13 @@ impl Writer {
             if cur_size >= self.opts.segment_size && cur_size > MAGIC.len() as u64 {
                 // Roll: make the old segment durable, then start a new one at `seq`.
                 if self.opts.fsync {
-                    self.file.sync_data().map_err(io_err(&path))?;
+                    w!(self.file.sync_data().map_err(io_err(&path)));
                 }
                 self.commit_sizes(seg_bytes, seq - 1);
+                committed = i;
+                self.next_seq = seq;
                 seg_bytes = 0;
-                self.file = Self::create_segment(&self.opts, &self.shared, seq)?;
+                self.file = w!(Self::create_segment(&self.opts, &self.shared, seq));
                 self.seg_index_first = seq;
             }
             buf.clear();
@@ -530,17 +704,15 @@ impl Writer {
             let crc = h.finalize();
             buf[4..8].copy_from_slice(&crc.to_le_bytes());
             let cur_path = segment_path(&self.opts.dir, self.seg_index_first);
-            self.file.write_all(buf).map_err(io_err(&cur_path))?;
-            self.file
-                .write_all(&e.ipc_body)
-                .map_err(io_err(&cur_path))?;
+            w!(self.file.write_all(buf).map_err(io_err(&cur_path)));
+            w!(self.file.write_all(&e.ipc_body).map_err(io_err(&cur_path)));
             let n = (RECORD_HEADER + payload_len) as u64;
             seg_bytes += n;
             written += n;
         }
         if self.opts.fsync {
             let cur_path = segment_path(&self.opts.dir, self.seg_index_first);
-            self.file.sync_data().map_err(io_err(&cur_path))?;
+            w!(self.file.sync_data().map_err(io_err(&cur_path)));
         }
         let last = first_seq + group.len() as u64 - 1;
         self.commit_sizes(seg_bytes, last);
@@ -548,6 +720,23 @@ impl Writer {
         self.shared.metrics.wal_written_bytes.inc_by(written);
         self.shared.metrics.wal_fsyncs.inc();
         Ok(first_seq)
+    }
+
+    /// After a failed write: cuts the current segment back to what was committed, so
+    /// the next group does not follow a partial record.
+    fn cut_back(&mut self) {
+        let size = {
+            let segs = self.shared.segments.lock().expect("wal segments");
+            segs.back().map_or(MAGIC.len() as u64, |s| s.size)
+        };
+        let path = segment_path(&self.opts.dir, self.seg_index_first);
+        if let Err(e) = self
+            .file
+            .set_len(size)
+            .and_then(|_| self.file.seek(SeekFrom::Start(size)).map(|_| ()))
+        {
+            tracing::error!(path = %path.display(), error = %e, "cannot cut the WAL segment back after a failed write");
+        }
     }
 
     fn commit_sizes(&self, added: u64, last_seq: u64) {

@@ -3,6 +3,9 @@
 mod common;
 mod durability;
 mod memory;
+mod pg;
+mod pg_copy;
+mod postgres;
 
 use std::sync::Arc;
 

@@ -1,1 +1,920 @@
-//! (in progress)
+//! Applies `migrations/postgres` to a database: what `sluice migrate` (and
+//! `postgres.migrate_on_start`) runs.
+//!
+//! # What flows in and out
+//! In: a connection. Out: a [`MigrationReport`] saying which path the database is on
+//! (TimescaleDB or plain PostgreSQL) and which migrations were applied now.
+//!
+//! # The files
+//! The SQL files are compiled into the binary ([`MIGRATIONS`]) and named
+//! `NNNN_name[.variant].sql`, applied in order of their 4-digit version:
+//! - `NNNN_name.sql` always runs;
+//! - `NNNN_name.timescale.sql` runs when the database is on the TimescaleDB path;
+//! - `NNNN_name.plain.sql` runs when it is on the plain PostgreSQL path.
+//!
+//! A fresh database takes the TimescaleDB path when the extension is available
+//! (`pg_available_extensions`); `CREATE EXTENSION IF NOT EXISTS timescaledb` then runs
+//! first. Once a variant has been applied the path is fixed: a database set up on plain
+//! PostgreSQL stays on it even if TimescaleDB is installed later, because the later
+//! files of either path expect the tables the earlier ones of the same path made.
+//!
+//! Each version runs in its own transaction together with its `schema_migrations` row, so
+//! it is applied entirely or not at all. A file whose first line is
+//! `-- sluice:no-transaction` (statements that PostgreSQL or TimescaleDB refuse inside a
+//! transaction block) runs statement by statement instead, statements ending with `;` at
+//! the end of a line; each of its statements must be idempotent on its own. The whole run
+//! holds a session advisory lock, so two sluice processes migrating one database at once
+//! take turns, and the second finds nothing left to do.
+
+use std::fmt;
+
+use tokio_postgres::error::SqlState;
+use tokio_postgres::Client;
+
+use crate::error::{Error, Result};
+
+/// Which databases a migration file is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Variant {
+    /// `NNNN_name.sql`: every database.
+    Always,
+    /// `NNNN_name.timescale.sql`: databases with TimescaleDB.
+    Timescale,
+    /// `NNNN_name.plain.sql`: databases without it.
+    Plain,
+}
+
+impl Variant {
+    /// The name recorded in `schema_migrations.variant`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Variant::Always => "always",
+            Variant::Timescale => "timescale",
+            Variant::Plain => "plain",
+        }
+    }
+
+    fn applies(self, timescaledb: bool) -> bool {
+        match self {
+            Variant::Always => true,
+            Variant::Timescale => timescaledb,
+            Variant::Plain => !timescaledb,
+        }
+    }
+}
+
+/// One migration file, compiled in.
+#[derive(Debug, Clone, Copy)]
+pub struct Migration {
+    pub version: i32,
+    pub name: &'static str,
+    pub variant: Variant,
+    /// The file name under `migrations/postgres`.
+    pub file: &'static str,
+    pub sql: &'static str,
+}
+
+impl Migration {
+    /// `0002_metrics`: the name reports and `schema_migrations` use.
+    pub fn label(&self) -> String {
+        format!("{:04}_{}", self.version, self.name)
+    }
+
+    fn no_transaction(&self) -> bool {
+        self.sql
+            .lines()
+            .next()
+            .is_some_and(|l| l.trim() == "-- sluice:no-transaction")
+    }
+}
+
+macro_rules! migration {
+    ($version:literal, $name:literal, $variant:ident, $file:literal) => {
+        Migration {
+            version: $version,
+            name: $name,
+            variant: Variant::$variant,
+            file: $file,
+            sql: include_str!(concat!("../../../migrations/postgres/", $file)),
+        }
+    };
+}
+
+/// Every file in `migrations/postgres`, in order (a test checks this list against the
+/// directory).
+pub const MIGRATIONS: &[Migration] = &[
+    migration!(1, "core", Always, "0001_core.sql"),
+    migration!(2, "metrics", Timescale, "0002_metrics.timescale.sql"),
+    migration!(2, "metrics", Plain, "0002_metrics.plain.sql"),
+    migration!(3, "metrics_1m", Timescale, "0003_metrics_1m.timescale.sql"),
+    migration!(3, "metrics_1m", Plain, "0003_metrics_1m.plain.sql"),
+    migration!(
+        4,
+        "metrics_1m_policy",
+        Timescale,
+        "0004_metrics_1m_policy.timescale.sql"
+    ),
+    migration!(
+        4,
+        "metrics_1m_policy",
+        Plain,
+        "0004_metrics_1m_policy.plain.sql"
+    ),
+];
+
+/// What [`migrate`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MigrationReport {
+    /// The database is on the TimescaleDB path (hypertables, continuous aggregate);
+    /// otherwise on plain PostgreSQL (daily partitions and `metrics_1m` kept by sluice).
+    pub timescaledb: bool,
+    /// Migrations applied by this run, e.g. `["0001_core", "0002_metrics"]`.
+    pub applied: Vec<String>,
+    /// Versions that were applied before this run.
+    pub already: usize,
+}
+
+impl MigrationReport {
+    /// Which path the database is on, in words.
+    pub fn path_description(&self) -> &'static str {
+        if self.timescaledb {
+            "TimescaleDB"
+        } else {
+            "plain PostgreSQL: metrics_points partitioned by day, metrics_1m kept by sluice"
+        }
+    }
+}
+
+impl fmt::Display for MigrationReport {
+    /// `applied 0001_core, 0002_metrics (TimescaleDB)` or `up to date (TimescaleDB)`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.applied.is_empty() {
+            write!(f, "up to date ({})", self.path_description())
+        } else {
+            write!(
+                f,
+                "applied {} ({})",
+                self.applied.join(", "),
+                self.path_description()
+            )
+        }
+    }
+}
+
+/// Session advisory lock key (two int4 halves) held while migrating. Notices ("already
+/// exists, skipping") are silenced meanwhile: re-running idempotent DDL is the point.
+const LOCK_SQL: &str =
+    "SET client_min_messages = warning; SELECT pg_advisory_lock(hashtext('sluice'), 1)";
+const UNLOCK_SQL: &str =
+    "SELECT pg_advisory_unlock(hashtext('sluice'), 1); RESET client_min_messages";
+
+/// Applies every migration the database has not had yet; a no-op when it is up to date.
+///
+/// On the plain PostgreSQL path this also creates the `metrics_points` partitions for
+/// today and tomorrow so rows can land right away; the maintenance task
+/// ([`super::maintenance::run_once`]) creates the rest ahead.
+pub async fn migrate(client: &mut Client) -> Result<MigrationReport> {
+    client
+        .batch_execute(LOCK_SQL)
+        .await
+        .map_err(|e| pg_error("cannot take the migration lock", e))?;
+    let result = migrate_locked(client).await;
+    let unlocked = client.batch_execute(UNLOCK_SQL).await;
+    let report = result?;
+    // A failed unlock after a successful run only matters if the connection is kept, and
+    // then the lock goes away with it anyway.
+    if let Err(e) = unlocked {
+        tracing::warn!(error = %describe(&e), "cannot release the migration lock");
+    }
+    Ok(report)
+}
+
+async fn migrate_locked(client: &mut Client) -> Result<MigrationReport> {
+    client
+        .batch_execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (
+               version    INT PRIMARY KEY,
+               name       TEXT NOT NULL,
+               variant    TEXT NOT NULL,
+               applied_at TIMESTAMPTZ DEFAULT now()
+             )",
+        )
+        .await
+        .map_err(|e| pg_error("cannot create schema_migrations", e))?;
+    let rows = client
+        .query("SELECT version, variant FROM schema_migrations", &[])
+        .await
+        .map_err(|e| pg_error("cannot read schema_migrations", e))?;
+    let applied: Vec<(i32, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+
+    let available = client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb')",
+            &[],
+        )
+        .await
+        .map_err(|e| pg_error("cannot list available extensions", e))?
+        .get::<_, bool>(0);
+    let decided = applied.iter().find_map(|(_, v)| match v.as_str() {
+        "timescale" => Some(true),
+        "plain" => Some(false),
+        _ => None,
+    });
+    let timescaledb = decided.unwrap_or(available);
+    if decided == Some(false) && available {
+        tracing::info!(
+            "TimescaleDB is available but this database was set up on plain PostgreSQL; it stays there"
+        );
+    }
+    if timescaledb {
+        if !available {
+            return Err(Error::FailedPrecondition(
+                "this database was migrated with TimescaleDB, but the timescaledb extension is no longer available on the server".into(),
+            ));
+        }
+        client
+            .batch_execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
+            .await
+            .map_err(|e| {
+                Error::FailedPrecondition(format!(
+                    "TimescaleDB is available but CREATE EXTENSION timescaledb failed: {} \
+                     (it must be in shared_preload_libraries)",
+                    describe(&e)
+                ))
+            })?;
+    }
+
+    let mut report = MigrationReport {
+        timescaledb,
+        applied: Vec::new(),
+        already: 0,
+    };
+    let mut versions: Vec<i32> = MIGRATIONS.iter().map(|m| m.version).collect();
+    versions.dedup();
+    for version in versions {
+        if applied.iter().any(|(v, _)| *v == version) {
+            report.already += 1;
+            continue;
+        }
+        let Some(m) = MIGRATIONS
+            .iter()
+            .find(|m| m.version == version && m.variant.applies(timescaledb))
+        else {
+            continue;
+        };
+        apply(client, m).await?;
+        tracing::info!(migration = %m.label(), variant = m.variant.as_str(), "migration applied");
+        report.applied.push(m.label());
+    }
+
+    if !timescaledb {
+        let today = chrono::Utc::now();
+        super::maintenance::ensure_partitions(client, today, today + chrono::Duration::days(1))
+            .await?;
+    }
+    Ok(report)
+}
+
+async fn apply(client: &mut Client, m: &Migration) -> Result<()> {
+    let what = |e| pg_error(&format!("migration {}", m.file), e);
+    let record = "INSERT INTO schema_migrations (version, name, variant) VALUES ($1, $2, $3)";
+    if m.no_transaction() {
+        for statement in split_statements(m.sql) {
+            client.batch_execute(&statement).await.map_err(what)?;
+        }
+        client
+            .execute(record, &[&m.version, &m.name, &m.variant.as_str()])
+            .await
+            .map_err(what)?;
+        return Ok(());
+    }
+    let tx = client.transaction().await.map_err(what)?;
+    tx.batch_execute(m.sql).await.map_err(what)?;
+    tx.execute(record, &[&m.version, &m.name, &m.variant.as_str()])
+        .await
+        .map_err(what)?;
+    tx.commit().await.map_err(what)
+}
+
+/// Splits a no-transaction file into statements: a statement ends with `;` at the end of
+/// a line. Comment-only pieces are dropped.
+fn split_statements(sql: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut current = String::new();
+    for line in sql.lines() {
+        current.push_str(line);
+        current.push('\n');
+        if line.trim_end().ends_with(';') {
+            out.push(std::mem::take(&mut current));
+        }
+    }
+    out.push(current);
+    out.retain(|s| {
+        s.lines()
+            .any(|l| !l.trim().is_empty() && !l.trim_start().starts_with("--"))
+    });
+    out
+}
+
+/// Whether the timescaledb extension is installed in this database (`pg_extension`).
+pub async fn timescaledb_enabled(client: &Client) -> Result<bool> {
+    Ok(client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'timescaledb')",
+            &[],
+        )
+        .await
+        .map_err(|e| pg_error("cannot read pg_extension", e))?
+        .get(0))
+}
+
+/// A PostgreSQL error in words: the server's message, SQLSTATE, detail and hint, or the
+/// client-side error with its cause (`tokio_postgres::Error`'s own text is only "db error").
+pub(crate) fn describe(e: &tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        let mut s = format!("{} (SQLSTATE {})", db.message(), db.code().code());
+        if let Some(d) = db.detail() {
+            s.push_str(&format!("; {d}"));
+        }
+        if let Some(h) = db.hint() {
+            s.push_str(&format!("; hint: {h}"));
+        }
+        return s;
+    }
+    match std::error::Error::source(e) {
+        Some(cause) => format!("{e}: {cause}"),
+        None => e.to_string(),
+    }
+}
+
+/// Classifies a PostgreSQL error: connection trouble, server shutdown, lock/serialization
+/// failures and resource shortages are `Unavailable` (retry later); a missing sluice table
+/// is `FailedPrecondition` (run `sluice migrate`); anything else is `Internal`.
+pub(crate) fn pg_error(context: &str, e: tokio_postgres::Error) -> Error {
+    let text = describe(&e);
+    if let Some(code) = e.code() {
+        let class = &code.code()[..2];
+        if *code == SqlState::UNDEFINED_TABLE {
+            return Error::FailedPrecondition(format!(
+                "{context}: {text} (run `sluice migrate` against this database)"
+            ));
+        }
+        // 08 connection exception, 53 insufficient resources, 57 operator intervention
+        // (shutdown), 40 transaction rollback (serialization failure, deadlock).
+        if matches!(class, "08" | "53" | "57" | "40") {
+            return Error::Unavailable(format!("{context}: {text}"));
+        }
+        return Error::Internal(format!("{context}: {text}"));
+    }
+    let transport = e.is_closed()
+        || std::error::Error::source(&e).is_some_and(|c| c.is::<std::io::Error>())
+        || [
+            "error communicating",
+            "error connecting",
+            "timeout",
+            "authentication",
+        ]
+        .iter()
+        .any(|p| text.starts_with(p));
+    if transport {
+        Error::Unavailable(format!("{context}: PostgreSQL unavailable: {text}"))
+    } else {
+        Error::Internal(format!("{context}: {text}"))
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod testing {
+    //! A throwaway PostgreSQL for unit tests: `SLUICE_TEST_PG_URL` when set, otherwise one
+    //! cluster started under a temporary directory (INFRA.md) and shared by the tests
+    //! running at the same time; it stops (`-m immediate`) when the last one is done. Each
+    //! test gets a database of its own, dropped afterwards.
+
+    use std::path::{Path, PathBuf};
+    use std::process::Command;
+    use std::sync::{Arc, Mutex, Weak};
+
+    const BIN: &str = "/usr/lib/postgresql/15/bin";
+
+    struct Cluster {
+        dir: tempfile::TempDir,
+        port: u16,
+    }
+
+    impl Cluster {
+        fn start() -> Cluster {
+            let dir = tempfile::Builder::new()
+                .prefix("sluice-pg-")
+                .tempdir()
+                .expect("temp dir");
+            let as_root = is_root();
+            if as_root {
+                run(Command::new("chown").arg("postgres:").arg(dir.path()));
+            }
+            let data = dir.path().join("data");
+            run(pg_cmd(as_root, "initdb").arg("-D").arg(&data).args([
+                "-U",
+                "postgres",
+                "-A",
+                "trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            ]));
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("free port")
+                .port();
+            let opts = format!(
+                "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+                dir.path().display()
+            );
+            run(pg_cmd(as_root, "pg_ctl")
+                .arg("-D")
+                .arg(&data)
+                .arg("-l")
+                .arg(dir.path().join("server.log"))
+                .args(["-w", "-o", &opts, "start"]));
+            Cluster { dir, port }
+        }
+
+        fn data(&self) -> PathBuf {
+            self.dir.path().join("data")
+        }
+    }
+
+    impl Drop for Cluster {
+        fn drop(&mut self) {
+            let _ = pg_cmd(is_root(), "pg_ctl")
+                .arg("-D")
+                .arg(self.data())
+                .args(["-m", "immediate", "-w", "stop"])
+                .output();
+        }
+    }
+
+    fn is_root() -> bool {
+        // SAFETY: geteuid has no preconditions.
+        unsafe { libc::geteuid() == 0 }
+    }
+
+    fn pg_cmd(as_root: bool, tool: &str) -> Command {
+        let bin = Path::new(BIN).join(tool);
+        if as_root {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(bin);
+            c
+        } else {
+            Command::new(bin)
+        }
+    }
+
+    fn run(cmd: &mut Command) {
+        let out = cmd
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+        assert!(
+            out.status.success(),
+            "{cmd:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    static CLUSTER: Mutex<Weak<Cluster>> = Mutex::new(Weak::new());
+
+    /// A database of its own for one test; dropped (and the cluster stopped, if this was
+    /// its last user) when this goes away.
+    pub(crate) struct TestDb {
+        pub url: String,
+        admin_url: String,
+        name: String,
+        _cluster: Option<Arc<Cluster>>,
+    }
+
+    impl TestDb {
+        pub(crate) async fn new() -> TestDb {
+            let (admin_url, cluster) = match std::env::var("SLUICE_TEST_PG_URL") {
+                Ok(url) if !url.is_empty() => (url, None),
+                _ => {
+                    let cluster = tokio::task::spawn_blocking(|| {
+                        let mut slot = CLUSTER.lock().unwrap();
+                        if let Some(c) = slot.upgrade() {
+                            return c;
+                        }
+                        let c = Arc::new(Cluster::start());
+                        *slot = Arc::downgrade(&c);
+                        c
+                    })
+                    .await
+                    .unwrap();
+                    (
+                        format!("postgresql://postgres@127.0.0.1:{}/postgres", cluster.port),
+                        Some(cluster),
+                    )
+                }
+            };
+            let name = format!("sluice_test_{}", uuid::Uuid::new_v4().simple());
+            let admin = crate::postgres::connect(&admin_url).await.unwrap();
+            admin
+                .batch_execute(&format!("CREATE DATABASE {name}"))
+                .await
+                .unwrap();
+            let mut cfg: tokio_postgres::Config = admin_url.parse().unwrap();
+            cfg.dbname(&name);
+            let url = config_url(&cfg);
+            TestDb {
+                url,
+                admin_url,
+                name,
+                _cluster: cluster,
+            }
+        }
+
+        pub(crate) async fn client(&self) -> tokio_postgres::Client {
+            crate::postgres::connect(&self.url).await.unwrap()
+        }
+    }
+
+    /// A key=value connection string for a parsed config (enough for tests).
+    fn config_url(cfg: &tokio_postgres::Config) -> String {
+        let mut parts = Vec::new();
+        for h in cfg.get_hosts() {
+            match h {
+                tokio_postgres::config::Host::Tcp(h) => parts.push(format!("host={h}")),
+                tokio_postgres::config::Host::Unix(p) => {
+                    parts.push(format!("host={}", p.display()))
+                }
+            }
+        }
+        if let Some(p) = cfg.get_ports().first() {
+            parts.push(format!("port={p}"));
+        }
+        if let Some(u) = cfg.get_user() {
+            parts.push(format!("user={u}"));
+        }
+        if let Some(pw) = cfg.get_password() {
+            parts.push(format!("password='{}'", String::from_utf8_lossy(pw)));
+        }
+        parts.push(format!("dbname={}", cfg.get_dbname().unwrap_or("postgres")));
+        parts.join(" ")
+    }
+
+    impl Drop for TestDb {
+        fn drop(&mut self) {
+            // Best effort, on a thread of its own: the test's runtime may be gone.
+            let admin_url = self.admin_url.clone();
+            let name = self.name.clone();
+            let _ = std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                rt.block_on(async move {
+                    if let Ok(admin) = crate::postgres::connect(&admin_url).await {
+                        let _ = admin
+                            .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                            .await;
+                    }
+                });
+            })
+            .join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::TestDb;
+    use super::*;
+
+    #[test]
+    fn the_list_matches_the_directory() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../migrations/postgres");
+        let mut on_disk: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".sql"))
+            .collect();
+        on_disk.sort();
+        let mut listed: Vec<String> = MIGRATIONS.iter().map(|m| m.file.to_string()).collect();
+        listed.sort();
+        assert_eq!(
+            listed, on_disk,
+            "MIGRATIONS must list every file in {dir:?}"
+        );
+        for m in MIGRATIONS {
+            let suffix = match m.variant {
+                Variant::Always => ".sql",
+                Variant::Timescale => ".timescale.sql",
+                Variant::Plain => ".plain.sql",
+            };
+            assert_eq!(m.file, format!("{}{suffix}", m.label()));
+        }
+        // In order, and every version covers both paths exactly once.
+        assert!(MIGRATIONS.windows(2).all(|w| w[0].version <= w[1].version));
+        let mut versions: Vec<i32> = MIGRATIONS.iter().map(|m| m.version).collect();
+        versions.dedup();
+        for v in versions {
+            for timescale in [true, false] {
+                let n = MIGRATIONS
+                    .iter()
+                    .filter(|m| m.version == v && m.variant.applies(timescale))
+                    .count();
+                assert_eq!(n, 1, "version {v}, timescale={timescale}");
+            }
+        }
+    }
+
+    #[test]
+    fn timescale_files_keep_the_seed_statements() {
+        let all: String = MIGRATIONS
+            .iter()
+            .filter(|m| m.variant == Variant::Timescale)
+            .map(|m| m.sql)
+            .collect();
+        for stmt in [
+            "SELECT create_hypertable('metrics_points', 'time', if_not_exists => TRUE);",
+            "ALTER TABLE metrics_points SET (timescaledb.compress);",
+            "SELECT add_compression_policy('metrics_points', INTERVAL '7 days');",
+            "SELECT add_retention_policy('metrics_points', INTERVAL '30 days');",
+            "WITH (timescaledb.continuous) AS\nSELECT time_bucket('1 minute', mp.time) AS bucket,",
+            "start_offset => INTERVAL '2 hours',",
+            "end_offset   => INTERVAL '1 minute',",
+            "schedule_interval => INTERVAL '1 minute');",
+            "SELECT create_hypertable('metrics_events', 'time');",
+        ] {
+            assert!(all.contains(stmt), "missing: {stmt}");
+        }
+        let cagg = MIGRATIONS
+            .iter()
+            .find(|m| m.file == "0003_metrics_1m.timescale.sql")
+            .unwrap();
+        assert!(cagg.no_transaction());
+        let stmts = split_statements(cagg.sql);
+        assert_eq!(stmts.len(), 1, "{stmts:?}");
+        assert!(stmts[0].contains("GROUP BY bucket, ms.metric_name, ms.labels;"));
+    }
+
+    #[test]
+    fn report_wording() {
+        let r = MigrationReport {
+            timescaledb: false,
+            applied: vec!["0001_core".into(), "0002_metrics".into()],
+            already: 0,
+        };
+        assert_eq!(
+            r.to_string(),
+            "applied 0001_core, 0002_metrics (plain PostgreSQL: metrics_points partitioned by day, metrics_1m kept by sluice)"
+        );
+        let r = MigrationReport {
+            timescaledb: true,
+            applied: vec![],
+            already: 4,
+        };
+        assert_eq!(r.to_string(), "up to date (TimescaleDB)");
+    }
+
+    async fn columns(client: &Client, table: &str) -> Vec<(String, String, bool)> {
+        client
+            .query(
+                "SELECT column_name::text, data_type::text, is_nullable = 'YES'
+                 FROM information_schema.columns
+                 WHERE table_schema = current_schema() AND table_name = $1
+                 ORDER BY ordinal_position",
+                &[&table],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect()
+    }
+
+    fn cols(spec: &[(&str, &str, bool)]) -> Vec<(String, String, bool)> {
+        spec.iter()
+            .map(|(n, t, null)| (n.to_string(), t.to_string(), *null))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn plain_path_applies_once_and_rows_land() {
+        let db = TestDb::new().await;
+        let mut client = db.client().await;
+        let available = client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb')",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, bool>(0);
+        assert!(
+            !available,
+            "these tests expect a PostgreSQL without TimescaleDB"
+        );
+
+        let report = migrate(&mut client).await.unwrap();
+        assert_eq!(
+            report,
+            MigrationReport {
+                timescaledb: false,
+                applied: vec![
+                    "0001_core".into(),
+                    "0002_metrics".into(),
+                    "0003_metrics_1m".into(),
+                    "0004_metrics_1m_policy".into()
+                ],
+                already: 0
+            }
+        );
+        assert!(!timescaledb_enabled(&client).await.unwrap());
+
+        // A second run (and a concurrent pair) changes nothing.
+        let again = migrate(&mut client).await.unwrap();
+        assert_eq!((again.applied.len(), again.already), (0, 4));
+        assert_eq!(
+            again.to_string(),
+            format!("up to date ({})", again.path_description())
+        );
+        let mut c2 = db.client().await;
+        let mut c3 = db.client().await;
+        let (a, b) = tokio::join!(migrate(&mut c2), migrate(&mut c3));
+        assert!(a.unwrap().applied.is_empty() && b.unwrap().applied.is_empty());
+        let recorded: Vec<(i32, String, String)> = client
+            .query(
+                "SELECT version, name, variant FROM schema_migrations ORDER BY version",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect();
+        assert_eq!(
+            recorded,
+            vec![
+                (1, "core".into(), "always".into()),
+                (2, "metrics".into(), "plain".into()),
+                (3, "metrics_1m".into(), "plain".into()),
+                (4, "metrics_1m_policy".into(), "plain".into()),
+            ]
+        );
+
+        // The seed's columns.
+        assert_eq!(
+            columns(&client, "metric_series").await,
+            cols(&[
+                ("series_id", "bigint", false),
+                ("metric_name", "text", false),
+                ("labels", "jsonb", false),
+                ("created_at", "timestamp with time zone", true),
+            ])
+        );
+        assert_eq!(
+            columns(&client, "metrics_points").await,
+            cols(&[
+                ("time", "timestamp with time zone", false),
+                ("series_id", "bigint", false),
+                ("value", "double precision", false),
+            ])
+        );
+        assert_eq!(
+            columns(&client, "metrics_events").await,
+            cols(&[
+                ("time", "timestamp with time zone", false),
+                ("app", "text", true),
+                ("host", "text", true),
+                ("labels", "jsonb", true),
+                ("value", "double precision", true),
+                ("trace_id", "text", true),
+                ("level", "text", true),
+            ])
+        );
+        let m1m: Vec<String> = columns(&client, "metrics_1m")
+            .await
+            .into_iter()
+            .map(|c| c.0)
+            .collect();
+        assert_eq!(
+            m1m,
+            ["bucket", "metric_name", "labels", "avg_v", "max_v", "min_v"]
+        );
+        let reg: Vec<String> = columns(&client, "table_registry")
+            .await
+            .into_iter()
+            .map(|c| c.0)
+            .collect();
+        assert_eq!(
+            reg,
+            [
+                "table_name",
+                "schema",
+                "created_at",
+                "version",
+                "updated_at"
+            ]
+        );
+        assert_eq!(columns(&client, "sluice_sink_offsets").await.len(), 6);
+        assert_eq!(columns(&client, "table_registry_versions").await.len(), 4);
+        let kind: String = client
+            .query_one(
+                "SELECT relkind::text FROM pg_class WHERE oid = 'metrics_points'::regclass",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(kind, "p", "metrics_points is range-partitioned");
+
+        // Today's partition exists, so a point lands right after migrating; the label
+        // set's uniqueness holds.
+        client
+            .batch_execute(
+                "INSERT INTO metric_series (metric_name, labels) VALUES ('cpu', '{\"host\":\"a\"}');
+                 INSERT INTO metrics_points SELECT now(), series_id, 1.5 FROM metric_series;
+                 INSERT INTO metrics_events (time, app, value) VALUES (now(), 'api', 2);",
+            )
+            .await
+            .unwrap();
+        let dup = client
+            .batch_execute(
+                "INSERT INTO metric_series (metric_name, labels) VALUES ('cpu', '{\"host\": \"a\"}')",
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(dup.code(), Some(&SqlState::UNIQUE_VIOLATION));
+        let fk = client
+            .batch_execute("INSERT INTO metrics_points VALUES (now(), 999, 1)")
+            .await
+            .unwrap_err();
+        assert_eq!(fk.code(), Some(&SqlState::FOREIGN_KEY_VIOLATION));
+    }
+
+    #[tokio::test]
+    async fn a_failing_migration_leaves_nothing_behind_and_errors_are_classified() {
+        let db = TestDb::new().await;
+        let mut client = db.client().await;
+        // A table in the way with the wrong shape: 0002's index on series_id fails, so
+        // version 2 must not be recorded and nothing of it may remain.
+        client
+            .batch_execute("CREATE TABLE metrics_points (time timestamptz)")
+            .await
+            .unwrap();
+        let e = migrate(&mut client).await.unwrap_err();
+        assert!(
+            e.to_string().contains("migration 0002_metrics.plain.sql"),
+            "{e}"
+        );
+        let versions: Vec<i32> = client
+            .query("SELECT version FROM schema_migrations", &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert_eq!(versions, vec![1]);
+        let events: Option<String> = client
+            .query_one("SELECT to_regclass('metrics_events')::text", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(events, None, "0002 rolled back as a whole");
+        // The lock was released: another connection can migrate once the obstacle is gone.
+        client
+            .batch_execute("DROP TABLE metrics_points")
+            .await
+            .unwrap();
+        let mut other = db.client().await;
+        let r = tokio::time::timeout(std::time::Duration::from_secs(30), migrate(&mut other))
+            .await
+            .expect("the migration lock was left held")
+            .unwrap();
+        assert_eq!((r.already, r.applied.len()), (1, 3));
+
+        let missing = client
+            .query("SELECT * FROM no_such_table", &[])
+            .await
+            .unwrap_err();
+        assert!(matches!(
+            pg_error("x", missing),
+            Error::FailedPrecondition(m) if m.contains("no_such_table") && m.contains("sluice migrate")
+        ));
+        drop(other);
+        drop(client);
+        let closed = crate::postgres::connect("postgresql://postgres@127.0.0.1:1/postgres")
+            .await
+            .unwrap_err();
+        assert!(matches!(pg_error("x", closed), Error::Unavailable(_)));
+    }
+
+    #[test]
+    fn statements_split_at_line_ends() {
+        let s = split_statements(
+            "-- sluice:no-transaction\n-- c\nSELECT 'a;b';\nSELECT\n  2;\n-- trailing\n",
+        );
+        assert_eq!(s.len(), 2, "{s:?}");
+        assert!(s[0].contains("SELECT 'a;b';"));
+        assert!(s[1].contains("  2;"));
+    }
+}

@@ -1,0 +1,3 @@
+-- Plain PostgreSQL has no refresh policy to add: sluice's maintenance task refreshes
+-- metrics_1m every postgres.maintenance_interval. This file only keeps the versions of both
+-- paths in step.

@@ -1,0 +1,747 @@
+//! What every store sink that keeps its own position shares (PostgreSQL now, ClickHouse
+//! next): reading the WAL, coalescing per table, parallel writers, retries, positions.
+//!
+//! # What flows through it
+//! A [`SinkRunner`] tails the WAL ([`crate::wal::WalTail`]) from the sink's registered
+//! position. Each record of a table routed to the sink, and not already committed in the
+//! store (the [`CommittedRanges`] the store reports at start), is decoded, brought to the
+//! table's current schema and appended to that table's open [`Chunk`]. A chunk is sealed
+//! when it reaches the row or byte target, or when it has waited `linger`, and goes to one
+//! of `workers` tasks, each with its own store connection, that hand it to the store's
+//! [`StoreWriter`]. The writer commits the chunk together with its WAL range (or writes
+//! rows the store refuses to the [`DeadLetter`] files first); failures it cannot settle
+//! come back as [`SinkError`] and are retried with exponential backoff, reconnecting when
+//! asked, until they succeed. A [`Tracker`] knows which records are still pending; the
+//! highest seq below all of them is the sink's WAL position, which lets the WAL release
+//! segments. [`SinkStatus`] is what `/readyz` and `/metrics` show.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arrow::array::{ArrayRef, Int64Array, RecordBatch, StringArray};
+use arrow::datatypes::{DataType, Field, Schema};
+use flight_schema::{ResolvedTable, SinkKind};
+use object_store::path::Path as ObjPath;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use tokio::sync::watch;
+
+use crate::buffer::data_size;
+use crate::metrics::Metrics;
+use crate::registry::Registry;
+use crate::wal::{Wal, WalRecord};
+
+/// Rows of one WAL record, adapted to the chunk's table version.
+pub struct Part {
+    pub seq: u64,
+    pub batch: RecordBatch,
+}
+
+/// Consecutive records of one table, written to the store in one transaction.
+pub struct Chunk {
+    /// The table version every part has been adapted to.
+    pub table: Arc<ResolvedTable>,
+    pub parts: Vec<Part>,
+    pub rows: usize,
+    pub bytes: usize,
+    opened: Instant,
+}
+
+impl Chunk {
+    fn new(table: Arc<ResolvedTable>) -> Self {
+        Self {
+            table,
+            parts: Vec::new(),
+            rows: 0,
+            bytes: 0,
+            opened: Instant::now(),
+        }
+    }
+
+    pub fn first_seq(&self) -> u64 {
+        self.parts.first().map_or(0, |p| p.seq)
+    }
+
+    pub fn last_seq(&self) -> u64 {
+        self.parts.last().map_or(0, |p| p.seq)
+    }
+}
+
+/// A failure the sink retries: the store is down, a connection broke, a lock timed out.
+#[derive(Debug, Clone)]
+pub struct SinkError {
+    pub message: String,
+    /// Drop the connection and open a new one before retrying.
+    pub reconnect: bool,
+}
+
+impl std::fmt::Display for SinkError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+/// What a committed chunk did.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Written {
+    pub rows: u64,
+    pub bytes: u64,
+    pub dead_letter_rows: u64,
+    /// The store already had this chunk (committed before a crash): nothing was written.
+    pub already_committed: bool,
+}
+
+/// WAL ranges a store already holds, per table (`first..=last` of a committed chunk).
+#[derive(Debug, Default, Clone)]
+pub struct CommittedRanges {
+    ranges: HashMap<String, Vec<(u64, u64)>>,
+}
+
+impl CommittedRanges {
+    pub fn add(&mut self, table: &str, first: u64, last: u64) {
+        self.ranges
+            .entry(table.to_string())
+            .or_default()
+            .push((first, last));
+    }
+
+    /// Sorts the ranges and merges overlapping ones; call once after the last `add`.
+    ///
+    /// Ranges can overlap: a chunk re-formed after a restart skips the records a later
+    /// chunk had already committed, so its range spans that one. Every record of the
+    /// table inside either range is committed, so the union is what counts.
+    pub fn finish(mut self) -> Self {
+        for v in self.ranges.values_mut() {
+            v.sort_unstable();
+            let mut merged: Vec<(u64, u64)> = Vec::with_capacity(v.len());
+            for &(first, last) in v.iter() {
+                match merged.last_mut() {
+                    Some(m) if first <= m.1.saturating_add(1) => m.1 = m.1.max(last),
+                    _ => merged.push((first, last)),
+                }
+            }
+            *v = merged;
+        }
+        self
+    }
+
+    pub fn contains(&self, table: &str, seq: u64) -> bool {
+        let Some(v) = self.ranges.get(table) else {
+            return false;
+        };
+        let i = v.partition_point(|(first, _)| *first <= seq);
+        i > 0 && v[i - 1].1 >= seq
+    }
+
+    pub fn len(&self) -> usize {
+        self.ranges.values().map(Vec::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A store's side of a sink.
+#[async_trait::async_trait]
+pub trait StoreWriter: Send + Sync + 'static {
+    /// A connection (or client) one worker uses.
+    type Conn: Send;
+
+    /// The sink's name (`postgres`, `clickhouse`): metrics label, WAL position key.
+    fn name(&self) -> &'static str;
+    fn kind(&self) -> SinkKind;
+    async fn connect(&self) -> Result<Self::Conn, SinkError>;
+    /// The WAL ranges of `wal_id` the store already holds.
+    async fn committed(
+        &self,
+        conn: &mut Self::Conn,
+        wal_id: &str,
+    ) -> Result<CommittedRanges, SinkError>;
+    /// Writes a chunk exactly once: commits it with its WAL range, or finds that range
+    /// already committed. Rows the store refuses for good go to the dead-letter files.
+    async fn write(&self, conn: &mut Self::Conn, chunk: &Chunk) -> Result<Written, SinkError>;
+    /// Forgets committed ranges wholly below `seq` (records no longer in the WAL, so never
+    /// read again); keeps the store's bookkeeping from growing without bound.
+    async fn forget_below(
+        &self,
+        _conn: &mut Self::Conn,
+        _wal_id: &str,
+        _seq: u64,
+    ) -> Result<(), SinkError> {
+        Ok(())
+    }
+}
+
+/// How often a sink forgets committed ranges the WAL no longer holds.
+const FORGET_EVERY: Duration = Duration::from_secs(30);
+
+/// Sizes and timings of a sink (from its config section).
+#[derive(Debug, Clone)]
+pub struct SinkOptions {
+    pub workers: usize,
+    pub batch_rows: usize,
+    pub batch_bytes: usize,
+    pub linger: Duration,
+    pub retry_initial: Duration,
+    pub retry_max: Duration,
+}
+
+/// State of one sink, for `/readyz` and `/metrics`.
+pub struct SinkStatus {
+    pub name: &'static str,
+    inner: Mutex<StatusInner>,
+}
+
+struct StatusInner {
+    up: bool,
+    started: bool,
+    last_error: Option<String>,
+    retries: u64,
+    since: Instant,
+    position: u64,
+    oldest_pending: Option<Instant>,
+}
+
+impl SinkStatus {
+    pub fn new(name: &'static str) -> Self {
+        Self {
+            name,
+            inner: Mutex::new(StatusInner {
+                up: false,
+                started: false,
+                last_error: None,
+                retries: 0,
+                since: Instant::now(),
+                position: 0,
+                oldest_pending: None,
+            }),
+        }
+    }
+
+    fn set_up(&self, metrics: &Metrics) {
+        let mut s = self.inner.lock().expect("sink status");
+        if !s.up || !s.started {
+            s.since = Instant::now();
+        }
+        s.up = true;
+        s.started = true;
+        s.last_error = None;
+        metrics.sink_up.with_label_values(&[self.name]).set(1);
+    }
+
+    /// Records a failure; true if the sink was up until now (worth a warning; repeats
+    /// of the same outage are logged at debug level).
+    fn set_retrying(&self, metrics: &Metrics, error: &str) -> bool {
+        let mut s = self.inner.lock().expect("sink status");
+        let was_up = s.up || !s.started;
+        if s.up || !s.started {
+            s.since = Instant::now();
+        }
+        s.up = false;
+        s.started = true;
+        s.retries += 1;
+        s.last_error = Some(error.to_string());
+        metrics.sink_up.with_label_values(&[self.name]).set(0);
+        metrics.sink_retries.with_label_values(&[self.name]).inc();
+        was_up
+    }
+
+    /// Whether the sink's last attempt succeeded.
+    pub fn is_up(&self) -> bool {
+        self.inner.lock().expect("sink status").up
+    }
+
+    /// JSON for `/readyz`.
+    pub fn json(&self, wal_last_seq: u64) -> serde_json::Value {
+        let s = self.inner.lock().expect("sink status");
+        let state = match (s.started, s.up) {
+            (false, _) => "starting",
+            (true, true) => "ok",
+            (true, false) => "retrying",
+        };
+        serde_json::json!({
+            "state": state,
+            "for_seconds": s.since.elapsed().as_secs(),
+            "last_error": s.last_error,
+            "retries": s.retries,
+            "wal_position": s.position,
+            "lag_records": wal_last_seq.saturating_sub(s.position),
+            "lag_seconds": s.oldest_pending.map_or(0.0, |o| o.elapsed().as_secs_f64()),
+        })
+    }
+}
+
+/// Which records a sink still owes its store.
+#[derive(Default)]
+pub struct Tracker {
+    /// Seq → when it was read.
+    pending: BTreeMap<u64, Instant>,
+    /// Everything up to here has been read.
+    read_upto: u64,
+}
+
+impl Tracker {
+    /// Every record up to this seq is durable in the store (or not routed to it).
+    pub fn position(&self) -> u64 {
+        self.pending
+            .first_key_value()
+            .map_or(self.read_upto, |(s, _)| s - 1)
+    }
+}
+
+/// Rows a store refused for good, kept as Parquet beside the archive:
+/// `_deadletter/<sink>/<table>/<first seq>-<last seq>.parquet`, with the table's
+/// columns plus `_sluice_wal_seq` and `_sluice_error` (the store's message). Writing the
+/// same range again replaces the file, so a retried chunk does not duplicate them.
+pub struct DeadLetter {
+    pub store: Arc<dyn ObjectStore>,
+}
+
+/// One refused row (or run of rows refused with the same error).
+pub struct Refused {
+    pub seq: u64,
+    pub rows: RecordBatch,
+    pub error: String,
+}
+
+impl DeadLetter {
+    pub fn path(sink: &str, table: &str, first: u64, last: u64) -> String {
+        format!("_deadletter/{sink}/{table}/{first:020}-{last:020}.parquet")
+    }
+
+    /// Writes the refused rows of one chunk; returns the file's path.
+    pub async fn write(
+        &self,
+        sink: &str,
+        table: &str,
+        first: u64,
+        last: u64,
+        refused: &[Refused],
+    ) -> Result<String, String> {
+        let Some(first_batch) = refused.first() else {
+            return Err("nothing to dead-letter".into());
+        };
+        let base = first_batch.rows.schema();
+        let mut fields: Vec<Field> = base.fields().iter().map(|f| f.as_ref().clone()).collect();
+        fields.push(Field::new("_sluice_wal_seq", DataType::Int64, false));
+        fields.push(Field::new("_sluice_error", DataType::Utf8, false));
+        let schema = Arc::new(Schema::new(fields));
+        let mut batches = Vec::new();
+        for r in refused {
+            let n = r.rows.num_rows();
+            let mut cols: Vec<ArrayRef> = r.rows.columns().to_vec();
+            cols.push(Arc::new(Int64Array::from(vec![r.seq as i64; n])));
+            cols.push(Arc::new(StringArray::from(vec![r.error.as_str(); n])));
+            batches.push(RecordBatch::try_new(schema.clone(), cols).map_err(|e| e.to_string())?);
+        }
+        let mut w = parquet::arrow::ArrowWriter::try_new(Vec::new(), schema, None)
+            .map_err(|e| e.to_string())?;
+        for b in &batches {
+            w.write(b).map_err(|e| e.to_string())?;
+        }
+        let data = w.into_inner().map_err(|e| e.to_string())?;
+        let path = Self::path(sink, table, first, last);
+        self.store
+            .put(&ObjPath::from(path.as_str()), PutPayload::from(data))
+            .await
+            .map_err(|e| format!("dead-letter write {path}: {e}"))?;
+        Ok(path)
+    }
+}
+
+/// Runs one sink: the WAL reader and its workers.
+pub struct SinkRunner<W: StoreWriter> {
+    pub writer: Arc<W>,
+    pub wal: Wal,
+    pub wal_id: String,
+    pub registry: Arc<Registry>,
+    pub metrics: Arc<Metrics>,
+    /// The stores this deployment has (for routing).
+    pub configured: Vec<SinkKind>,
+    pub opts: SinkOptions,
+    pub status: Arc<SinkStatus>,
+    pub tracker: Mutex<Tracker>,
+}
+
+/// Waits `delay` (doubling it up to `max`) unless shutdown comes first; false on shutdown.
+async fn backoff(
+    delay: &mut Duration,
+    max: Duration,
+    shutdown: &mut watch::Receiver<bool>,
+) -> bool {
+    let wait = *delay;
+    *delay = (*delay * 2).min(max);
+    if *shutdown.borrow() {
+        return false;
+    }
+    tokio::select! {
+        _ = tokio::time::sleep(wait) => true,
+        _ = shutdown.changed() => false,
+    }
+}
+
+impl<W: StoreWriter> SinkRunner<W> {
+    /// Publishes the sink's position to the WAL (releasing segments) and its lag.
+    fn publish_position(&self) {
+        let (position, oldest) = {
+            let t = self.tracker.lock().expect("sink tracker");
+            (t.position(), t.pending.first_key_value().map(|(_, at)| *at))
+        };
+        self.wal.set_sink_position(self.writer.name(), position);
+        {
+            let mut s = self.status.inner.lock().expect("sink status");
+            s.position = position;
+            s.oldest_pending = oldest;
+        }
+        let name = self.writer.name();
+        self.metrics
+            .sink_lag_records
+            .with_label_values(&[name])
+            .set(self.wal.last_seq().saturating_sub(position) as i64);
+        self.metrics
+            .sink_lag_seconds
+            .with_label_values(&[name])
+            .set(oldest.map_or(0, |o| o.elapsed().as_secs() as i64));
+    }
+
+    /// Runs until `shutdown`. Chunks not committed by then are written after the next
+    /// start, from the WAL.
+    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let name = self.writer.name();
+        let mut delay = self.opts.retry_initial;
+        // What the store already has.
+        let committed = loop {
+            let attempt = async {
+                let mut conn = self.writer.connect().await?;
+                self.writer.committed(&mut conn, &self.wal_id).await
+            };
+            match attempt.await {
+                Ok(c) => break c,
+                Err(e) => {
+                    if self.status.set_retrying(&self.metrics, &e.message) {
+                        tracing::warn!(sink = name, error = %e, "sink cannot reach its store; retrying");
+                    }
+                    if !backoff(&mut delay, self.opts.retry_max, &mut shutdown).await {
+                        return;
+                    }
+                }
+            }
+        };
+        self.status.set_up(&self.metrics);
+        let start = self
+            .wal
+            .sink_positions()
+            .into_iter()
+            .find(|(s, _)| *s == name)
+            .map_or(self.wal.first_seq().saturating_sub(1), |(_, p)| p);
+        tracing::info!(
+            sink = name,
+            from_seq = start + 1,
+            committed_ranges = committed.len(),
+            "sink started"
+        );
+        self.tracker.lock().expect("sink tracker").read_upto = start;
+
+        let (tx, rx) = tokio::sync::mpsc::channel::<Chunk>(self.opts.workers);
+        let rx = Arc::new(tokio::sync::Mutex::new(rx));
+        let mut workers = Vec::new();
+        for _ in 0..self.opts.workers {
+            workers.push(tokio::spawn(
+                self.clone().worker(rx.clone(), shutdown.clone()),
+            ));
+        }
+
+        let mut tail = Some(self.wal.tail(start));
+        let mut open: BTreeMap<String, Chunk> = BTreeMap::new();
+        let mut last_forget = Instant::now();
+        loop {
+            if *shutdown.borrow() {
+                break;
+            }
+            if last_forget.elapsed() >= FORGET_EVERY {
+                last_forget = Instant::now();
+                let (writer, wal_id, below) = (
+                    self.writer.clone(),
+                    self.wal_id.clone(),
+                    self.wal.first_seq(),
+                );
+                tokio::spawn(async move {
+                    let r = async {
+                        let mut conn = writer.connect().await?;
+                        writer.forget_below(&mut conn, &wal_id, below).await
+                    };
+                    if let Err(e) = r.await {
+                        tracing::debug!(sink = writer.name(), error = %e, "cannot forget old committed ranges now");
+                    }
+                });
+            }
+            let mut t = tail.take().expect("tail");
+            let (t, read) = tokio::task::spawn_blocking(move || {
+                let r = t.read(32 << 20);
+                (t, r)
+            })
+            .await
+            .expect("WAL reader thread");
+            tail = Some(t);
+            let records = match read {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(sink = name, error = %e, "sink cannot read the WAL; retrying");
+                    let _ = self
+                        .status
+                        .set_retrying(&self.metrics, &format!("reading the WAL: {e}"));
+                    if !backoff(&mut delay, self.opts.retry_max, &mut shutdown).await {
+                        break;
+                    }
+                    continue;
+                }
+            };
+            let idle = records.is_empty();
+            for rec in records {
+                let seq = rec.seq;
+                for chunk in self.take_record(rec, &committed, &mut open) {
+                    if tx.send(chunk).await.is_err() {
+                        break;
+                    }
+                }
+                self.tracker.lock().expect("sink tracker").read_upto = seq;
+            }
+            // Seal chunks that waited long enough.
+            let due: Vec<String> = open
+                .iter()
+                .filter(|(_, c)| c.opened.elapsed() >= self.opts.linger)
+                .map(|(k, _)| k.clone())
+                .collect();
+            for k in due {
+                let chunk = open.remove(&k).expect("open chunk");
+                if tx.send(chunk).await.is_err() {
+                    break;
+                }
+            }
+            self.publish_position();
+            if idle {
+                let wait = self.opts.linger.min(Duration::from_millis(100));
+                tokio::select! {
+                    _ = self.wal.wait_durable(wait) => {}
+                    _ = shutdown.changed() => {}
+                }
+            }
+        }
+        drop(tx);
+        for w in workers {
+            let _ = w.await;
+        }
+    }
+
+    /// Adds a record to its table's open chunk; returns the chunks ready to write.
+    fn take_record(
+        &self,
+        rec: WalRecord,
+        committed: &CommittedRanges,
+        open: &mut BTreeMap<String, Chunk>,
+    ) -> Vec<Chunk> {
+        let name = self.writer.name();
+        let Some(current) = self.registry.get(&rec.table) else {
+            return vec![];
+        };
+        match current.routes(&self.configured) {
+            Ok(r) if r.contains(&self.writer.kind()) => {}
+            _ => return vec![],
+        }
+        if committed.contains(&rec.table, rec.seq) {
+            return vec![];
+        }
+        let decoded = self
+            .registry
+            .get_version(&rec.table, rec.version)
+            .ok_or_else(|| {
+                format!(
+                    "version {} of table '{}' is not registered",
+                    rec.version, rec.table
+                )
+            })
+            .and_then(|v| rec.decode(v.arrow_schema.clone()))
+            .and_then(|b| {
+                sluice_sql::query::adapt_batch(&b, &current.arrow_schema).map_err(|e| e.to_string())
+            });
+        let batch = match decoded {
+            Ok(b) => b,
+            Err(e) => {
+                // A CRC-checked record that does not decode is a bug; keep it pending so
+                // the WAL keeps it, and say so loudly.
+                tracing::error!(sink = name, seq = rec.seq, table = %rec.table, error = %e,
+                    "cannot decode a WAL record for the sink; it stays in the WAL");
+                let _ = self.status.set_retrying(
+                    &self.metrics,
+                    &format!("record {} of '{}': {e}", rec.seq, rec.table),
+                );
+                self.tracker
+                    .lock()
+                    .expect("sink tracker")
+                    .pending
+                    .insert(rec.seq, Instant::now());
+                return vec![];
+            }
+        };
+        self.tracker
+            .lock()
+            .expect("sink tracker")
+            .pending
+            .insert(rec.seq, Instant::now());
+        let mut ready = Vec::new();
+        // A new table version seals the chunk of the older one.
+        if open
+            .get(&rec.table)
+            .is_some_and(|c| c.table.version != current.version)
+        {
+            ready.extend(open.remove(&rec.table));
+        }
+        let chunk = open
+            .entry(rec.table.clone())
+            .or_insert_with(|| Chunk::new(current.clone()));
+        chunk.rows += batch.num_rows();
+        chunk.bytes += data_size(&batch);
+        chunk.parts.push(Part {
+            seq: rec.seq,
+            batch,
+        });
+        if chunk.rows >= self.opts.batch_rows || chunk.bytes >= self.opts.batch_bytes {
+            ready.extend(open.remove(&rec.table));
+        }
+        ready
+    }
+
+    async fn worker(
+        self: Arc<Self>,
+        rx: Arc<tokio::sync::Mutex<tokio::sync::mpsc::Receiver<Chunk>>>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let name = self.writer.name();
+        let mut conn: Option<W::Conn> = None;
+        loop {
+            let chunk = {
+                let mut r = rx.lock().await;
+                tokio::select! {
+                    c = r.recv() => c,
+                    _ = shutdown.changed() => None,
+                }
+            };
+            let Some(chunk) = chunk else { return };
+            let table = chunk.table.name().to_string();
+            let mut delay = self.opts.retry_initial;
+            loop {
+                if conn.is_none() {
+                    match self.writer.connect().await {
+                        Ok(c) => conn = Some(c),
+                        Err(e) => {
+                            if self.status.set_retrying(&self.metrics, &e.message) {
+                                tracing::warn!(sink = name, error = %e, "cannot connect to the store; retrying with backoff");
+                            } else {
+                                tracing::debug!(sink = name, error = %e, "cannot connect; retrying");
+                            }
+                            if !backoff(&mut delay, self.opts.retry_max, &mut shutdown).await {
+                                return;
+                            }
+                            continue;
+                        }
+                    }
+                }
+                let result = tokio::select! {
+                    r = self.writer.write(conn.as_mut().expect("connection"), &chunk) => Some(r),
+                    _ = shutdown.changed() => None,
+                };
+                match result {
+                    None => return,
+                    Some(Ok(w)) => {
+                        self.status.set_up(&self.metrics);
+                        self.metrics
+                            .sink_rows
+                            .with_label_values(&[name, &table])
+                            .inc_by(w.rows);
+                        self.metrics
+                            .sink_bytes
+                            .with_label_values(&[name, &table])
+                            .inc_by(w.bytes);
+                        self.metrics
+                            .sink_commits
+                            .with_label_values(&[name, &table])
+                            .inc();
+                        if w.dead_letter_rows > 0 {
+                            self.metrics
+                                .sink_dead_letter_rows
+                                .with_label_values(&[name, &table])
+                                .inc_by(w.dead_letter_rows);
+                        }
+                        if w.already_committed {
+                            tracing::info!(sink = name, %table, first_seq = chunk.first_seq(), last_seq = chunk.last_seq(),
+                                "chunk was already committed before a restart; skipped");
+                        }
+                        {
+                            let mut t = self.tracker.lock().expect("sink tracker");
+                            for p in &chunk.parts {
+                                t.pending.remove(&p.seq);
+                            }
+                        }
+                        self.publish_position();
+                        break;
+                    }
+                    Some(Err(e)) => {
+                        if self.status.set_retrying(&self.metrics, &e.message) {
+                            tracing::warn!(sink = name, %table, error = %e, "write failed; retrying with backoff");
+                        } else {
+                            tracing::debug!(sink = name, %table, error = %e, "write failed; retrying");
+                        }
+                        if e.reconnect {
+                            conn = None;
+                        }
+                        if !backoff(&mut delay, self.opts.retry_max, &mut shutdown).await {
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn committed_ranges_answer_membership() {
+        let mut c = CommittedRanges::default();
+        c.add("t", 10, 20);
+        c.add("t", 1, 3);
+        c.add("u", 5, 5);
+        let c = c.finish();
+        assert!(c.contains("t", 1) && c.contains("t", 3) && c.contains("t", 15));
+        assert!(!c.contains("t", 4) && !c.contains("t", 21) && !c.contains("t", 0));
+        assert!(c.contains("u", 5) && !c.contains("u", 6) && !c.contains("v", 5));
+        assert_eq!(c.len(), 3);
+
+        // A re-formed chunk spanning one committed before it.
+        let mut c = CommittedRanges::default();
+        c.add("t", 10, 35);
+        c.add("t", 21, 30);
+        c.add("t", 40, 41);
+        let c = c.finish();
+        assert!(c.contains("t", 33) && c.contains("t", 25) && c.contains("t", 41));
+        assert!(!c.contains("t", 36) && !c.contains("t", 9));
+    }
+
+    #[test]
+    fn position_is_below_the_oldest_pending_record() {
+        let mut t = Tracker {
+            read_upto: 50,
+            ..Default::default()
+        };
+        assert_eq!(t.position(), 50);
+        t.pending.insert(12, Instant::now());
+        t.pending.insert(30, Instant::now());
+        assert_eq!(t.position(), 11);
+        t.pending.remove(&12);
+        assert_eq!(t.position(), 29);
+    }
+}

@@ -1,0 +1,281 @@
+//! A throwaway PostgreSQL for tests.
+//!
+//! [`PgServer::start`] gives each test its own database: a fresh database in the server at
+//! `SLUICE_TEST_PG_URL` when that is set, otherwise its own cluster (initdb + pg_ctl, as
+//! `/work/shared/INFRA.md` describes) on a free loopback port, stopped and deleted on drop.
+//! Tests that stop PostgreSQL mid-stream ([`PgServer::stop`], [`PgServer::restart`]) need
+//! their own cluster: use [`PgServer::start_local`], which ignores `SLUICE_TEST_PG_URL`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+/// One test's PostgreSQL. `url` is `postgresql://postgres@127.0.0.1:PORT/DB`.
+pub struct PgServer {
+    pub url: String,
+    kind: Kind,
+}
+
+enum Kind {
+    /// A database created in the server at `SLUICE_TEST_PG_URL`; `admin_url` reaches it.
+    External { admin_url: String, database: String },
+    /// Our own cluster in `dir` (`dir/data`, socket in `dir`, log `dir/server.log`).
+    Local {
+        dir: tempfile::TempDir,
+        bin: PathBuf,
+        port: u16,
+    },
+}
+
+impl PgServer {
+    /// A fresh database: in `SLUICE_TEST_PG_URL`'s server if set, else in a new cluster.
+    pub fn start() -> PgServer {
+        match std::env::var("SLUICE_TEST_PG_URL") {
+            Ok(url) if !url.trim().is_empty() => Self::external(url.trim()),
+            _ => Self::start_local(),
+        }
+    }
+
+    /// A new cluster of our own (initdb, pg_ctl start), whatever the environment says.
+    pub fn start_local() -> PgServer {
+        let bin = bin_dir();
+        // Under /tmp: the `postgres` user must reach it (TMPDIR may be private to root),
+        // and the socket path must stay short.
+        let dir = tempfile::Builder::new()
+            .prefix("sluice-pg-")
+            .tempdir_in("/tmp")
+            .expect("temp dir for PostgreSQL");
+        if is_root() {
+            // PostgreSQL refuses to run as root: the cluster belongs to `postgres`.
+            run(Command::new("chown").arg("postgres:").arg(dir.path()));
+        }
+        let data = dir.path().join("data");
+        run(as_postgres(&bin.join("initdb"))
+            .arg("-D")
+            .arg(&data)
+            .args(["-U", "postgres", "-A", "trust", "-E", "UTF8", "--locale=C"])
+            .arg("--no-sync"));
+        // A free port can be taken by a parallel test between our check and the server's
+        // bind: try a few.
+        for attempt in 0.. {
+            let port = free_port();
+            if pg_ctl_start(&bin, dir.path(), port).status.success() {
+                return PgServer {
+                    url: format!("postgresql://postgres@127.0.0.1:{port}/postgres"),
+                    kind: Kind::Local { dir, bin, port },
+                };
+            }
+            if attempt == 4 {
+                let log =
+                    std::fs::read_to_string(dir.path().join("server.log")).unwrap_or_default();
+                panic!("PostgreSQL did not start; server.log:\n{log}");
+            }
+        }
+        unreachable!()
+    }
+
+    fn external(admin_url: &str) -> PgServer {
+        let database = format!("sluice_test_{}", uuid::Uuid::new_v4().simple());
+        admin_sql(admin_url, format!("CREATE DATABASE {database}"));
+        PgServer {
+            url: with_database(admin_url, &database),
+            kind: Kind::External {
+                admin_url: admin_url.to_string(),
+                database,
+            },
+        }
+    }
+
+    /// Connects to [`PgServer::url`].
+    pub async fn client(&self) -> tokio_postgres::Client {
+        sluice::postgres::connect(&self.url)
+            .await
+            .unwrap_or_else(|e| panic!("connect to {}: {e}", self.url))
+    }
+
+    /// Stops the server (`pg_ctl -m fast`); [`PgServer::restart`] brings it back on the
+    /// same port with the same data. Only for clusters of our own.
+    #[allow(dead_code)] // for the tests that stop PostgreSQL mid-stream
+    pub fn stop(&self) {
+        let (dir, bin, _) = self.local("stop");
+        pg_ctl_stop(bin, dir, "fast");
+    }
+
+    /// Stops the server if it runs (`-m fast`) and starts it again on the same port and
+    /// data directory.
+    #[allow(dead_code)] // for the tests that stop PostgreSQL mid-stream
+    pub fn restart(&self) {
+        let (dir, bin, port) = self.local("restart");
+        if pg_ctl(bin, dir)
+            .arg("status")
+            .output()
+            .is_ok_and(|o| o.status.success())
+        {
+            pg_ctl_stop(bin, dir, "fast");
+        }
+        // The port was ours a moment ago; give the kernel a few tries if it lingers.
+        for attempt in 0.. {
+            if pg_ctl_start(bin, dir, port).status.success() {
+                return;
+            }
+            if attempt == 20 {
+                let log = std::fs::read_to_string(dir.join("server.log")).unwrap_or_default();
+                panic!("PostgreSQL did not restart on port {port}; server.log:\n{log}");
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    fn local(&self, what: &str) -> (&Path, &Path, u16) {
+        match &self.kind {
+            Kind::Local { dir, bin, port } => (dir.path(), bin, *port),
+            Kind::External { .. } => panic!(
+                "cannot {what} the PostgreSQL at SLUICE_TEST_PG_URL: use PgServer::start_local()"
+            ),
+        }
+    }
+}
+
+impl Drop for PgServer {
+    fn drop(&mut self) {
+        match &self.kind {
+            Kind::Local { dir, bin, .. } => {
+                let _ = pg_ctl(bin, dir.path())
+                    .args(["-m", "immediate", "-w", "stop"])
+                    .output();
+                // The TempDir removes the directory after this.
+            }
+            Kind::External {
+                admin_url,
+                database,
+            } => {
+                let sql = format!("DROP DATABASE IF EXISTS {database} WITH (FORCE)");
+                let url = admin_url.clone();
+                // Best effort: never panic in drop.
+                let _ = std::thread::spawn(move || {
+                    let rt = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .ok()?;
+                    rt.block_on(async {
+                        let client = sluice::postgres::connect(&url).await.ok()?;
+                        client.batch_execute(&sql).await.ok()
+                    })
+                })
+                .join();
+            }
+        }
+    }
+}
+
+/// `/usr/lib/postgresql/<newest>/bin`.
+fn bin_dir() -> PathBuf {
+    let root = Path::new("/usr/lib/postgresql");
+    let newest = std::fs::read_dir(root)
+        .unwrap_or_else(|e| panic!("{}: {e} (is PostgreSQL installed?)", root.display()))
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let version: u32 = e.file_name().to_str()?.parse().ok()?;
+            e.path().join("bin/pg_ctl").exists().then_some(version)
+        })
+        .max()
+        .unwrap_or_else(|| panic!("no PostgreSQL under {}", root.display()));
+    root.join(newest.to_string()).join("bin")
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
+/// `program`, run as `postgres` when we are root.
+fn as_postgres(program: &Path) -> Command {
+    if is_root() {
+        let mut cmd = Command::new("runuser");
+        cmd.args(["-u", "postgres", "--"]).arg(program);
+        cmd
+    } else {
+        Command::new(program)
+    }
+}
+
+fn pg_ctl(bin: &Path, dir: &Path) -> Command {
+    let mut cmd = as_postgres(&bin.join("pg_ctl"));
+    cmd.arg("-D").arg(dir.join("data"));
+    cmd
+}
+
+fn pg_ctl_start(bin: &Path, dir: &Path, port: u16) -> Output {
+    let options = format!(
+        "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off \
+         -c synchronous_commit=off -c full_page_writes=off",
+        dir.display()
+    );
+    pg_ctl(bin, dir)
+        .arg("-l")
+        .arg(dir.join("server.log"))
+        .args(["-w", "-t", "60", "-o", &options, "start"])
+        .output()
+        .expect("run pg_ctl start")
+}
+
+fn pg_ctl_stop(bin: &Path, dir: &Path, mode: &str) {
+    run(pg_ctl(bin, dir).args(["-m", mode, "-w", "-t", "60", "stop"]));
+}
+
+/// Runs `cmd` and panics with its output if it fails.
+fn run(cmd: &mut Command) -> Output {
+    let out = cmd.output().unwrap_or_else(|e| panic!("run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// A loopback port nobody listens on right now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind 127.0.0.1:0")
+        .port()
+}
+
+/// Runs one SQL statement against `url` on a thread of its own (so this works both inside
+/// and outside a tokio runtime).
+fn admin_sql(url: &str, sql: String) {
+    let url = url.to_string();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let client = sluice::postgres::connect(&url)
+                .await
+                .unwrap_or_else(|e| panic!("connect to SLUICE_TEST_PG_URL ({url}): {e}"));
+            client
+                .batch_execute(&sql)
+                .await
+                .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        })
+    })
+    .join()
+    .expect("admin SQL thread");
+}
+
+/// `url` pointing at `database` instead (URL or `key=value` connection string).
+fn with_database(url: &str, database: &str) -> String {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        let mut parsed = url::Url::parse(url).expect("SLUICE_TEST_PG_URL is a valid URL");
+        parsed.set_path(&format!("/{database}"));
+        parsed.to_string()
+    } else {
+        format!("{url} dbname={database}")
+    }
+}

@@ -1,0 +1,747 @@
+//! The PostgreSQL sink through the real binary and a real PostgreSQL: every type value by
+//! value, the metrics split, quoting, dead letters, and exactly-once across kill -9 of
+//! sluice and a restart of PostgreSQL.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arrow::array::{
+    ArrayRef, BooleanArray, Date32Array, Decimal128Array, FixedSizeBinaryArray, Float32Array,
+    Float64Array, Float64Builder, Int32Array, Int64Array, ListBuilder, MapBuilder, RecordBatch,
+    StringArray, StringBuilder, TimestampMicrosecondArray, TimestampMillisecondArray,
+    TimestampNanosecondArray,
+};
+use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
+use futures::StreamExt;
+
+use crate::common::*;
+use crate::pg::PgServer;
+
+fn utc(unit: TimeUnit) -> DataType {
+    DataType::Timestamp(unit, Some("UTC".into()))
+}
+
+/// Starts sluice writing to `pg`, with small chunks so commits happen often.
+fn start_with_pg(dir: &std::path::Path, pg: &PgServer, extra: &[(&str, &str)]) -> Sluice {
+    let mut env: Vec<(&str, &str)> = vec![
+        ("POSTGRES__URL", pg.url.as_str()),
+        ("POSTGRES__BATCH_ROWS", "5000"),
+        ("POSTGRES__LINGER", "50ms"),
+        ("POSTGRES__RETRY_INITIAL", "50ms"),
+        ("POSTGRES__RETRY_MAX", "500ms"),
+    ];
+    env.extend_from_slice(extra);
+    Sluice::start(dir, &env)
+}
+
+async fn pg_client(pg: &PgServer) -> tokio_postgres::Client {
+    let c = sluice::postgres::connect(&pg.url)
+        .await
+        .expect("connect to the test PostgreSQL");
+    c.batch_execute("SET TimeZone = 'UTC'").await.unwrap();
+    c
+}
+
+async fn pg_count(db: &tokio_postgres::Client, sql: &str) -> i64 {
+    db.query_one(sql, &[])
+        .await
+        .map(|r| r.get::<_, i64>(0))
+        .unwrap_or(-1)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_type_lands_in_postgres_value_by_value() {
+    let pg = PgServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_with_pg(dir.path(), &pg, &[]);
+    let mut client = server.flight().await;
+    let schema_json = r#"{"name":"alltypes","sinks":["postgres"],"columns":[
+        {"name":"time","type":"timestamp"},
+        {"name":"b","type":"bool"},
+        {"name":"i","type":"int32"},
+        {"name":"l","type":"int64","nullable":false},
+        {"name":"f","type":"float"},
+        {"name":"d","type":"double"},
+        {"name":"s","type":"string"},
+        {"name":"tms","type":"timestamp_ms"},
+        {"name":"tns","type":"timestamp_ns"},
+        {"name":"dt","type":"date"},
+        {"name":"u","type":"uuid"},
+        {"name":"dec","type":"decimal(12,3)"},
+        {"name":"j","type":"jsonb"},
+        {"name":"m","type":"map"},
+        {"name":"sa","type":"string[]"},
+        {"name":"da","type":"double[]"}]}"#;
+    action(&mut client, "register_table", schema_json)
+        .await
+        .unwrap();
+
+    // 2024-01-02T03:04:05.123456Z
+    let t0 = 1_704_164_645_123_456i64;
+    let mut sa = ListBuilder::new(StringBuilder::new());
+    sa.values().append_value("a");
+    sa.values().append_value("b \"c\",{d}");
+    sa.values().append_null();
+    sa.append(true);
+    sa.append(true); // empty list
+    sa.append(false);
+    let mut da = ListBuilder::new(Float64Builder::new());
+    da.values().append_value(1.5);
+    da.values().append_null();
+    da.values().append_value(-2.0);
+    da.append(true);
+    da.append(false);
+    da.values().append_value(1e300);
+    da.append(true);
+    let mut m = MapBuilder::new(None, StringBuilder::new(), StringBuilder::new());
+    m.keys().append_value("k");
+    m.values().append_value("v \"q\"");
+    m.keys().append_value("n");
+    m.values().append_null();
+    m.append(true).unwrap();
+    m.append(false).unwrap();
+    m.append(true).unwrap();
+    let uuid = |b: u8| -> [u8; 16] { std::array::from_fn(|i| b.wrapping_add(i as u8)) };
+    let cols: Vec<(&str, ArrayRef)> = vec![
+        (
+            "time",
+            Arc::new(
+                TimestampMicrosecondArray::from(vec![t0, t0 + 1, t0 + 2]).with_timezone("UTC"),
+            ),
+        ),
+        (
+            "b",
+            Arc::new(BooleanArray::from(vec![Some(true), Some(false), None])),
+        ),
+        (
+            "i",
+            Arc::new(Int32Array::from(vec![Some(i32::MIN), None, Some(7)])),
+        ),
+        ("l", Arc::new(Int64Array::from(vec![1, 2, i64::MAX]))),
+        (
+            "f",
+            Arc::new(Float32Array::from(vec![
+                Some(0.1f32),
+                Some(f32::INFINITY),
+                None,
+            ])),
+        ),
+        (
+            "d",
+            Arc::new(Float64Array::from(vec![
+                Some(-1.25e-300),
+                None,
+                Some(f64::NAN),
+            ])),
+        ),
+        (
+            "s",
+            Arc::new(StringArray::from(vec![
+                Some("héllo\t\"w\"\n\\"),
+                Some(""),
+                None,
+            ])),
+        ),
+        (
+            "tms",
+            Arc::new(
+                TimestampMillisecondArray::from(vec![Some(-1i64), None, Some(1_704_164_645_123)])
+                    .with_timezone("UTC"),
+            ),
+        ),
+        (
+            "tns",
+            Arc::new(
+                TimestampNanosecondArray::from(vec![
+                    Some(1_704_164_645_123_456_789i64),
+                    Some(-1),
+                    None,
+                ])
+                .with_timezone("UTC"),
+            ),
+        ),
+        (
+            "dt",
+            Arc::new(Date32Array::from(vec![Some(19724), Some(-1), None])),
+        ),
+        (
+            "u",
+            Arc::new(
+                FixedSizeBinaryArray::try_from_sparse_iter_with_size(
+                    vec![Some(uuid(0x10)), None, Some(uuid(0xf0))].into_iter(),
+                    16,
+                )
+                .unwrap(),
+            ),
+        ),
+        (
+            "dec",
+            Arc::new(
+                Decimal128Array::from(vec![Some(123_450i128), Some(-1), None])
+                    .with_precision_and_scale(12, 3)
+                    .unwrap(),
+            ),
+        ),
+        (
+            "j",
+            Arc::new(StringArray::from(vec![
+                Some(r#"{"a":[1,2,{"b":null}],"c":"x"}"#),
+                None,
+                Some("3"),
+            ])),
+        ),
+        ("m", Arc::new(m.finish())),
+        ("sa", Arc::new(sa.finish())),
+        ("da", Arc::new(da.finish())),
+    ];
+    let schema = Arc::new(Schema::new(
+        cols.iter()
+            .map(|(n, a)| Field::new(*n, a.data_type().clone(), true))
+            .collect::<Vec<_>>(),
+    ));
+    let batch = RecordBatch::try_new(schema, cols.into_iter().map(|(_, a)| a).collect()).unwrap();
+    let out = put(&mut client, "alltypes", vec![batch]).await;
+    assert_eq!(out.rows(), 3);
+
+    let db = pg_client(&pg).await;
+    eventually(Duration::from_secs(30), "3 rows in PostgreSQL", || async {
+        pg_count(&db, "SELECT count(*) FROM alltypes").await == 3
+    })
+    .await;
+    let rows = db
+        .query(
+            "SELECT time::text, b::text, i::text, l::text, f::text, d::text, s, tms::text,
+                    tns::text, dt::text, u::text, dec::text, j::text, m::text, sa::text, da::text
+             FROM alltypes ORDER BY l",
+            &[],
+        )
+        .await
+        .unwrap();
+    let got: Vec<Vec<Option<String>>> = rows
+        .iter()
+        .map(|r| (0..16).map(|i| r.get::<_, Option<String>>(i)).collect())
+        .collect();
+    let s = |v: &str| Some(v.to_string());
+    let expected = vec![
+        vec![
+            s("2024-01-02 03:04:05.123456+00"),
+            s("true"),
+            s("-2147483648"),
+            s("1"),
+            s("0.1"),
+            s("-1.25e-300"),
+            s("héllo\t\"w\"\n\\"),
+            s("1969-12-31 23:59:59.999+00"),
+            // nanoseconds are rounded down to microseconds
+            s("2024-01-02 03:04:05.123456+00"),
+            s("2024-01-02"),
+            s("10111213-1415-1617-1819-1a1b1c1d1e1f"),
+            s("123.450"),
+            s(r#"{"a": [1, 2, {"b": null}], "c": "x"}"#),
+            s(r#"{"k": "v \"q\"", "n": null}"#),
+            s(r#"{a,"b \"c\",{d}",NULL}"#),
+            s("{1.5,NULL,-2}"),
+        ],
+        vec![
+            s("2024-01-02 03:04:05.123457+00"),
+            s("false"),
+            None,
+            s("2"),
+            s("Infinity"),
+            None,
+            s(""),
+            None,
+            s("1969-12-31 23:59:59.999999+00"),
+            s("1969-12-31"),
+            None,
+            s("-0.001"),
+            None,
+            None,
+            s("{}"),
+            None,
+        ],
+        vec![
+            s("2024-01-02 03:04:05.123458+00"),
+            None,
+            s("7"),
+            s("9223372036854775807"),
+            None,
+            s("NaN"),
+            None,
+            s("2024-01-02 03:04:05.123+00"),
+            None,
+            None,
+            s("f0f1f2f3-f4f5-f6f7-f8f9-fafbfcfdfeff"),
+            None,
+            s("3"),
+            s("{}"),
+            None,
+            s("{1e+300}"),
+        ],
+    ];
+    for (r, (g, e)) in got.iter().zip(&expected).enumerate() {
+        for (c, (gv, ev)) in g.iter().zip(e).enumerate() {
+            assert_eq!(gv, ev, "row {r} column {c}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_are_split_into_series_and_points_and_rolled_up() {
+    let pg = PgServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_with_pg(dir.path(), &pg, &[("POSTGRES__MAINTENANCE_INTERVAL", "1s")]);
+    let mut client = server.flight().await;
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("time", utc(TimeUnit::Microsecond), false),
+        Field::new("metric_name", DataType::Utf8, false),
+        Field::new("labels", DataType::Utf8, true),
+        Field::new("value", DataType::Float64, false),
+    ]));
+    // Five minutes ago, so the minute is closed and inside metrics_1m's refresh window.
+    let minute = (chrono::Utc::now().timestamp() / 60 - 5) * 60_000_000;
+    let n = 600usize;
+    let names: Vec<&str> = (0..n)
+        .map(|i| if i % 3 == 0 { "cpu" } else { "mem" })
+        .collect();
+    // Same label set in two key orders: one series.
+    let labels: Vec<Option<&str>> = (0..n)
+        .map(|i| match i % 3 {
+            0 => Some(r#"{"host":"a","dc":"x"}"#),
+            1 => Some(r#"{"dc":"x","host":"a"}"#),
+            _ => Some(r#"{"host":"a","dc":"x"}"#),
+        })
+        .collect();
+    let batch = RecordBatch::try_new(
+        schema,
+        vec![
+            Arc::new(
+                TimestampMicrosecondArray::from_iter_values(
+                    (0..n).map(|i| minute + i as i64 * 1000),
+                )
+                .with_timezone("UTC"),
+            ),
+            Arc::new(StringArray::from(names)),
+            Arc::new(StringArray::from(labels)),
+            Arc::new(Float64Array::from_iter_values((0..n).map(|i| i as f64))),
+        ],
+    )
+    .unwrap();
+    assert_eq!(
+        put(&mut client, "metrics", vec![batch]).await.rows(),
+        n as u64
+    );
+
+    let db = pg_client(&pg).await;
+    eventually(
+        Duration::from_secs(30),
+        "points in metrics_points",
+        || async { pg_count(&db, "SELECT count(*) FROM metrics_points").await == n as i64 },
+    )
+    .await;
+    assert_eq!(pg_count(&db, "SELECT count(*) FROM metric_series").await, 2);
+    let per_series = db
+        .query(
+            "SELECT ms.metric_name, ms.labels::text, count(*), sum(mp.value)::float8
+             FROM metrics_points mp JOIN metric_series ms USING (series_id)
+             GROUP BY 1, 2 ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap();
+    let got: Vec<(String, String, i64, f64)> = per_series
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect();
+    let cpu_sum: f64 = (0..n).filter(|i| i % 3 == 0).map(|i| i as f64).sum();
+    let mem_sum: f64 = (0..n).filter(|i| i % 3 != 0).map(|i| i as f64).sum();
+    assert_eq!(
+        got,
+        vec![
+            (
+                "cpu".into(),
+                r#"{"dc": "x", "host": "a"}"#.into(),
+                200,
+                cpu_sum
+            ),
+            (
+                "mem".into(),
+                r#"{"dc": "x", "host": "a"}"#.into(),
+                400,
+                mem_sum
+            ),
+        ]
+    );
+    // metrics_1m: one bucket per series, avg/max/min of the minute.
+    eventually(Duration::from_secs(30), "metrics_1m refreshed", || async {
+        pg_count(&db, "SELECT count(*) FROM metrics_1m").await == 2
+    })
+    .await;
+    let agg = db
+        .query(
+            "SELECT metric_name, max_v, min_v FROM metrics_1m ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap();
+    let got: Vec<(String, f64, f64)> = agg.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect();
+    assert_eq!(
+        got,
+        vec![("cpu".into(), 597.0, 0.0), ("mem".into(), 599.0, 1.0)]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reserved_word_names_are_quoted_and_refused_rows_are_dead_lettered() {
+    let pg = PgServer::start();
+    let db = pg_client(&pg).await;
+    // A table that exists already, with a constraint sluice does not know about.
+    db.batch_execute(
+        r#"CREATE TABLE "order" ("time" timestamptz NOT NULL, "select" bigint CHECK ("select" >= 0), "from" text)"#,
+    )
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_with_pg(dir.path(), &pg, &[]);
+    let mut client = server.flight().await;
+    action(
+        &mut client,
+        "register_table",
+        r#"{"name":"order","columns":[{"name":"time","type":"timestamp"},
+            {"name":"select","type":"int64"},{"name":"from","type":"string"},
+            {"name":"user","type":"string"}]}"#,
+    )
+    .await
+    .unwrap();
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("time", utc(TimeUnit::Microsecond), false),
+        Field::new("select", DataType::Int64, true),
+        Field::new("from", DataType::Utf8, true),
+        Field::new("user", DataType::Utf8, true),
+    ]));
+    let now = chrono::Utc::now().timestamp_micros();
+    let values = [1i64, -1, 2, -5, 3, 4, 5, 6];
+    let batch = RecordBatch::try_new(
+        schema,
+        vec![
+            Arc::new(
+                TimestampMicrosecondArray::from_iter_values((0..8).map(|i| now + i))
+                    .with_timezone("UTC"),
+            ),
+            Arc::new(Int64Array::from(values.to_vec())),
+            Arc::new(StringArray::from_iter_values(
+                values
+                    .iter()
+                    .map(|v| format!("'; DROP TABLE \"order\"; -- {v}")),
+            )),
+            Arc::new(StringArray::from_iter_values(
+                values.iter().map(|v| format!("u{v}")),
+            )),
+        ],
+    )
+    .unwrap();
+    assert_eq!(put(&mut client, "order", vec![batch]).await.rows(), 8);
+
+    eventually(
+        Duration::from_secs(30),
+        "the good rows in PostgreSQL",
+        || async { pg_count(&db, r#"SELECT count(*) FROM "order""#).await == 6 },
+    )
+    .await;
+    let rows = db
+        .query(
+            r#"SELECT "select", "from", "user" FROM "order" ORDER BY "select""#,
+            &[],
+        )
+        .await
+        .unwrap();
+    let got: Vec<(i64, String, String)> = rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    let want: Vec<(i64, String, String)> = [1i64, 2, 3, 4, 5, 6]
+        .iter()
+        .map(|v| {
+            (
+                *v,
+                format!("'; DROP TABLE \"order\"; -- {v}"),
+                format!("u{v}"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got, want,
+        "the missing column 'user' was added, values intact"
+    );
+
+    // The two refused rows are in the dead-letter file with PostgreSQL's message.
+    let dl = dir.path().join("archive/_deadletter/postgres/order");
+    let mut dead: Vec<(i64, String)> = Vec::new();
+    for e in std::fs::read_dir(&dl).expect("dead-letter folder") {
+        let f = std::fs::File::open(e.unwrap().path()).unwrap();
+        for b in parquet::arrow::arrow_reader::ParquetRecordBatchReader::try_new(f, 1024).unwrap() {
+            let b = b.unwrap();
+            let v = b
+                .column_by_name("select")
+                .unwrap()
+                .as_any()
+                .downcast_ref::<Int64Array>()
+                .unwrap()
+                .clone();
+            let err = b
+                .column_by_name("_sluice_error")
+                .unwrap()
+                .as_any()
+                .downcast_ref::<StringArray>()
+                .unwrap()
+                .clone();
+            for i in 0..b.num_rows() {
+                dead.push((v.value(i), err.value(i).to_string()));
+            }
+        }
+    }
+    dead.sort();
+    assert_eq!(dead.iter().map(|d| d.0).collect::<Vec<_>>(), vec![-5, -1]);
+    for (_, e) in &dead {
+        assert!(e.contains("23514") && e.contains("check constraint"), "{e}");
+    }
+    let m = get_text(&server.url("/metrics")).await;
+    assert!(
+        m.contains(r#"sluice_sink_dead_letter_rows_total{sink="postgres",table="order"} 2"#),
+        "{m}"
+    );
+}
+
+const EVENTS: &str = r#"{"name":"events","columns":[
+    {"name":"time","type":"timestamp"},
+    {"name":"id","type":"int64","nullable":false}]}"#;
+const BATCH: i64 = 500;
+
+fn events_batch(i: i64) -> RecordBatch {
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("time", utc(TimeUnit::Microsecond), false),
+        Field::new("id", DataType::Int64, false),
+    ]));
+    let now = chrono::Utc::now().timestamp_micros();
+    let ids: Vec<i64> = (i * BATCH..(i + 1) * BATCH).collect();
+    RecordBatch::try_new(
+        schema,
+        vec![
+            Arc::new(
+                TimestampMicrosecondArray::from_iter_values(ids.iter().map(|k| now + k))
+                    .with_timezone("UTC"),
+            ),
+            Arc::new(Int64Array::from(ids)),
+        ],
+    )
+    .unwrap()
+}
+
+/// Checks PostgreSQL holds every acked batch's ids exactly once (and nothing else twice).
+async fn assert_pg_exactly_once(db: &tokio_postgres::Client, acked: &[i64]) {
+    let rows = db
+        .query("SELECT id, count(*) FROM events GROUP BY id", &[])
+        .await
+        .unwrap();
+    let counts: HashMap<i64, i64> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    let dups: Vec<_> = counts.iter().filter(|(_, c)| **c > 1).take(5).collect();
+    assert!(dups.is_empty(), "duplicated ids in PostgreSQL: {dups:?}");
+    for b in acked {
+        for id in b * BATCH..(b + 1) * BATCH {
+            assert!(
+                counts.contains_key(&id),
+                "acked id {id} (batch {b}) is missing in PostgreSQL"
+            );
+        }
+    }
+}
+
+/// Waits until the sink has taken everything in the WAL.
+async fn wait_caught_up(server: &Sluice) {
+    let url = server.url("/readyz");
+    eventually(
+        Duration::from_secs(60),
+        "the postgres sink to catch up",
+        || async {
+            let r = get_json(&url).await;
+            r["sinks"]["postgres"]["lag_records"] == 0 && r["sinks"]["postgres"]["state"] == "ok"
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_stream_is_exactly_once_in_postgres() {
+    let pg = PgServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = start_with_pg(dir.path(), &pg, &[]);
+    let mut client = server.flight().await;
+    action(&mut client, "register_table", EVENTS).await.unwrap();
+    let mut acked = Vec::new();
+    for (round, from) in [(0, 0i64), (1, 100_000)] {
+        if round > 0 {
+            server = start_with_pg(dir.path(), &pg, &[]);
+        }
+        let client = server.flight().await;
+        let stream = futures::stream::iter(from..from + 1_000_000).map(events_batch);
+        let (task, mut rx) = spawn_put(client, "events", stream);
+        let mut n = 0;
+        while n < 80 {
+            let ack = rx.recv().await.expect("acks before the kill");
+            acked.push(from + ack["request_id"].as_i64().unwrap() - 1);
+            n += 1;
+        }
+        server.kill9();
+        let _ = task.await;
+        while let Ok(ack) = rx.try_recv() {
+            acked.push(from + ack["request_id"].as_i64().unwrap() - 1);
+        }
+    }
+    let server = start_with_pg(dir.path(), &pg, &[]);
+    wait_caught_up(&server).await;
+    let db = pg_client(&pg).await;
+    assert_pg_exactly_once(&db, &acked).await;
+    // Every acked row is there, and nothing beyond what reached the WAL.
+    let total = pg_count(&db, "SELECT count(*) FROM events").await;
+    assert!(
+        total >= acked.len() as i64 * BATCH,
+        "{total} rows for {} acked batches",
+        acked.len()
+    );
+    let mut client = server.flight().await;
+    assert_eq!(
+        query_i64(&mut client, "SELECT count(*) FROM events").await,
+        total,
+        "PostgreSQL and the WAL (SQL over buffer and archive) agree"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_restart_mid_stream_loses_and_duplicates_nothing() {
+    let pg = PgServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_with_pg(dir.path(), &pg, &[]);
+    let mut client = server.flight().await;
+    action(&mut client, "register_table", EVENTS).await.unwrap();
+    let client = server.flight().await;
+    // 200 batches, 10 ms apart.
+    let stream = futures::stream::iter(0..200i64).then(|i| async move {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        events_batch(i)
+    });
+    let (task, mut rx) = spawn_put(client, "events", stream);
+    let mut acked = Vec::new();
+    while acked.len() < 30 {
+        acked.push(
+            rx.recv().await.expect("ack")["request_id"]
+                .as_i64()
+                .unwrap()
+                - 1,
+        );
+    }
+    pg.stop();
+    // Writes are still acked (into the WAL) while PostgreSQL is down...
+    while acked.len() < 90 {
+        acked.push(
+            rx.recv().await.expect("acks while PostgreSQL is down")["request_id"]
+                .as_i64()
+                .unwrap()
+                - 1,
+        );
+    }
+    // ...and the sink says it is retrying.
+    let url = server.url("/readyz");
+    eventually(
+        Duration::from_secs(20),
+        "the sink to report retrying",
+        || async {
+            let r = get_json(&url).await;
+            r["sinks"]["postgres"]["state"] == "retrying" && r["ready"] == true
+        },
+    )
+    .await;
+    pg.restart();
+    assert!(task.await.unwrap().is_none(), "the call completes");
+    while let Some(ack) = rx.recv().await {
+        acked.push(ack["request_id"].as_i64().unwrap() - 1);
+    }
+    assert_eq!(acked.len(), 200);
+    wait_caught_up(&server).await;
+    let db = pg_client(&pg).await;
+    assert_pg_exactly_once(&db, &acked).await;
+    assert_eq!(
+        pg_count(&db, "SELECT count(*) FROM events").await,
+        200 * BATCH
+    );
+    let m = get_text(&server.url("/metrics")).await;
+    let retries = m
+        .lines()
+        .find(|l| l.starts_with(r#"sluice_sink_retries_total{sink="postgres"}"#))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
+    assert!(retries > 0, "retries are counted: {m}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wal_disk_budget_refuses_writes_while_postgres_is_down() {
+    let pg = PgServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_with_pg(
+        dir.path(),
+        &pg,
+        &[
+            ("WAL__SEGMENT_SIZE", "1MiB"),
+            ("WAL__DISK_BUDGET", "3MiB"),
+            ("BUFFER__MAX_AGE", "1s"),
+        ],
+    );
+    let mut client = server.flight().await;
+    action(&mut client, "register_table", EVENTS).await.unwrap();
+    pg.stop();
+    // ~8 KB per batch: the budget fills after a few hundred batches.
+    let mut refused = None;
+    let mut acked = Vec::new();
+    for i in 0..2000i64 {
+        let mut c = server.flight().await;
+        let out = put(&mut c, "events", vec![events_batch(i)]).await;
+        match out.error {
+            None => acked.push(i),
+            Some(status) => {
+                refused = Some(status);
+                break;
+            }
+        }
+    }
+    let status = refused.expect("writes are refused once the WAL is over its budget");
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().contains("wal.disk_budget") && status.message().contains("postgres"),
+        "{}",
+        status.message()
+    );
+    let r = get_json(&server.url("/readyz")).await;
+    assert_eq!(r["ready"], false, "{r}");
+    pg.restart();
+    wait_caught_up(&server).await;
+    // The sink caught up and released segments: writes are accepted again.
+    let url = server.url("/readyz");
+    eventually(
+        Duration::from_secs(30),
+        "the WAL back under its budget",
+        || async { get_json(&url).await["ready"] == true },
+    )
+    .await;
+    let mut c = server.flight().await;
+    let out = put(&mut c, "events", vec![events_batch(5000)]).await;
+    assert!(out.error.is_none(), "{:?}", out.error);
+    acked.push(5000);
+    wait_caught_up(&server).await;
+    let db = pg_client(&pg).await;
+    assert_pg_exactly_once(&db, &acked).await;
+    assert_eq!(
+        pg_count(&db, "SELECT count(*) FROM events").await,
+        acked.len() as i64 * BATCH
+    );
+}
