@@ -619,7 +619,7 @@ async fn kill_9_mid_stream_is_exactly_once_in_postgres() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_restart_mid_stream_loses_and_duplicates_nothing() {
-    let pg = PgServer::start();
+    let pg = PgServer::start_local();
     let dir = tempfile::tempdir().unwrap();
     let server = start_with_pg(dir.path(), &pg, &[]);
     let mut client = server.flight().await;
@@ -686,7 +686,7 @@ async fn postgres_restart_mid_stream_loses_and_duplicates_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wal_disk_budget_refuses_writes_while_postgres_is_down() {
-    let pg = PgServer::start();
+    let pg = PgServer::start_local();
     let dir = tempfile::tempdir().unwrap();
     let server = start_with_pg(
         dir.path(),
@@ -744,4 +744,124 @@ async fn wal_disk_budget_refuses_writes_while_postgres_is_down() {
         pg_count(&db, "SELECT count(*) FROM events").await,
         acked.len() as i64 * BATCH
     );
+}
+
+async fn public_columns(db: &tokio_postgres::Client) -> Vec<(String, String, String)> {
+    db.query(
+        "SELECT table_name::text, column_name::text, data_type::text
+         FROM information_schema.columns WHERE table_schema = 'public'
+         ORDER BY 1, 2",
+        &[],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| (r.get(0), r.get(1), r.get(2)))
+    .collect()
+}
+
+/// `sluice migrate` through the binary: applies everything once, then nothing.
+fn sluice_migrate(pg: &PgServer) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .arg("migrate")
+        .arg("--config")
+        .arg(example_config())
+        .env("SLUICE__POSTGRES__URL", &pg.url)
+        .output()
+        .expect("run sluice migrate");
+    assert!(
+        out.status.success(),
+        "sluice migrate failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_twice_is_a_no_op_and_says_which_path() {
+    let pg = PgServer::start();
+    let first = sluice_migrate(&pg);
+    assert!(first.contains("0001_core"), "{first}");
+    assert!(
+        first.contains("plain PostgreSQL"),
+        "no TimescaleDB here: {first}"
+    );
+    let db = pg_client(&pg).await;
+    let before = public_columns(&db).await;
+    let migrations = pg_count(&db, "SELECT count(*) FROM schema_migrations").await;
+    let second = sluice_migrate(&pg);
+    assert!(second.contains("up to date"), "{second}");
+    assert_eq!(
+        public_columns(&db).await,
+        before,
+        "the second run changed nothing"
+    );
+    assert_eq!(
+        pg_count(&db, "SELECT count(*) FROM schema_migrations").await,
+        migrations
+    );
+    for t in [
+        "metric_series",
+        "metrics_points",
+        "metrics_1m",
+        "metrics_events",
+        "table_registry",
+    ] {
+        assert!(
+            before.iter().any(|(n, _, _)| n == t),
+            "{t} exists: {before:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processes_share_the_registry_in_postgres() {
+    let pg = PgServer::start();
+    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = start_with_pg(d1.path(), &pg, &[]);
+    let b = start_with_pg(d2.path(), &pg, &[]);
+    let (mut ca, mut cb) = (a.flight().await, b.flight().await);
+    // The same registrations raced from both processes, then a compatible evolution.
+    for round in 0..10 {
+        let t = format!(
+            r#"{{"name":"shared_{round}","columns":[{{"name":"time","type":"timestamp"}},{{"name":"v","type":"int64"}}]}}"#
+        );
+        let (ra, rb) = tokio::join!(
+            action(&mut ca, "register_table", &t),
+            action(&mut cb, "register_table", &t)
+        );
+        assert_eq!(ra.unwrap()["version"], 1, "round {round}");
+        assert_eq!(rb.unwrap()["version"], 1, "round {round}");
+    }
+    let evolved = r#"{"name":"shared_0","columns":[{"name":"time","type":"timestamp"},{"name":"v","type":"int64"},{"name":"note","type":"string"}]}"#;
+    let (ra, rb) = tokio::join!(
+        action(&mut ca, "register_table", evolved),
+        action(&mut cb, "register_table", evolved)
+    );
+    assert_eq!(ra.unwrap()["version"], 2);
+    assert_eq!(rb.unwrap()["version"], 2);
+    let db = pg_client(&pg).await;
+    assert_eq!(
+        pg_count(
+            &db,
+            "SELECT count(*) FROM table_registry_versions WHERE table_name LIKE 'shared_%'"
+        )
+        .await,
+        11,
+        "one row per version, no duplicates"
+    );
+    assert_eq!(
+        pg_count(
+            &db,
+            "SELECT max(version) FROM table_registry WHERE table_name = 'shared_0'"
+        )
+        .await,
+        2
+    );
+    // A table registered only through one process is writable through the other.
+    action(&mut ca, "register_table", EVENTS).await.unwrap();
+    let out = put(&mut cb, "events", vec![events_batch(0)]).await;
+    assert!(out.error.is_none(), "{:?}", out.error);
+    let schema_b = get_json(&b.url("/schema/shared_0")).await;
+    assert_eq!(schema_b["version"], 2, "{schema_b}");
 }

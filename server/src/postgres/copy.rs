@@ -431,7 +431,7 @@ fn is_string(dt: &DataType) -> bool {
     }
 }
 
-/// A string array as [`with_strings!`] takes it: dictionaries get Utf8 values (one cast
+/// A string array as `with_strings!` takes it: dictionaries get Utf8 values (one cast
 /// of the small values array), everything else is returned as it is.
 fn normalise_strings(array: &ArrayRef) -> Option<ArrayRef> {
     match array.data_type() {
