@@ -242,7 +242,17 @@ impl Registry {
     /// Adds the store's versions of every table that this registry has not seen (other
     /// processes sharing the store may have registered some).
     pub async fn refresh(&self) -> Result<()> {
-        let mut stored = self.store.load().await?;
+        let stored = self.store.load().await?;
+        self.add_unseen(stored)
+    }
+
+    /// Adds the store's versions of `name` that this registry has not seen.
+    pub async fn reload_table(&self, name: &str) -> Result<()> {
+        let stored = self.store.load_table(name).await?;
+        self.add_unseen(stored)
+    }
+
+    fn add_unseen(&self, mut stored: Vec<StoredVersion>) -> Result<()> {
         stored.sort_by(|a, b| (&a.schema.name, a.version).cmp(&(&b.schema.name, b.version)));
         for v in stored {
             let name = v.schema.name.clone();
@@ -255,27 +265,8 @@ impl Registry {
                     v.version
                 ))
             })?;
-            tracing::info!(table = %name, version = v.version, "table version registered by another process");
+            tracing::debug!(table = %name, version = v.version, "table version read from the registry store");
             self.insert_version(&name, Arc::new(resolved));
-        }
-        Ok(())
-    }
-
-    /// Adds the store's versions of `name` that this registry has not seen.
-    pub async fn reload_table(&self, name: &str) -> Result<()> {
-        let mut stored = self.store.load_table(name).await?;
-        stored.sort_by_key(|v| v.version);
-        for v in stored {
-            if self.get_version(name, v.version).is_some() {
-                continue;
-            }
-            let resolved = v.schema.validate(v.version).map_err(|e| {
-                Error::Internal(format!(
-                    "stored registry entry {name} version {} is invalid: {e}",
-                    v.version
-                ))
-            })?;
-            self.insert_version(name, Arc::new(resolved));
         }
         Ok(())
     }

@@ -298,3 +298,35 @@ pub async fn get_text(url: &str) -> String {
         .await
         .unwrap_or_else(|e| panic!("GET {url}: {e}"))
 }
+
+/// The `events` table of the durability tests: a time and a unique id per row.
+pub const EVENTS: &str = r#"{"name":"events","columns":[
+    {"name":"time","type":"timestamp"},
+    {"name":"id","type":"int64","nullable":false}]}"#;
+
+/// Batch `i` of `events`: ids `i * rows .. (i + 1) * rows`, timestamped now.
+pub fn events_batch(i: i64, rows: i64) -> RecordBatch {
+    use arrow::array::{Int64Array, TimestampMicrosecondArray};
+    use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
+    let schema = std::sync::Arc::new(Schema::new(vec![
+        Field::new(
+            "time",
+            DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+            false,
+        ),
+        Field::new("id", DataType::Int64, false),
+    ]));
+    let now = chrono::Utc::now().timestamp_micros();
+    let ids: Vec<i64> = (i * rows..(i + 1) * rows).collect();
+    RecordBatch::try_new(
+        schema,
+        vec![
+            std::sync::Arc::new(
+                TimestampMicrosecondArray::from_iter_values(ids.iter().map(|k| now + k))
+                    .with_timezone("UTC"),
+            ),
+            std::sync::Arc::new(Int64Array::from(ids)),
+        ],
+    )
+    .unwrap()
+}

@@ -3,43 +3,18 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
-use arrow::array::{AsArray, Int64Array, RecordBatch, TimestampMicrosecondArray};
-use arrow::datatypes::{DataType, Field, Int64Type, Schema, TimeUnit};
+use arrow::array::{AsArray, RecordBatch};
+use arrow::datatypes::Int64Type;
 
 use crate::common::*;
 use futures::StreamExt;
 
-const EVENTS: &str = r#"{"name":"events","columns":[
-    {"name":"time","type":"timestamp"},
-    {"name":"id","type":"int64","nullable":false}]}"#;
-
 const BATCH: i64 = 1000;
 
 fn batch(i: i64) -> RecordBatch {
-    let schema = Arc::new(Schema::new(vec![
-        Field::new(
-            "time",
-            DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
-            false,
-        ),
-        Field::new("id", DataType::Int64, false),
-    ]));
-    let now = chrono::Utc::now().timestamp_micros();
-    let ids: Vec<i64> = (i * BATCH..(i + 1) * BATCH).collect();
-    RecordBatch::try_new(
-        schema,
-        vec![
-            Arc::new(
-                TimestampMicrosecondArray::from_iter_values(ids.iter().map(|k| now + k))
-                    .with_timezone("UTC"),
-            ),
-            Arc::new(Int64Array::from(ids)),
-        ],
-    )
-    .unwrap()
+    events_batch(i, BATCH)
 }
 
 /// Streams batches `from..` until the server dies; returns the batch indexes acked.

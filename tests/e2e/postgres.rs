@@ -513,29 +513,10 @@ async fn reserved_word_names_are_quoted_and_refused_rows_are_dead_lettered() {
     );
 }
 
-const EVENTS: &str = r#"{"name":"events","columns":[
-    {"name":"time","type":"timestamp"},
-    {"name":"id","type":"int64","nullable":false}]}"#;
 const BATCH: i64 = 500;
 
 fn events_batch(i: i64) -> RecordBatch {
-    let schema = Arc::new(Schema::new(vec![
-        Field::new("time", utc(TimeUnit::Microsecond), false),
-        Field::new("id", DataType::Int64, false),
-    ]));
-    let now = chrono::Utc::now().timestamp_micros();
-    let ids: Vec<i64> = (i * BATCH..(i + 1) * BATCH).collect();
-    RecordBatch::try_new(
-        schema,
-        vec![
-            Arc::new(
-                TimestampMicrosecondArray::from_iter_values(ids.iter().map(|k| now + k))
-                    .with_timezone("UTC"),
-            ),
-            Arc::new(Int64Array::from(ids)),
-        ],
-    )
-    .unwrap()
+    crate::common::events_batch(i, BATCH)
 }
 
 /// Checks PostgreSQL holds every acked batch's ids exactly once (and nothing else twice).
