@@ -106,15 +106,16 @@ def psql(url: str, command: str) -> str:
     return out.stdout.strip()
 
 
-def wait_sink_idle(http: str, timeout: float = 600) -> None:
+def wait_sink_idle(http: str, timeout: float = 600, sink: str = "postgres") -> None:
+    """Waits until ``sink`` has every WAL record (and its last attempt succeeded)."""
     deadline = time.monotonic() + timeout
     while True:
         with urllib.request.urlopen(f"http://{http}/readyz") as r:
-            pg = json.load(r)["sinks"]["postgres"]
-        if pg["lag_records"] == 0 and pg["state"] == "ok":
+            state = json.load(r)["sinks"][sink]
+        if state["lag_records"] == 0 and state["state"] == "ok":
             return
         if time.monotonic() > deadline:
-            raise RuntimeError(f"postgres sink still behind after {timeout}s: {pg}")
+            raise RuntimeError(f"{sink} sink still behind after {timeout}s: {state}")
         time.sleep(0.02)
 
 

@@ -4,6 +4,8 @@
 #       default vs a discarding pyarrow Flight server (bench/flight_bench.py)
 #   bench/run.sh pg [--rows N] [--reps N]               Flight into PostgreSQL end to end vs
 #       psql \copy (binary) and pyarrow + ADBC adbc_ingest (bench/pg_bench.py)
+#   bench/run.sh ch [--rows N] [--reps N]               Flight into ClickHouse end to end vs
+#       curl --data-binary of the same rows as a Native file (bench/ch_bench.py)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -33,6 +35,12 @@ case "${1:-}" in
             || "$VENV/bin/pip" install -q --disable-pip-version-check adbc-driver-postgresql adbc-driver-manager
         command -v psql >/dev/null 2>&1 || { echo "psql is needed (apt-get install postgresql-client)" >&2; exit 1; }
         exec "$VENV/bin/python" bench/pg_bench.py "$@"
+        ;;
+    ch)
+        shift
+        "$VENV/bin/python" -c 'import chdb' >/dev/null 2>&1 \
+            || "$VENV/bin/pip" install -q --disable-pip-version-check chdb-core
+        exec "$VENV/bin/python" bench/ch_bench.py "$@"
         ;;
     *)
         exec "$VENV/bin/python" bench/flight_bench.py "$@"

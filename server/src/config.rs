@@ -331,10 +331,45 @@ impl Default for PostgresConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ClickHouseConfig {
+    /// HTTP endpoint, e.g. `http://localhost:8123`. When set, tables routed to
+    /// `clickhouse` are inserted there in Native format.
     pub url: Option<String>,
     pub database: String,
     pub user: String,
     pub password: String,
+    /// Inserts in flight at once (each on its own HTTP connection).
+    pub pool_size: usize,
+    /// A table's rows are coalesced into one INSERT of about this many rows...
+    pub batch_rows: usize,
+    /// ...or this many bytes of Arrow data, whichever comes first...
+    pub batch_bytes: ByteSize,
+    /// ...or whatever has arrived after this long.
+    #[serde(with = "humantime_serde")]
+    pub linger: Duration,
+    /// Compression of INSERT bodies: `none`, `lz4` or `zstd`.
+    pub compression: HttpCompression,
+    /// Apply `migrations/clickhouse` on start (what `sluice migrate` does).
+    pub migrate_on_start: bool,
+    /// `non_replicated_deduplication_window` of tables sluice creates: how many recent
+    /// inserts ClickHouse remembers to drop a replayed one.
+    pub dedup_window: u64,
+    /// First wait after a failed INSERT; doubles per failure up to `retry_max`.
+    #[serde(with = "humantime_serde")]
+    pub retry_initial: Duration,
+    #[serde(with = "humantime_serde")]
+    pub retry_max: Duration,
+    /// Timeout of one HTTP request (an INSERT of one chunk, a DDL statement).
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+}
+
+/// Compression of HTTP request bodies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HttpCompression {
+    None,
+    Lz4,
+    Zstd,
 }
 
 impl Default for ClickHouseConfig {
@@ -344,6 +379,16 @@ impl Default for ClickHouseConfig {
             database: "default".into(),
             user: "default".into(),
             password: String::new(),
+            pool_size: 4,
+            batch_rows: 500_000,
+            batch_bytes: ByteSize::mib(64),
+            linger: Duration::from_millis(500),
+            compression: HttpCompression::Lz4,
+            migrate_on_start: true,
+            dedup_window: 1000,
+            retry_initial: Duration::from_millis(200),
+            retry_max: Duration::from_secs(30),
+            request_timeout: Duration::from_secs(300),
         }
     }
 }
@@ -509,8 +554,30 @@ impl Config {
                 "retry_initial must be more than 0s and retry_max at least retry_initial".into(),
             );
         }
-        if self.clickhouse.url.is_some() {
-            return err("clickhouse.url", "the ClickHouse sink is not part of this build yet; unset it (data would otherwise not reach ClickHouse)".into());
+        if let Some(url) = &self.clickhouse.url {
+            match url::Url::parse(url) {
+                Ok(u) if u.scheme() == "http" || u.scheme() == "https" => {}
+                _ => {
+                    return err(
+                        "clickhouse.url",
+                        format!("'{url}' is not an http(s) URL of ClickHouse's HTTP interface (e.g. http://localhost:8123)"),
+                    )
+                }
+            }
+        }
+        if self.clickhouse.pool_size == 0 || self.clickhouse.pool_size > 64 {
+            return err("clickhouse.pool_size", "must be between 1 and 64".into());
+        }
+        if self.clickhouse.batch_rows == 0 {
+            return err("clickhouse.batch_rows", "must be at least 1".into());
+        }
+        if self.clickhouse.retry_initial.is_zero()
+            || self.clickhouse.retry_max < self.clickhouse.retry_initial
+        {
+            return err(
+                "clickhouse.retry_max",
+                "retry_initial must be more than 0s and retry_max at least retry_initial".into(),
+            );
         }
         Ok(())
     }

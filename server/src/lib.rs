@@ -15,12 +15,15 @@
 //! - [`archive`]: the Parquet archive sink (object_store).
 //! - [`postgres`]: the PostgreSQL/TimescaleDB sink (binary COPY), migrations, maintenance
 //!   and the PostgreSQL registry store.
+//! - [`clickhouse`]: the ClickHouse sink (Native format over HTTP) and migrations.
+//! - [`sink`]: what store sinks share: WAL tailing, chunks, workers, retries, positions.
 //! - [`registry`]: registered tables and versions, behind a store trait.
 //! - [`config`], [`metrics`], [`error`]: configuration, Prometheus metrics, errors.
 //! - [`server`]: start-up, WAL replay, serving, graceful shutdown.
 
 pub mod archive;
 pub mod buffer;
+pub mod clickhouse;
 pub mod config;
 pub mod error;
 pub mod flight;

@@ -27,7 +27,8 @@ enum Command {
         config: Option<PathBuf>,
     },
     /// Apply the migrations to the configured stores (PostgreSQL: migrations/postgres, with
-    /// TimescaleDB where the extension exists) and exit.
+    /// TimescaleDB where the extension exists; ClickHouse: migrations/clickhouse, with the
+    /// hot_warm_cold storage policy where the server has it) and exit.
     Migrate {
         /// TOML config file; every key can also be set by env SLUICE__SECTION__KEY.
         #[arg(long, short)]
@@ -121,10 +122,29 @@ fn main() -> std::process::ExitCode {
 /// `sluice migrate`: applies the migrations of every configured store and prints, per
 /// store, what was applied and which path the database is on.
 async fn migrate(cfg: &Config) -> Result<(), String> {
+    if cfg.postgres.url.is_none() && cfg.clickhouse.url.is_none() {
+        return Err(
+            "nothing to migrate: set postgres.url / SLUICE__POSTGRES__URL \
+                    or clickhouse.url / SLUICE__CLICKHOUSE__URL"
+                .into(),
+        );
+    }
+    if let Some(url) = &cfg.postgres.url {
+        migrate_postgres(cfg, url).await?;
+    }
+    if cfg.clickhouse.url.is_some() {
+        let client = sluice::clickhouse::client::ChClient::new(&cfg.clickhouse)
+            .map_err(|e| format!("clickhouse: {e}"))?;
+        let report = sluice::clickhouse::migrate::migrate(&client)
+            .await
+            .map_err(|e| format!("clickhouse: {e}"))?;
+        println!("clickhouse: {report}");
+    }
+    Ok(())
+}
+
+async fn migrate_postgres(cfg: &Config, url: &str) -> Result<(), String> {
     use sluice::postgres::{maintenance, migrate};
-    let Some(url) = &cfg.postgres.url else {
-        return Err("nothing to migrate: set postgres.url / SLUICE__POSTGRES__URL".into());
-    };
     let mut client = sluice::postgres::connect(url).await.map_err(|e| {
         format!(
             "cannot connect to PostgreSQL at postgres.url: {}",

@@ -123,6 +123,10 @@ pub async fn run(config: Config, on_ready: impl FnOnce(BoundAddrs)) -> Result<()
         Some(url) => Some(prepare_postgres(url, &config).await?),
         None => None,
     };
+    let clickhouse = match &config.clickhouse.url {
+        Some(_) => Some(prepare_clickhouse(&config).await?),
+        None => None,
+    };
     let registry_store: Box<dyn crate::registry::RegistryStore> = match &postgres {
         Some(pg) => Box::new(crate::postgres::registry::PgRegistryStore::connect(&pg.url).await?),
         None => Box::new(FileRegistryStore::open(&data_dir)?),
@@ -155,6 +159,10 @@ pub async fn run(config: Config, on_ready: impl FnOnce(BoundAddrs)) -> Result<()
     if postgres.is_some() {
         sinks_configured.push(flight_schema::SinkKind::Postgres);
         wal.register_sink(PG_SINK, start);
+    }
+    if clickhouse.is_some() {
+        sinks_configured.push(flight_schema::SinkKind::Clickhouse);
+        wal.register_sink(crate::clickhouse::sink::CH_SINK, start);
     }
     let archiver = Arc::new(Archiver {
         store: store.clone(),
@@ -210,6 +218,7 @@ pub async fn run(config: Config, on_ready: impl FnOnce(BoundAddrs)) -> Result<()
             },
             status,
             tracker: Default::default(),
+            journal: None,
         });
         sink_tasks.push(tokio::spawn(runner.run(stop_rx.clone())));
         // Partitions, retention and metrics_1m on plain PostgreSQL (it does nothing where
@@ -232,6 +241,41 @@ pub async fn run(config: Config, on_ready: impl FnOnce(BoundAddrs)) -> Result<()
                 }
             }
         }));
+    }
+
+    if let Some(client) = &clickhouse {
+        let writer = crate::clickhouse::sink::ChWriter::new(
+            client.clone(),
+            wal_id.clone(),
+            DeadLetter {
+                store: store.clone(),
+            },
+            config.clickhouse.dedup_window,
+        );
+        let status = Arc::new(SinkStatus::new(crate::clickhouse::sink::CH_SINK));
+        sink_statuses.push(status.clone());
+        let runner = Arc::new(SinkRunner {
+            writer: Arc::new(writer),
+            wal: wal.clone(),
+            wal_id: wal_id.clone(),
+            registry: registry.clone(),
+            metrics: metrics.clone(),
+            configured: sinks_configured.clone(),
+            opts: SinkOptions {
+                workers: config.clickhouse.pool_size,
+                batch_rows: config.clickhouse.batch_rows,
+                batch_bytes: config.clickhouse.batch_bytes.as_usize(),
+                linger: config.clickhouse.linger,
+                retry_initial: config.clickhouse.retry_initial,
+                retry_max: config.clickhouse.retry_max,
+            },
+            status,
+            tracker: Default::default(),
+            journal: Some(crate::sink::PlanJournal::new(
+                data_dir.join("wal").join("clickhouse.plans"),
+            )),
+        });
+        sink_tasks.push(tokio::spawn(runner.run(stop_rx.clone())));
     }
 
     let query = Arc::new(QueryEngine::new(buffers.clone(), store, store_url));
@@ -372,6 +416,34 @@ async fn prepare_postgres(url: &str, config: &Config) -> Result<PostgresInfo> {
         url: url.to_string(),
         timescale,
     })
+}
+
+/// Reaches ClickHouse (waiting up to 30 s for it) and applies the migrations when
+/// `clickhouse.migrate_on_start` is set.
+async fn prepare_clickhouse(config: &Config) -> Result<crate::clickhouse::client::ChClient> {
+    let client = crate::clickhouse::client::ChClient::new(&config.clickhouse)
+        .map_err(|e| Error::InvalidArgument(format!("clickhouse: {e}")))?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        match client.ping().await {
+            Ok(()) => break,
+            Err(e) if std::time::Instant::now() < deadline => {
+                tracing::warn!(error = %e, "ClickHouse (clickhouse.url) is not reachable yet; retrying");
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+            Err(e) => {
+                return Err(Error::Unavailable(format!(
+                    "cannot reach ClickHouse at clickhouse.url: {e}"
+                )))
+            }
+        }
+    }
+    if config.clickhouse.migrate_on_start {
+        let report = crate::clickhouse::migrate::migrate(&client).await?;
+        tracing::info!(applied = ?report.applied, "ClickHouse migrations");
+    }
+    tracing::info!("ClickHouse sink enabled");
+    Ok(client)
 }
 
 /// The WAL's identity, kept in `wal/ID`: the key of this WAL's ranges in a store's

@@ -45,6 +45,8 @@ pub struct Chunk {
     pub rows: usize,
     pub bytes: usize,
     opened: Instant,
+    /// Re-formed after a restart from a plan in the [`PlanJournal`]: already planned.
+    replayed: bool,
 }
 
 impl Chunk {
@@ -55,7 +57,14 @@ impl Chunk {
             rows: 0,
             bytes: 0,
             opened: Instant::now(),
+            replayed: false,
         }
+    }
+
+    fn push(&mut self, seq: u64, batch: RecordBatch) {
+        self.rows += batch.num_rows();
+        self.bytes += data_size(&batch);
+        self.parts.push(Part { seq, batch });
     }
 
     pub fn first_seq(&self) -> u64 {
@@ -103,6 +112,13 @@ impl CommittedRanges {
             .entry(table.to_string())
             .or_default()
             .push((first, last));
+    }
+
+    /// Adds every range of `other`.
+    pub fn merge(&mut self, other: CommittedRanges) {
+        for (t, v) in other.ranges {
+            self.ranges.entry(t).or_default().extend(v);
+        }
     }
 
     /// Sorts the ranges and merges overlapping ones; call once after the last `add`.
@@ -290,6 +306,39 @@ impl Tracker {
     }
 }
 
+/// Rows being written, per WAL record: `(seq, rows as the store gets them, rows as they
+/// were received)` (the two differ where a sink reshapes, e.g. the metrics split).
+pub type Rows = Vec<(u64, RecordBatch, RecordBatch)>;
+
+/// Splits rows in two halves by row count (slicing batches), for narrowing a refused
+/// write down to the refused rows.
+pub fn halves(rows: Rows) -> (Rows, Rows) {
+    let total: usize = rows.iter().map(|r| r.1.num_rows()).sum();
+    let mut left_n = total / 2;
+    let (mut left, mut right) = (Vec::new(), Vec::new());
+    for (seq, b, o) in rows {
+        let n = b.num_rows();
+        if left_n == 0 {
+            right.push((seq, b, o));
+        } else if n <= left_n {
+            left_n -= n;
+            left.push((seq, b, o));
+        } else {
+            left.push((seq, b.slice(0, left_n), o.slice(0, left_n)));
+            right.push((
+                seq,
+                b.slice(left_n, n - left_n),
+                o.slice(left_n, n - left_n),
+            ));
+            left_n = 0;
+        }
+    }
+    (left, right)
+}
+
+/// What a plan journal holds at start: done ranges, and plans `(table, seqs)` not done.
+pub type Journaled = (CommittedRanges, Vec<(String, Vec<u64>)>);
+
 /// Rows a store refused for good, kept as Parquet beside the archive:
 /// `_deadletter/<sink>/<table>/<first seq>-<last seq>.parquet`, with the table's
 /// columns plus `_sluice_wal_seq` and `_sluice_error` (the store's message). Writing the
@@ -350,6 +399,189 @@ impl DeadLetter {
     }
 }
 
+/// A sink's plan journal: JSON lines `{"plan": table, "seqs": [...]}` written (and
+/// fsynced) before a chunk is sent, `{"done": table, "first": n, "last": n}` after the
+/// store took it. After a crash, done chunks are skipped and planned ones are formed again
+/// from exactly the same records, so a store that deduplicates by a token derived from
+/// the chunk's WAL range drops what it already had.
+pub struct PlanJournal {
+    path: std::path::PathBuf,
+    file: Mutex<Option<std::fs::File>>,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(untagged)]
+enum JournalLine {
+    Plan { plan: String, seqs: Vec<u64> },
+    Done { done: String, first: u64, last: u64 },
+}
+
+impl PlanJournal {
+    pub fn new(path: std::path::PathBuf) -> Self {
+        Self {
+            path,
+            file: Mutex::new(None),
+        }
+    }
+
+    fn append(&self, line: &JournalLine, sync: bool) -> Result<(), String> {
+        use std::io::Write;
+        let mut text = serde_json::to_vec(line).map_err(|e| e.to_string())?;
+        text.push(b'\n');
+        let mut f = self.file.lock().expect("journal");
+        if f.is_none() {
+            if let Some(dir) = self.path.parent() {
+                std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            }
+            *f = Some(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&self.path)
+                    .map_err(|e| format!("{}: {e}", self.path.display()))?,
+            );
+        }
+        let file = f.as_mut().expect("open journal");
+        file.write_all(&text)
+            .and_then(|_| if sync { file.sync_data() } else { Ok(()) })
+            .map_err(|e| format!("{}: {e}", self.path.display()))
+    }
+
+    pub fn plan(&self, table: &str, seqs: &[u64]) -> Result<(), String> {
+        self.append(
+            &JournalLine::Plan {
+                plan: table.to_string(),
+                seqs: seqs.to_vec(),
+            },
+            true,
+        )
+    }
+
+    pub fn done(&self, table: &str, first: u64, last: u64) -> Result<(), String> {
+        self.append(
+            &JournalLine::Done {
+                done: table.to_string(),
+                first,
+                last,
+            },
+            false,
+        )
+    }
+
+    /// Done ranges and the plans not known to be done, in the order they were planned.
+    /// A torn last line (a crash mid-append) is ignored.
+    pub fn load(&self) -> Result<Journaled, String> {
+        let text = match std::fs::read_to_string(&self.path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(format!("{}: {e}", self.path.display())),
+        };
+        let mut done = CommittedRanges::default();
+        let mut plans: Vec<(String, Vec<u64>)> = Vec::new();
+        let mut done_keys = std::collections::HashSet::new();
+        let lines: Vec<&str> = text.lines().collect();
+        for (i, line) in lines.iter().enumerate() {
+            match serde_json::from_str::<JournalLine>(line) {
+                Ok(JournalLine::Plan { plan, seqs }) => plans.push((plan, seqs)),
+                Ok(JournalLine::Done {
+                    done: t,
+                    first,
+                    last,
+                }) => {
+                    done.add(&t, first, last);
+                    done_keys.insert((t, first));
+                }
+                Err(_) if i + 1 == lines.len() => {}
+                Err(e) => return Err(format!("{} line {}: {e}", self.path.display(), i + 1)),
+            }
+        }
+        plans.retain(|(t, seqs)| !seqs.is_empty() && !done_keys.contains(&(t.clone(), seqs[0])));
+        Ok((done, plans))
+    }
+
+    /// Rewrites the journal without entries wholly below `seq` (no longer in the WAL).
+    pub fn compact(&self, below: u64) -> Result<(), String> {
+        let mut f = self.file.lock().expect("journal");
+        let text = match std::fs::read_to_string(&self.path) {
+            Ok(t) => t,
+            Err(_) => return Ok(()),
+        };
+        let kept: Vec<&str> = text
+            .lines()
+            .filter(|l| match serde_json::from_str::<JournalLine>(l) {
+                Ok(JournalLine::Plan { seqs, .. }) => seqs.last().is_some_and(|s| *s >= below),
+                Ok(JournalLine::Done { last, .. }) => last >= below,
+                Err(_) => false,
+            })
+            .collect();
+        let tmp = self.path.with_extension("tmp");
+        let mut body = kept.join("\n");
+        if !body.is_empty() {
+            body.push('\n');
+        }
+        std::fs::write(&tmp, body)
+            .and_then(|_| std::fs::File::open(&tmp)?.sync_all())
+            .and_then(|_| std::fs::rename(&tmp, &self.path))
+            .map_err(|e| format!("{}: {e}", self.path.display()))?;
+        *f = None;
+        Ok(())
+    }
+}
+
+/// Plans read back from the journal at start, being formed again record by record.
+pub struct Replans {
+    by_seq: HashMap<u64, usize>,
+    plans: Vec<(Vec<u64>, Option<Chunk>)>,
+}
+
+impl Replans {
+    fn new(plans: Vec<(String, Vec<u64>)>) -> Self {
+        let mut by_seq = HashMap::new();
+        let mut out = Vec::new();
+        for (i, (_, seqs)) in plans.into_iter().enumerate() {
+            for s in &seqs {
+                by_seq.insert(*s, i);
+            }
+            out.push((seqs, None));
+        }
+        Self { by_seq, plans: out }
+    }
+
+    fn contains(&self, seq: u64) -> bool {
+        self.by_seq.contains_key(&seq)
+    }
+
+    /// Adds a record to its plan; returns the chunk once it holds every planned record.
+    fn take(&mut self, seq: u64, table: &Arc<ResolvedTable>, batch: RecordBatch) -> Option<Chunk> {
+        let i = *self.by_seq.get(&seq)?;
+        let (seqs, chunk) = &mut self.plans[i];
+        let c = chunk.get_or_insert_with(|| {
+            let mut c = Chunk::new(table.clone());
+            c.replayed = true;
+            c
+        });
+        c.push(seq, batch);
+        if c.parts.len() == seqs.len() {
+            self.by_seq.retain(|_, v| *v != i);
+            return chunk.take();
+        }
+        None
+    }
+
+    /// Plans whose last record has been read but that are incomplete (records no longer
+    /// routed here): written as they are.
+    fn overdue(&mut self, read_upto: u64) -> Vec<Chunk> {
+        let mut out = Vec::new();
+        for (i, (seqs, chunk)) in self.plans.iter_mut().enumerate() {
+            if chunk.is_some() && seqs.last().is_some_and(|l| *l <= read_upto) {
+                out.push(chunk.take().expect("chunk"));
+                self.by_seq.retain(|_, v| *v != i);
+            }
+        }
+        out
+    }
+}
+
 /// Runs one sink: the WAL reader and its workers.
 pub struct SinkRunner<W: StoreWriter> {
     pub writer: Arc<W>,
@@ -362,6 +594,10 @@ pub struct SinkRunner<W: StoreWriter> {
     pub opts: SinkOptions,
     pub status: Arc<SinkStatus>,
     pub tracker: Mutex<Tracker>,
+    /// For stores whose exactly-once rests on writing the same chunk again after a crash
+    /// (ClickHouse's deduplication tokens): chunks are planned here before they are
+    /// written, and re-formed exactly from the plan after a restart.
+    pub journal: Option<PlanJournal>,
 }
 
 /// Waits `delay` (doubling it up to `max`) unless shutdown comes first; false on shutdown.
@@ -428,6 +664,22 @@ impl<W: StoreWriter> SinkRunner<W> {
                 }
             }
         };
+        let (committed, mut replans) = match &self.journal {
+            Some(j) => {
+                let (done, plans) = match j.load() {
+                    Ok(x) => x,
+                    Err(e) => {
+                        tracing::error!(sink = name, error = %e, "cannot read the sink's plan journal");
+                        let _ = self.status.set_retrying(&self.metrics, &e);
+                        return;
+                    }
+                };
+                let mut c = committed;
+                c.merge(done);
+                (c.finish(), Some(Replans::new(plans)))
+            }
+            None => (committed, None),
+        };
         self.status.set_up(&self.metrics);
         let start = self
             .wal
@@ -466,6 +718,11 @@ impl<W: StoreWriter> SinkRunner<W> {
                     self.wal_id.clone(),
                     self.wal.first_seq(),
                 );
+                if let Some(j) = &self.journal {
+                    if let Err(e) = j.compact(below) {
+                        tracing::warn!(sink = name, error = %e, "cannot compact the plan journal");
+                    }
+                }
                 tokio::spawn(async move {
                     let r = async {
                         let mut conn = writer.connect().await?;
@@ -498,23 +755,38 @@ impl<W: StoreWriter> SinkRunner<W> {
                 }
             };
             let idle = records.is_empty();
+            let mut ready = Vec::new();
             for rec in records {
                 let seq = rec.seq;
-                for chunk in self.take_record(rec, &committed, &mut open) {
-                    if tx.send(chunk).await.is_err() {
-                        break;
-                    }
-                }
+                ready.extend(self.take_record(rec, &committed, &mut open, replans.as_mut()));
                 self.tracker.lock().expect("sink tracker").read_upto = seq;
             }
-            // Seal chunks that waited long enough.
+            // Seal chunks that waited long enough, and replayed plans whose records are
+            // all read (some may no longer be routed here).
             let due: Vec<String> = open
                 .iter()
                 .filter(|(_, c)| c.opened.elapsed() >= self.opts.linger)
                 .map(|(k, _)| k.clone())
                 .collect();
             for k in due {
-                let chunk = open.remove(&k).expect("open chunk");
+                ready.push(open.remove(&k).expect("open chunk"));
+            }
+            if let Some(r) = replans.as_mut() {
+                let read_upto = self.tracker.lock().expect("sink tracker").read_upto;
+                ready.extend(r.overdue(read_upto));
+            }
+            for chunk in ready {
+                if let Err(e) = self.plan(&chunk).await {
+                    tracing::error!(sink = name, error = %e, "cannot write the sink's plan journal");
+                    let _ = self.status.set_retrying(&self.metrics, &e);
+                    // Without a plan the chunk cannot be replayed exactly: stop here; the
+                    // records stay pending in the WAL and are read again after a restart.
+                    drop(tx);
+                    for w in workers {
+                        let _ = w.await;
+                    }
+                    return;
+                }
                 if tx.send(chunk).await.is_err() {
                     break;
                 }
@@ -534,12 +806,26 @@ impl<W: StoreWriter> SinkRunner<W> {
         }
     }
 
+    /// Records a chunk in the plan journal (fsynced) before it is written, unless it is a
+    /// replay of a plan already there.
+    async fn plan(&self, chunk: &Chunk) -> Result<(), String> {
+        let Some(j) = &self.journal else {
+            return Ok(());
+        };
+        if chunk.replayed || chunk.parts.is_empty() {
+            return Ok(());
+        }
+        let seqs: Vec<u64> = chunk.parts.iter().map(|p| p.seq).collect();
+        j.plan(chunk.table.name(), &seqs)
+    }
+
     /// Adds a record to its table's open chunk; returns the chunks ready to write.
     fn take_record(
         &self,
         rec: WalRecord,
         committed: &CommittedRanges,
         open: &mut BTreeMap<String, Chunk>,
+        replans: Option<&mut Replans>,
     ) -> Vec<Chunk> {
         let name = self.writer.name();
         let Some(current) = self.registry.get(&rec.table) else {
@@ -597,15 +883,18 @@ impl<W: StoreWriter> SinkRunner<W> {
         {
             ready.extend(open.remove(&rec.table));
         }
+        if let Some(replans) = replans {
+            if let Some(chunk) = replans.take(rec.seq, &current, batch.clone()) {
+                return vec![chunk];
+            }
+            if replans.contains(rec.seq) {
+                return vec![];
+            }
+        }
         let chunk = open
             .entry(rec.table.clone())
             .or_insert_with(|| Chunk::new(current.clone()));
-        chunk.rows += batch.num_rows();
-        chunk.bytes += data_size(&batch);
-        chunk.parts.push(Part {
-            seq: rec.seq,
-            batch,
-        });
+        chunk.push(rec.seq, batch);
         if chunk.rows >= self.opts.batch_rows || chunk.bytes >= self.opts.batch_bytes {
             ready.extend(open.remove(&rec.table));
         }
@@ -677,6 +966,13 @@ impl<W: StoreWriter> SinkRunner<W> {
                             tracing::info!(sink = name, %table, first_seq = chunk.first_seq(), last_seq = chunk.last_seq(),
                                 "chunk was already committed before a restart; skipped");
                         }
+                        if let Some(j) = &self.journal {
+                            // Not fsynced: if it is lost, the chunk is replayed with the
+                            // same token and the store drops it as a duplicate.
+                            if let Err(e) = j.done(&table, chunk.first_seq(), chunk.last_seq()) {
+                                tracing::warn!(sink = name, error = %e, "cannot note a written chunk in the plan journal");
+                            }
+                        }
                         {
                             let mut t = self.tracker.lock().expect("sink tracker");
                             for p in &chunk.parts {
@@ -743,5 +1039,27 @@ mod tests {
         assert_eq!(t.position(), 11);
         t.pending.remove(&12);
         assert_eq!(t.position(), 29);
+    }
+}
+
+#[cfg(test)]
+mod halves_tests {
+    use super::*;
+    use arrow::array::Int64Array;
+
+    #[test]
+    fn halves_split_by_rows_across_batches() {
+        let b = |v: Vec<i64>| {
+            RecordBatch::try_from_iter(vec![("v", Arc::new(Int64Array::from(v)) as ArrayRef)])
+                .unwrap()
+        };
+        let rows: Rows = vec![
+            (1, b(vec![1, 2, 3]), b(vec![1, 2, 3])),
+            (2, b(vec![4, 5]), b(vec![4, 5])),
+        ];
+        let (l, r) = halves(rows);
+        let n = |x: &Rows| x.iter().map(|r| (r.0, r.1.num_rows())).collect::<Vec<_>>();
+        assert_eq!(n(&l), vec![(1, 2)]);
+        assert_eq!(n(&r), vec![(1, 1), (2, 2)]);
     }
 }

@@ -1,5 +1,8 @@
 //! End-to-end tests: the real `sluice` binary on free ports, driven over Flight and HTTP.
 
+mod ch;
+mod ch_native;
+mod clickhouse;
 mod common;
 mod durability;
 mod memory;

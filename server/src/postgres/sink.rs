@@ -32,7 +32,9 @@ use tokio_postgres::Client;
 use super::copy::{encode_batch, PgType, HEADER, TRAILER};
 use super::quote_ident;
 use crate::config::PostgresConfig;
-use crate::sink::{Chunk, CommittedRanges, DeadLetter, Refused, SinkError, StoreWriter, Written};
+use crate::sink::{
+    halves, Chunk, CommittedRanges, DeadLetter, Refused, Rows, SinkError, StoreWriter, Written,
+};
 
 /// The sink's name: metrics label and WAL position key.
 pub const PG_SINK: &str = "postgres";
@@ -557,33 +559,6 @@ async fn copy_rows(
         .map_err(copy_failure)?;
     sink.finish().await.map_err(copy_failure)?;
     Ok(bytes)
-}
-
-/// Splits rows in two halves by row count (slicing batches).
-type Rows = Vec<(u64, RecordBatch, RecordBatch)>;
-
-fn halves(rows: Rows) -> (Rows, Rows) {
-    let total: usize = rows.iter().map(|r| r.1.num_rows()).sum();
-    let mut left_n = total / 2;
-    let (mut left, mut right) = (Vec::new(), Vec::new());
-    for (seq, b, o) in rows {
-        let n = b.num_rows();
-        if left_n == 0 {
-            right.push((seq, b, o));
-        } else if n <= left_n {
-            left_n -= n;
-            left.push((seq, b, o));
-        } else {
-            left.push((seq, b.slice(0, left_n), o.slice(0, left_n)));
-            right.push((
-                seq,
-                b.slice(left_n, n - left_n),
-                o.slice(left_n, n - left_n),
-            ));
-            left_n = 0;
-        }
-    }
-    (left, right)
 }
 
 #[async_trait::async_trait]

@@ -1,0 +1,174 @@
+#!/usr/bin/env python3
+"""ClickHouse ingest benchmark: Sluice end to end against curl of a Native file.
+
+In one run, with the same pre-generated rows (2,000,000 logs rows by default, in 64k-row
+batches, the logs shape of ``flight_bench.py``), into the same pre-created MergeTree
+table of one ClickHouse (a throwaway chdb-core server, or ``SLUICE_BENCH_CH_URL``), each
+measured ``--reps`` times, alternating, the table truncated before every measurement:
+
+1. **sluice**: the release binary with ``clickhouse.url`` set and fsync on; the clock runs
+   from the first DoPut until ``/readyz`` says the clickhouse sink has nothing left (every
+   row inserted), then ``count()`` is checked;
+2. **curl**: ``curl --data-binary @file 'INSERT INTO t FORMAT Native'`` of the same rows,
+   the file written beforehand by ``SELECT * FROM t FORMAT Native`` (ClickHouse's own
+   insert limit).
+
+Target (issue 4): sluice >= 0.9 x curl.
+
+Usage: ``bench/run.sh ch`` or ``python bench/ch_bench.py [--rows N] [--reps N]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from flight_bench import BATCH_ROWS, Proc, gen_logs  # noqa: E402
+from pg_bench import free_port, wait_sink_idle  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "clients" / "python"))
+from sluice_client import SluiceClient  # noqa: E402
+
+TABLE = "bench_logs"
+DDL = (f"CREATE TABLE {TABLE} (timestamp DateTime64(3, 'UTC'), service LowCardinality(String), "
+       "host LowCardinality(String), level LowCardinality(String), message String, "
+       "trace_id String) ENGINE = MergeTree PARTITION BY toYYYYMMDD(timestamp) "
+       "ORDER BY (service, timestamp) SETTINGS non_replicated_deduplication_window = 1000")
+COLUMNS = [{"name": "timestamp", "type": "timestamp_ms"},
+           {"name": "service", "type": "string", "role": "tag"},
+           {"name": "host", "type": "string", "role": "tag"},
+           {"name": "level", "type": "string", "role": "tag"},
+           {"name": "message", "type": "string", "role": "message"},
+           {"name": "trace_id", "type": "string"}]
+
+
+class ThrowawayClickHouse:
+    """A chdb-core server in a temp dir, as INFRA.md describes."""
+
+    def __init__(self, workdir: Path):
+        self.dir = workdir / "ch"
+        self.dir.mkdir()
+        port, tcp = free_port(), free_port()
+        (self.dir / "config.xml").write_text(
+            f"<clickhouse><http_port>{port}</http_port><tcp_port>{tcp}</tcp_port>"
+            "<listen_host>127.0.0.1</listen_host></clickhouse>")
+        code = ("import chdb._chdb as c; c.query('SYSTEM START LISTEN HTTP; SYSTEM START LISTEN TCP; "
+                "SELECT sleepEachRow(1) FROM numbers(86400) SETTINGS max_block_size=1 FORMAT Null',"
+                f"'CSV',path='{self.dir / 'data'}')")
+        self.proc = subprocess.Popen([sys.executable, "-c", code], cwd=self.dir,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.url}/ping", timeout=1):
+                    return
+            except OSError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise SystemExit("ClickHouse (chdb-core) did not start; pip install chdb-core")
+                time.sleep(0.2)
+
+    def stop(self):
+        self.proc.kill()
+        self.proc.wait()
+
+
+def ch(url: str, sql: str, data: bytes | None = None) -> bytes:
+    q = urllib.parse.urlencode({"query": sql}) if data is not None else ""
+    req = urllib.request.Request(f"{url}/?{q}", data=data if data is not None else sql.encode())
+    with urllib.request.urlopen(req) as r:
+        return r.read()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rows", type=int, default=2_000_000)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--sluice-bin", default=os.environ.get("SLUICE_BIN")
+                    or str(Path.home() / ".cache/sluice-target/release/sluice"))
+    ap.add_argument("--wal-compression",
+                    default=os.environ.get("SLUICE__WAL__COMPRESSION", "zstd"))
+    args = ap.parse_args()
+
+    table = gen_logs(args.rows)
+    batches = table.to_batches(max_chunksize=BATCH_ROWS)
+    workdir = Path(tempfile.mkdtemp(prefix="sluice-chbench-"))
+    server = sluice = None
+    times: dict = {}
+    try:
+        url = os.environ.get("SLUICE_BENCH_CH_URL")
+        if not url:
+            server = ThrowawayClickHouse(workdir)
+            url = server.url
+        print(f"ClickHouse: {url} ({ch(url, 'SELECT version()').decode().strip()})", flush=True)
+        ch(url, f"DROP TABLE IF EXISTS {TABLE}")
+        ch(url, DDL)
+        env = dict(os.environ,
+                   SLUICE__SERVER__GRPC_ADDR="127.0.0.1:0",
+                   SLUICE__SERVER__HTTP_ADDR="127.0.0.1:0",
+                   SLUICE__SERVER__DATA_DIR=str(workdir / "data"),
+                   SLUICE__WAL__FSYNC="true",
+                   SLUICE__WAL__COMPRESSION=args.wal_compression,
+                   SLUICE__CLICKHOUSE__URL=url)
+        sluice = Proc([args.sluice_bin, "serve"], env, "SLUICE_READY", workdir / "sluice.log")
+        client = SluiceClient(f"grpc://{sluice.addrs['grpc']}")
+        client.register_table({"name": TABLE, "sinks": ["clickhouse"], "columns": COLUMNS})
+        native = workdir / "rows.native"
+        for rep in range(1, args.reps + 1):
+            ch(url, f"TRUNCATE TABLE {TABLE}")
+            start = time.perf_counter()
+            client.write(TABLE, batches)
+            wait_sink_idle(sluice.addrs["http"], sink="clickhouse")
+            el = time.perf_counter() - start
+            n = int(ch(url, f"SELECT count() FROM {TABLE}"))
+            if n != args.rows:
+                raise RuntimeError(f"sluice: {TABLE} has {n} rows, expected {args.rows}")
+            times.setdefault("sluice", []).append(el)
+            print(f"  rep {rep} sluice {el:7.3f} s {args.rows / el / 1e6:6.2f} M rows/s", flush=True)
+            if not native.exists():
+                native.write_bytes(ch(url, f"SELECT * FROM {TABLE} FORMAT Native"))
+            ch(url, f"TRUNCATE TABLE {TABLE}")
+            query = urllib.parse.quote(f"INSERT INTO {TABLE} FORMAT Native")
+            start = time.perf_counter()
+            subprocess.run(["curl", "-sS", "--fail", "--data-binary", f"@{native}",
+                            f"{url}/?query={query}"], check=True, stdout=subprocess.DEVNULL)
+            el = time.perf_counter() - start
+            n = int(ch(url, f"SELECT count() FROM {TABLE}"))
+            if n != args.rows:
+                raise RuntimeError(f"curl: {TABLE} has {n} rows, expected {args.rows}")
+            times.setdefault("curl", []).append(el)
+            print(f"  rep {rep} curl   {el:7.3f} s {args.rows / el / 1e6:6.2f} M rows/s", flush=True)
+        client.close()
+    except BaseException:
+        if sluice is not None:
+            print(f"--- sluice log (tail) ---\n{sluice.tail()}", file=sys.stderr)
+        raise
+    finally:
+        if sluice is not None:
+            sluice.stop()
+        if server is not None:
+            server.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+    best = {k: min(v) for k, v in times.items()}
+    ratio = best["curl"] / best["sluice"]
+    print()
+    print(f"rows per run: {args.rows:,} (logs shape), best of {args.reps}, "
+          f"WAL fsync on, compression {args.wal_compression}")
+    for side in ("sluice", "curl"):
+        print(f"{side:<7} {args.rows / best[side] / 1e6:6.2f} M rows/s")
+    print(f"sluice / curl = {ratio:.2f}; target >= 0.9: {'met' if ratio >= 0.9 else 'NOT met'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
