@@ -514,3 +514,95 @@ async fn a_column_of_another_type_is_reported_with_both_types() {
         "the row is kept"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_clickhouse_refuses_are_dead_lettered_and_the_rest_inserted() {
+    let ch = ChServer::start();
+    ch.query(
+        "CREATE TABLE checked (time DateTime64(6, 'UTC'), v Int64, CONSTRAINT positive CHECK v >= 0)
+         ENGINE = MergeTree ORDER BY time SETTINGS non_replicated_deduplication_window = 100",
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_with_ch(dir.path(), &ch, &[]);
+    let mut client = server.flight().await;
+    action(
+        &mut client,
+        "register_table",
+        r#"{"name":"checked","sinks":["clickhouse"],"columns":[{"name":"time","type":"timestamp"},{"name":"v","type":"int64","nullable":false}]}"#,
+    )
+    .await
+    .unwrap();
+    let schema = Arc::new(Schema::new(vec![
+        Field::new(
+            "time",
+            arrow::datatypes::DataType::Timestamp(
+                arrow::datatypes::TimeUnit::Microsecond,
+                Some("UTC".into()),
+            ),
+            false,
+        ),
+        Field::new("v", arrow::datatypes::DataType::Int64, false),
+    ]));
+    let now = chrono::Utc::now().timestamp_micros();
+    let values = vec![1i64, -1, 2, -5, 3, 4, 5, 6];
+    let b = RecordBatch::try_new(
+        schema,
+        vec![
+            Arc::new(
+                TimestampMicrosecondArray::from_iter_values((0..8).map(|i| now + i))
+                    .with_timezone("UTC"),
+            ),
+            Arc::new(Int64Array::from(values)),
+        ],
+    )
+    .unwrap();
+    assert_eq!(put(&mut client, "checked", vec![b]).await.rows(), 8);
+    eventually(
+        Duration::from_secs(30),
+        "the good rows in ClickHouse",
+        || async { count(&ch, "SELECT count() FROM checked").await == 6 },
+    )
+    .await;
+    let got = rows(&ch, "SELECT v FROM checked ORDER BY v").await;
+    assert_eq!(
+        got.iter().map(|r| r[0].as_str()).collect::<Vec<_>>(),
+        vec!["1", "2", "3", "4", "5", "6"]
+    );
+    let dl = dir.path().join("archive/_deadletter/clickhouse/checked");
+    let mut dead: Vec<(i64, String)> = Vec::new();
+    for e in std::fs::read_dir(&dl).expect("dead-letter folder") {
+        let f = std::fs::File::open(e.unwrap().path()).unwrap();
+        for b in parquet::arrow::arrow_reader::ParquetRecordBatchReader::try_new(f, 64).unwrap() {
+            let b = b.unwrap();
+            let v = b
+                .column_by_name("v")
+                .unwrap()
+                .as_any()
+                .downcast_ref::<Int64Array>()
+                .unwrap()
+                .clone();
+            let err = b
+                .column_by_name("_sluice_error")
+                .unwrap()
+                .as_any()
+                .downcast_ref::<StringArray>()
+                .unwrap()
+                .clone();
+            dead.extend((0..b.num_rows()).map(|i| (v.value(i), err.value(i).to_string())));
+        }
+    }
+    dead.sort();
+    assert_eq!(dead.iter().map(|d| d.0).collect::<Vec<_>>(), vec![-5, -1]);
+    for (_, e) in &dead {
+        assert!(
+            e.contains("469") || e.contains("VIOLATED_CONSTRAINT"),
+            "{e}"
+        );
+    }
+    let m = get_text(&server.url("/metrics")).await;
+    assert!(
+        m.contains(r#"sluice_sink_dead_letter_rows_total{sink="clickhouse",table="checked"} 2"#),
+        "{m}"
+    );
+}
