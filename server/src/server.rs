@@ -370,6 +370,31 @@ pub async fn run(config: Config, on_ready: impl FnOnce(BoundAddrs)) -> Result<()
 /// How often a registry kept in PostgreSQL is re-read for tables other processes added.
 const REGISTRY_REFRESH: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// Tries `attempt` every second for up to 30 s while a store is starting; the error
+/// names the store and its config key.
+async fn wait_for<T, E, F, Fut>(store: &str, key: &str, mut attempt: F) -> Result<T>
+where
+    E: std::fmt::Display,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = std::result::Result<T, E>>,
+{
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        match attempt().await {
+            Ok(v) => return Ok(v),
+            Err(e) if std::time::Instant::now() < deadline => {
+                tracing::warn!(error = %e, "{store} ({key}) is not reachable yet; retrying");
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+            Err(e) => {
+                return Err(Error::Unavailable(format!(
+                    "cannot reach {store} at {key}: {e}"
+                )))
+            }
+        }
+    }
+}
+
 /// What start-up learned about the configured PostgreSQL.
 struct PostgresInfo {
     url: String,
@@ -379,21 +404,10 @@ struct PostgresInfo {
 /// Connects to PostgreSQL (waiting up to 30 s for it), applies the migrations when
 /// `postgres.migrate_on_start` is set, and finds out whether TimescaleDB is there.
 async fn prepare_postgres(url: &str, config: &Config) -> Result<PostgresInfo> {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    let mut client = loop {
-        match crate::postgres::connect(url).await {
-            Ok(c) => break c,
-            Err(e) if std::time::Instant::now() < deadline => {
-                tracing::warn!(error = %e, "PostgreSQL (postgres.url) is not reachable yet; retrying");
-                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-            }
-            Err(e) => {
-                return Err(Error::Unavailable(format!(
-                    "cannot connect to PostgreSQL at postgres.url: {e}"
-                )))
-            }
-        }
-    };
+    let mut client = wait_for("PostgreSQL", "postgres.url", || {
+        crate::postgres::connect(url)
+    })
+    .await?;
     if config.postgres.migrate_on_start {
         let report = crate::postgres::migrate::migrate(&mut client).await?;
         tracing::info!(applied = ?report.applied, timescaledb = report.timescaledb, "PostgreSQL migrations");
@@ -423,21 +437,7 @@ async fn prepare_postgres(url: &str, config: &Config) -> Result<PostgresInfo> {
 async fn prepare_clickhouse(config: &Config) -> Result<crate::clickhouse::client::ChClient> {
     let client = crate::clickhouse::client::ChClient::new(&config.clickhouse)
         .map_err(|e| Error::InvalidArgument(format!("clickhouse: {e}")))?;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    loop {
-        match client.ping().await {
-            Ok(()) => break,
-            Err(e) if std::time::Instant::now() < deadline => {
-                tracing::warn!(error = %e, "ClickHouse (clickhouse.url) is not reachable yet; retrying");
-                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-            }
-            Err(e) => {
-                return Err(Error::Unavailable(format!(
-                    "cannot reach ClickHouse at clickhouse.url: {e}"
-                )))
-            }
-        }
-    }
+    wait_for("ClickHouse", "clickhouse.url", || client.ping()).await?;
     if config.clickhouse.migrate_on_start {
         let report = crate::clickhouse::migrate::migrate(&client).await?;
         tracing::info!(applied = ?report.applied, "ClickHouse migrations");

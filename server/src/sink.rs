@@ -359,6 +359,32 @@ impl DeadLetter {
         format!("_deadletter/{sink}/{table}/{first:020}-{last:020}.parquet")
     }
 
+    /// Writes the refused rows of a chunk (if any) and logs where they went; returns how
+    /// many rows were dead-lettered.
+    pub async fn record(
+        &self,
+        sink: &str,
+        table: &str,
+        first: u64,
+        last: u64,
+        refused: &[Refused],
+    ) -> Result<u64, SinkError> {
+        if refused.is_empty() {
+            return Ok(0);
+        }
+        let n: u64 = refused.iter().map(|r| r.rows.num_rows() as u64).sum();
+        let path = self
+            .write(sink, table, first, last, refused)
+            .await
+            .map_err(|e| SinkError {
+                message: e,
+                reconnect: false,
+            })?;
+        tracing::warn!(sink, %table, rows = n, %path, first_error = %refused[0].error,
+            "the store refused rows; they are in the dead-letter file");
+        Ok(n)
+    }
+
     /// Writes the refused rows of one chunk; returns the file's path.
     pub async fn write(
         &self,

@@ -12,7 +12,6 @@ use arrow::array::{
     TimestampNanosecondArray,
 };
 use arrow::datatypes::{Field, Schema};
-use futures::StreamExt;
 
 use crate::ch::ChServer;
 use crate::common::*;
@@ -320,10 +319,6 @@ const CH_EVENTS: &str = r#"{"name":"events","sinks":["clickhouse","archive"],"co
     {"name":"id","type":"int64","nullable":false}]}"#;
 const BATCH: i64 = 500;
 
-fn batch(i: i64) -> RecordBatch {
-    events_batch(i, BATCH)
-}
-
 async fn assert_ch_exactly_once(ch: &ChServer, acked: &[i64]) {
     let got = rows(ch, "SELECT id, count() FROM events GROUP BY id").await;
     let counts: HashMap<i64, i64> = got
@@ -342,20 +337,6 @@ async fn assert_ch_exactly_once(ch: &ChServer, acked: &[i64]) {
     }
 }
 
-async fn wait_caught_up(server: &Sluice) {
-    let url = server.url("/readyz");
-    eventually(
-        Duration::from_secs(60),
-        "the clickhouse sink to catch up",
-        || async {
-            let r = get_json(&url).await;
-            r["sinks"]["clickhouse"]["lag_records"] == 0
-                && r["sinks"]["clickhouse"]["state"] == "ok"
-        },
-    )
-    .await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_mid_stream_is_exactly_once_in_clickhouse() {
     let ch = ChServer::start();
@@ -370,21 +351,10 @@ async fn kill_9_mid_stream_is_exactly_once_in_clickhouse() {
         if round > 0 {
             server = start_with_ch(dir.path(), &ch, &[]);
         }
-        let client = server.flight().await;
-        let stream = futures::stream::iter(from..from + 1_000_000).map(batch);
-        let (task, mut rx) = spawn_put(client, "events", stream);
-        for _ in 0..80 {
-            let ack = rx.recv().await.expect("acks before the kill");
-            acked.push(from + ack["request_id"].as_i64().unwrap() - 1);
-        }
-        server.kill9();
-        let _ = task.await;
-        while let Ok(ack) = rx.try_recv() {
-            acked.push(from + ack["request_id"].as_i64().unwrap() - 1);
-        }
+        acked.extend(stream_until_killed(&mut server, from, 80, BATCH).await);
     }
     let server = start_with_ch(dir.path(), &ch, &[]);
-    wait_caught_up(&server).await;
+    wait_sink_caught_up(&server, "clickhouse").await;
     assert_ch_exactly_once(&ch, &acked).await;
     let total = count(&ch, "SELECT count() FROM events").await;
     let mut client = server.flight().await;
@@ -404,47 +374,10 @@ async fn clickhouse_restart_mid_stream_loses_and_duplicates_nothing() {
     action(&mut client, "register_table", CH_EVENTS)
         .await
         .unwrap();
-    let client = server.flight().await;
-    let stream = futures::stream::iter(0..200i64).then(|i| async move {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-        batch(i)
-    });
-    let (task, mut rx) = spawn_put(client, "events", stream);
-    let mut acked = Vec::new();
-    while acked.len() < 30 {
-        acked.push(
-            rx.recv().await.expect("ack")["request_id"]
-                .as_i64()
-                .unwrap()
-                - 1,
-        );
-    }
-    ch.stop();
-    while acked.len() < 90 {
-        acked.push(
-            rx.recv().await.expect("acks while ClickHouse is down")["request_id"]
-                .as_i64()
-                .unwrap()
-                - 1,
-        );
-    }
-    let url = server.url("/readyz");
-    eventually(
-        Duration::from_secs(20),
-        "the sink to report retrying",
-        || async {
-            let r = get_json(&url).await;
-            r["sinks"]["clickhouse"]["state"] == "retrying" && r["ready"] == true
-        },
-    )
-    .await;
-    ch.restart();
-    assert!(task.await.unwrap().is_none(), "the call completes");
-    while let Some(ack) = rx.recv().await {
-        acked.push(ack["request_id"].as_i64().unwrap() - 1);
-    }
-    assert_eq!(acked.len(), 200);
-    wait_caught_up(&server).await;
+    let acked =
+        stream_through_store_restart(&server, "clickhouse", BATCH, || ch.stop(), || ch.restart())
+            .await;
+    wait_sink_caught_up(&server, "clickhouse").await;
     assert_ch_exactly_once(&ch, &acked).await;
     assert_eq!(count(&ch, "SELECT count() FROM events").await, 200 * BATCH);
 }

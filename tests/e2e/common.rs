@@ -330,3 +330,90 @@ pub fn events_batch(i: i64, rows: i64) -> RecordBatch {
     )
     .unwrap()
 }
+
+/// Streams `events` batches of `rows` rows, from batch `from` on, until `kill_after_acks`
+/// acks arrived, then kill -9s the server; returns the indexes of the batches acked.
+pub async fn stream_until_killed(
+    server: &mut Sluice,
+    from: i64,
+    kill_after_acks: usize,
+    rows: i64,
+) -> Vec<i64> {
+    let client = server.flight().await;
+    let stream = futures::stream::iter(from..from + 1_000_000).map(move |i| events_batch(i, rows));
+    let (task, mut rx) = spawn_put(client, "events", stream);
+    let mut acked = Vec::new();
+    while acked.len() < kill_after_acks {
+        let ack = rx.recv().await.expect("acks before the kill");
+        acked.push(ack["request_id"].as_i64().unwrap());
+    }
+    server.kill9();
+    let _ = task.await;
+    while let Ok(ack) = rx.try_recv() {
+        acked.push(ack["request_id"].as_i64().unwrap());
+    }
+    // request_id is 1-based within this call.
+    acked.into_iter().map(|r| from + r - 1).collect()
+}
+
+/// Streams 200 `events` batches of `rows` rows, 10 ms apart; after 30 acks calls `stop`
+/// (a store goes down), checks that acks keep coming and that `/readyz` shows `sink`
+/// retrying while the server stays ready, then calls `restart`. Returns the indexes of
+/// the batches acked (all 200).
+pub async fn stream_through_store_restart(
+    server: &Sluice,
+    sink: &str,
+    rows: i64,
+    stop: impl FnOnce(),
+    restart: impl FnOnce(),
+) -> Vec<i64> {
+    let client = server.flight().await;
+    let stream = futures::stream::iter(0..200i64).then(move |i| async move {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        events_batch(i, rows)
+    });
+    let (task, mut rx) = spawn_put(client, "events", stream);
+    let mut acked = Vec::new();
+    while acked.len() < 30 {
+        acked.push(
+            rx.recv().await.expect("ack")["request_id"]
+                .as_i64()
+                .unwrap()
+                - 1,
+        );
+    }
+    stop();
+    // Writes are still acked (into the WAL) while the store is down...
+    while acked.len() < 90 {
+        let ack = rx.recv().await.expect("acks while the store is down");
+        acked.push(ack["request_id"].as_i64().unwrap() - 1);
+    }
+    // ...and the sink says it is retrying.
+    let url = server.url("/readyz");
+    eventually(
+        Duration::from_secs(20),
+        "the sink to report retrying",
+        || async {
+            let r = get_json(&url).await;
+            r["sinks"][sink]["state"] == "retrying" && r["ready"] == true
+        },
+    )
+    .await;
+    restart();
+    assert!(task.await.unwrap().is_none(), "the call completes");
+    while let Some(ack) = rx.recv().await {
+        acked.push(ack["request_id"].as_i64().unwrap() - 1);
+    }
+    assert_eq!(acked.len(), 200);
+    acked
+}
+
+/// Waits until `sink` has taken everything in the WAL and its last attempt succeeded.
+pub async fn wait_sink_caught_up(server: &Sluice, sink: &str) {
+    let url = server.url("/readyz");
+    eventually(Duration::from_secs(60), "the sink to catch up", || async {
+        let r = get_json(&url).await;
+        r["sinks"][sink]["lag_records"] == 0 && r["sinks"][sink]["state"] == "ok"
+    })
+    .await;
+}

@@ -17,25 +17,6 @@ fn batch(i: i64) -> RecordBatch {
     events_batch(i, BATCH)
 }
 
-/// Streams batches `from..` until the server dies; returns the batch indexes acked.
-async fn stream_until_killed(server: &mut Sluice, from: i64, kill_after_acks: usize) -> Vec<i64> {
-    let client = server.flight().await;
-    let stream = futures::stream::iter(from..from + 1_000_000).map(batch);
-    let (task, mut rx) = spawn_put(client, "events", stream);
-    let mut acked = Vec::new();
-    while acked.len() < kill_after_acks {
-        let ack = rx.recv().await.expect("acks before the kill");
-        acked.push(ack["request_id"].as_i64().unwrap());
-    }
-    server.kill9();
-    let _ = task.await;
-    while let Ok(ack) = rx.try_recv() {
-        acked.push(ack["request_id"].as_i64().unwrap());
-    }
-    // request_id is 1-based within this call.
-    acked.into_iter().map(|r| from + r - 1).collect()
-}
-
 fn archive_ids(data_dir: &Path) -> Vec<i64> {
     let mut ids = Vec::new();
     let mut stack = vec![data_dir.join("archive/events")];
@@ -94,10 +75,10 @@ async fn kill_9_mid_stream_loses_and_duplicates_nothing() {
     let mut client = server.flight().await;
     action(&mut client, "register_table", EVENTS).await.unwrap();
 
-    let mut acked = stream_until_killed(&mut server, 0, 60).await;
+    let mut acked = stream_until_killed(&mut server, 0, 60, BATCH).await;
     // Second round: restart (replays the WAL), stream more, kill again.
     let mut server = Sluice::start(dir.path(), &env);
-    acked.extend(stream_until_killed(&mut server, 100_000, 45).await);
+    acked.extend(stream_until_killed(&mut server, 100_000, 45, BATCH).await);
     assert!(acked.len() >= 105);
 
     let server = Sluice::start(dir.path(), &[("BUFFER__MAX_AGE", "1s")]);

@@ -13,7 +13,6 @@ use arrow::array::{
     TimestampNanosecondArray,
 };
 use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
-use futures::StreamExt;
 
 use crate::common::*;
 use crate::pg::PgServer;
@@ -538,20 +537,6 @@ async fn assert_pg_exactly_once(db: &tokio_postgres::Client, acked: &[i64]) {
     }
 }
 
-/// Waits until the sink has taken everything in the WAL.
-async fn wait_caught_up(server: &Sluice) {
-    let url = server.url("/readyz");
-    eventually(
-        Duration::from_secs(60),
-        "the postgres sink to catch up",
-        || async {
-            let r = get_json(&url).await;
-            r["sinks"]["postgres"]["lag_records"] == 0 && r["sinks"]["postgres"]["state"] == "ok"
-        },
-    )
-    .await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_mid_stream_is_exactly_once_in_postgres() {
     let pg = PgServer::start();
@@ -564,23 +549,10 @@ async fn kill_9_mid_stream_is_exactly_once_in_postgres() {
         if round > 0 {
             server = start_with_pg(dir.path(), &pg, &[]);
         }
-        let client = server.flight().await;
-        let stream = futures::stream::iter(from..from + 1_000_000).map(events_batch);
-        let (task, mut rx) = spawn_put(client, "events", stream);
-        let mut n = 0;
-        while n < 80 {
-            let ack = rx.recv().await.expect("acks before the kill");
-            acked.push(from + ack["request_id"].as_i64().unwrap() - 1);
-            n += 1;
-        }
-        server.kill9();
-        let _ = task.await;
-        while let Ok(ack) = rx.try_recv() {
-            acked.push(from + ack["request_id"].as_i64().unwrap() - 1);
-        }
+        acked.extend(stream_until_killed(&mut server, from, 80, BATCH).await);
     }
     let server = start_with_pg(dir.path(), &pg, &[]);
-    wait_caught_up(&server).await;
+    wait_sink_caught_up(&server, "postgres").await;
     let db = pg_client(&pg).await;
     assert_pg_exactly_once(&db, &acked).await;
     // Every acked row is there, and nothing beyond what reached the WAL.
@@ -605,50 +577,10 @@ async fn postgres_restart_mid_stream_loses_and_duplicates_nothing() {
     let server = start_with_pg(dir.path(), &pg, &[]);
     let mut client = server.flight().await;
     action(&mut client, "register_table", EVENTS).await.unwrap();
-    let client = server.flight().await;
-    // 200 batches, 10 ms apart.
-    let stream = futures::stream::iter(0..200i64).then(|i| async move {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-        events_batch(i)
-    });
-    let (task, mut rx) = spawn_put(client, "events", stream);
-    let mut acked = Vec::new();
-    while acked.len() < 30 {
-        acked.push(
-            rx.recv().await.expect("ack")["request_id"]
-                .as_i64()
-                .unwrap()
-                - 1,
-        );
-    }
-    pg.stop();
-    // Writes are still acked (into the WAL) while PostgreSQL is down...
-    while acked.len() < 90 {
-        acked.push(
-            rx.recv().await.expect("acks while PostgreSQL is down")["request_id"]
-                .as_i64()
-                .unwrap()
-                - 1,
-        );
-    }
-    // ...and the sink says it is retrying.
-    let url = server.url("/readyz");
-    eventually(
-        Duration::from_secs(20),
-        "the sink to report retrying",
-        || async {
-            let r = get_json(&url).await;
-            r["sinks"]["postgres"]["state"] == "retrying" && r["ready"] == true
-        },
-    )
-    .await;
-    pg.restart();
-    assert!(task.await.unwrap().is_none(), "the call completes");
-    while let Some(ack) = rx.recv().await {
-        acked.push(ack["request_id"].as_i64().unwrap() - 1);
-    }
-    assert_eq!(acked.len(), 200);
-    wait_caught_up(&server).await;
+    let acked =
+        stream_through_store_restart(&server, "postgres", BATCH, || pg.stop(), || pg.restart())
+            .await;
+    wait_sink_caught_up(&server, "postgres").await;
     let db = pg_client(&pg).await;
     assert_pg_exactly_once(&db, &acked).await;
     assert_eq!(
@@ -705,7 +637,7 @@ async fn wal_disk_budget_refuses_writes_while_postgres_is_down() {
     let r = get_json(&server.url("/readyz")).await;
     assert_eq!(r["ready"], false, "{r}");
     pg.restart();
-    wait_caught_up(&server).await;
+    wait_sink_caught_up(&server, "postgres").await;
     // The sink caught up and released segments: writes are accepted again.
     let url = server.url("/readyz");
     eventually(
@@ -718,7 +650,7 @@ async fn wal_disk_budget_refuses_writes_while_postgres_is_down() {
     let out = put(&mut c, "events", vec![events_batch(5000)]).await;
     assert!(out.error.is_none(), "{:?}", out.error);
     acked.push(5000);
-    wait_caught_up(&server).await;
+    wait_sink_caught_up(&server, "postgres").await;
     let db = pg_client(&pg).await;
     assert_pg_exactly_once(&db, &acked).await;
     assert_eq!(

@@ -691,20 +691,10 @@ impl StoreWriter for PgWriter {
                 }
             }
         }
-        if !refused.is_empty() {
-            let n: u64 = refused.iter().map(|r| r.rows.num_rows() as u64).sum();
-            let path = self
-                .dead_letter
-                .write(PG_SINK, table, first, last, &refused)
-                .await
-                .map_err(|e| SinkError {
-                    message: e,
-                    reconnect: false,
-                })?;
-            tracing::warn!(%table, rows = n, %path, first_error = %refused[0].error,
-                "PostgreSQL refused rows; they are in the dead-letter file");
-            written.dead_letter_rows = n;
-        }
+        written.dead_letter_rows = self
+            .dead_letter
+            .record(PG_SINK, table, first, last, &refused)
+            .await?;
         tx.commit().await.map_err(|e| pg_err("commit", &e))?;
         Ok(written)
     }
