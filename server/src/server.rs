@@ -25,7 +25,7 @@ use crate::metrics::Metrics;
 use crate::pipeline::Pipeline;
 use crate::postgres::sink::{PgWriter, PG_SINK};
 use crate::registry::{FileRegistryStore, Registry};
-use crate::sink::{DeadLetter, SinkOptions, SinkRunner, SinkStatus};
+use crate::sink::{DeadLetter, PlanJournal, SinkOptions, SinkRunner, SinkStatus, StoreWriter};
 use crate::state::{AppState, Readiness};
 use crate::wal::{Wal, WalOptions};
 
@@ -187,6 +187,14 @@ pub async fn run(config: Config, on_ready: impl FnOnce(BoundAddrs)) -> Result<()
 
     let mut sink_statuses = Vec::new();
     let mut sink_tasks = Vec::new();
+    let sinks = SinkSpawner {
+        wal: wal.clone(),
+        wal_id: wal_id.clone(),
+        registry: registry.clone(),
+        metrics: metrics.clone(),
+        configured: sinks_configured.clone(),
+        stop: stop_rx.clone(),
+    };
     if let Some(pg) = &postgres {
         let writer = PgWriter::new(
             pg.url.clone(),
@@ -199,28 +207,17 @@ pub async fn run(config: Config, on_ready: impl FnOnce(BoundAddrs)) -> Result<()
         writer
             .timescale
             .store(pg.timescale, std::sync::atomic::Ordering::Relaxed);
-        let status = Arc::new(SinkStatus::new(PG_SINK));
-        sink_statuses.push(status.clone());
-        let runner = Arc::new(SinkRunner {
-            writer: Arc::new(writer),
-            wal: wal.clone(),
-            wal_id: wal_id.clone(),
-            registry: registry.clone(),
-            metrics: metrics.clone(),
-            configured: sinks_configured.clone(),
-            opts: SinkOptions {
-                workers: config.postgres.pool_size,
-                batch_rows: config.postgres.batch_rows,
-                batch_bytes: config.postgres.batch_bytes.as_usize(),
-                linger: config.postgres.linger,
-                retry_initial: config.postgres.retry_initial,
-                retry_max: config.postgres.retry_max,
-            },
-            status,
-            tracker: Default::default(),
-            journal: None,
-        });
-        sink_tasks.push(tokio::spawn(runner.run(stop_rx.clone())));
+        let opts = SinkOptions {
+            workers: config.postgres.pool_size,
+            batch_rows: config.postgres.batch_rows,
+            batch_bytes: config.postgres.batch_bytes.as_usize(),
+            linger: config.postgres.linger,
+            retry_initial: config.postgres.retry_initial,
+            retry_max: config.postgres.retry_max,
+        };
+        let (status, task) = sinks.spawn(writer, opts, None);
+        sink_statuses.push(status);
+        sink_tasks.push(task);
         // Partitions, retention and metrics_1m on plain PostgreSQL (it does nothing where
         // TimescaleDB runs the policies).
         sink_tasks.push(tokio::spawn(crate::postgres::maintenance::run(
@@ -252,30 +249,18 @@ pub async fn run(config: Config, on_ready: impl FnOnce(BoundAddrs)) -> Result<()
             },
             config.clickhouse.dedup_window,
         );
-        let status = Arc::new(SinkStatus::new(crate::clickhouse::sink::CH_SINK));
-        sink_statuses.push(status.clone());
-        let runner = Arc::new(SinkRunner {
-            writer: Arc::new(writer),
-            wal: wal.clone(),
-            wal_id: wal_id.clone(),
-            registry: registry.clone(),
-            metrics: metrics.clone(),
-            configured: sinks_configured.clone(),
-            opts: SinkOptions {
-                workers: config.clickhouse.pool_size,
-                batch_rows: config.clickhouse.batch_rows,
-                batch_bytes: config.clickhouse.batch_bytes.as_usize(),
-                linger: config.clickhouse.linger,
-                retry_initial: config.clickhouse.retry_initial,
-                retry_max: config.clickhouse.retry_max,
-            },
-            status,
-            tracker: Default::default(),
-            journal: Some(crate::sink::PlanJournal::new(
-                data_dir.join("wal").join("clickhouse.plans"),
-            )),
-        });
-        sink_tasks.push(tokio::spawn(runner.run(stop_rx.clone())));
+        let opts = SinkOptions {
+            workers: config.clickhouse.pool_size,
+            batch_rows: config.clickhouse.batch_rows,
+            batch_bytes: config.clickhouse.batch_bytes.as_usize(),
+            linger: config.clickhouse.linger,
+            retry_initial: config.clickhouse.retry_initial,
+            retry_max: config.clickhouse.retry_max,
+        };
+        let journal = PlanJournal::new(data_dir.join("wal").join("clickhouse.plans"));
+        let (status, task) = sinks.spawn(writer, opts, Some(journal));
+        sink_statuses.push(status);
+        sink_tasks.push(task);
     }
 
     let query = Arc::new(QueryEngine::new(buffers.clone(), store, store_url));
@@ -365,6 +350,41 @@ pub async fn run(config: Config, on_ready: impl FnOnce(BoundAddrs)) -> Result<()
         .map_err(Error::internal)?;
     tracing::info!("sluice stopped");
     Ok(())
+}
+
+/// What every store sink's runner shares at start-up.
+struct SinkSpawner {
+    wal: Wal,
+    wal_id: String,
+    registry: Arc<Registry>,
+    metrics: Arc<Metrics>,
+    configured: Vec<flight_schema::SinkKind>,
+    stop: tokio::sync::watch::Receiver<bool>,
+}
+
+impl SinkSpawner {
+    /// Starts a sink's runner; returns its status (for /readyz) and its task.
+    fn spawn<W: StoreWriter>(
+        &self,
+        writer: W,
+        opts: SinkOptions,
+        journal: Option<PlanJournal>,
+    ) -> (Arc<SinkStatus>, tokio::task::JoinHandle<()>) {
+        let status = Arc::new(SinkStatus::new(writer.name()));
+        let runner = Arc::new(SinkRunner {
+            writer: Arc::new(writer),
+            wal: self.wal.clone(),
+            wal_id: self.wal_id.clone(),
+            registry: self.registry.clone(),
+            metrics: self.metrics.clone(),
+            configured: self.configured.clone(),
+            opts,
+            status: status.clone(),
+            tracker: Default::default(),
+            journal,
+        });
+        (status, tokio::spawn(runner.run(self.stop.clone())))
+    }
 }
 
 /// How often a registry kept in PostgreSQL is re-read for tables other processes added.

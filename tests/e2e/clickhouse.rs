@@ -502,30 +502,7 @@ async fn rows_clickhouse_refuses_are_dead_lettered_and_the_rest_inserted() {
         got.iter().map(|r| r[0].as_str()).collect::<Vec<_>>(),
         vec!["1", "2", "3", "4", "5", "6"]
     );
-    let dl = dir.path().join("archive/_deadletter/clickhouse/checked");
-    let mut dead: Vec<(i64, String)> = Vec::new();
-    for e in std::fs::read_dir(&dl).expect("dead-letter folder") {
-        let f = std::fs::File::open(e.unwrap().path()).unwrap();
-        for b in parquet::arrow::arrow_reader::ParquetRecordBatchReader::try_new(f, 64).unwrap() {
-            let b = b.unwrap();
-            let v = b
-                .column_by_name("v")
-                .unwrap()
-                .as_any()
-                .downcast_ref::<Int64Array>()
-                .unwrap()
-                .clone();
-            let err = b
-                .column_by_name("_sluice_error")
-                .unwrap()
-                .as_any()
-                .downcast_ref::<StringArray>()
-                .unwrap()
-                .clone();
-            dead.extend((0..b.num_rows()).map(|i| (v.value(i), err.value(i).to_string())));
-        }
-    }
-    dead.sort();
+    let dead = dead_letter_rows(dir.path(), "clickhouse", "checked", "v");
     assert_eq!(dead.iter().map(|d| d.0).collect::<Vec<_>>(), vec![-5, -1]);
     for (_, e) in &dead {
         assert!(

@@ -417,3 +417,39 @@ pub async fn wait_sink_caught_up(server: &Sluice, sink: &str) {
     })
     .await;
 }
+
+/// The rows of `sink`'s dead-letter files for `table` in the default archive under
+/// `data_dir`: `(value of the int64 column `column`, _sluice_error)`, sorted.
+pub fn dead_letter_rows(
+    data_dir: &Path,
+    sink: &str,
+    table: &str,
+    column: &str,
+) -> Vec<(i64, String)> {
+    use arrow::array::{Int64Array, StringArray};
+    let dir = data_dir.join("archive/_deadletter").join(sink).join(table);
+    let mut dead = Vec::new();
+    for e in std::fs::read_dir(&dir).expect("dead-letter folder") {
+        let f = std::fs::File::open(e.unwrap().path()).unwrap();
+        for b in parquet::arrow::arrow_reader::ParquetRecordBatchReader::try_new(f, 1024).unwrap() {
+            let b = b.unwrap();
+            let v = b
+                .column_by_name(column)
+                .unwrap()
+                .as_any()
+                .downcast_ref::<Int64Array>()
+                .unwrap()
+                .clone();
+            let err = b
+                .column_by_name("_sluice_error")
+                .unwrap()
+                .as_any()
+                .downcast_ref::<StringArray>()
+                .unwrap()
+                .clone();
+            dead.extend((0..b.num_rows()).map(|i| (v.value(i), err.value(i).to_string())));
+        }
+    }
+    dead.sort();
+    dead
+}

@@ -475,32 +475,7 @@ async fn reserved_word_names_are_quoted_and_refused_rows_are_dead_lettered() {
     );
 
     // The two refused rows are in the dead-letter file with PostgreSQL's message.
-    let dl = dir.path().join("archive/_deadletter/postgres/order");
-    let mut dead: Vec<(i64, String)> = Vec::new();
-    for e in std::fs::read_dir(&dl).expect("dead-letter folder") {
-        let f = std::fs::File::open(e.unwrap().path()).unwrap();
-        for b in parquet::arrow::arrow_reader::ParquetRecordBatchReader::try_new(f, 1024).unwrap() {
-            let b = b.unwrap();
-            let v = b
-                .column_by_name("select")
-                .unwrap()
-                .as_any()
-                .downcast_ref::<Int64Array>()
-                .unwrap()
-                .clone();
-            let err = b
-                .column_by_name("_sluice_error")
-                .unwrap()
-                .as_any()
-                .downcast_ref::<StringArray>()
-                .unwrap()
-                .clone();
-            for i in 0..b.num_rows() {
-                dead.push((v.value(i), err.value(i).to_string()));
-            }
-        }
-    }
-    dead.sort();
+    let dead = dead_letter_rows(dir.path(), "postgres", "order", "select");
     assert_eq!(dead.iter().map(|d| d.0).collect::<Vec<_>>(), vec![-5, -1]);
     for (_, e) in &dead {
         assert!(e.contains("23514") && e.contains("check constraint"), "{e}");
