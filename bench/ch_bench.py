@@ -8,12 +8,17 @@ measured ``--reps`` times, alternating, the table truncated before every measure
 
 1. **sluice**: the release binary with ``clickhouse.url`` set and fsync on; the clock runs
    from the first DoPut until ``/readyz`` says the clickhouse sink has nothing left (every
-   row inserted), then ``count()`` is checked;
+   row inserted), then ``count()`` is checked. Also printed: when the last DoPut ack came
+   (every row durable in the WAL) and the CPU seconds sluice and ClickHouse used;
 2. **curl**: ``curl --data-binary @file 'INSERT INTO t FORMAT Native'`` of the same rows,
    the file written beforehand by ``SELECT * FROM t FORMAT Native`` (ClickHouse's own
    insert limit).
 
 Target (issue 4): sluice >= 0.9 x curl.
+
+Both sides send uncompressed bodies by default (``clickhouse.compression = none``, as
+curl does; lz4 costs CPU on both ends of a loopback link) and the WAL is uncompressed
+(``--wal-compression``; it shares the disk with ClickHouse's parts here).
 
 Usage: ``bench/run.sh ch`` or ``python bench/ch_bench.py [--rows N] [--reps N]``.
 """
@@ -83,6 +88,12 @@ class ThrowawayClickHouse:
         self.proc.wait()
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def ch(url: str, sql: str, data: bytes | None = None) -> bytes:
     q = urllib.parse.urlencode({"query": sql}) if data is not None else ""
     req = urllib.request.Request(f"{url}/?{q}", data=data if data is not None else sql.encode())
@@ -97,7 +108,10 @@ def main() -> int:
     ap.add_argument("--sluice-bin", default=os.environ.get("SLUICE_BIN")
                     or str(Path.home() / ".cache/sluice-target/release/sluice"))
     ap.add_argument("--wal-compression",
-                    default=os.environ.get("SLUICE__WAL__COMPRESSION", "zstd"))
+                    default=os.environ.get("SLUICE__WAL__COMPRESSION", "none"))
+    ap.add_argument("--ch-compression",
+                    default=os.environ.get("SLUICE__CLICKHOUSE__COMPRESSION", "none"),
+                    help="clickhouse.compression of sluice's INSERT bodies")
     args = ap.parse_args()
 
     table = gen_logs(args.rows)
@@ -119,6 +133,7 @@ def main() -> int:
                    SLUICE__SERVER__DATA_DIR=str(workdir / "data"),
                    SLUICE__WAL__FSYNC="true",
                    SLUICE__WAL__COMPRESSION=args.wal_compression,
+                   SLUICE__CLICKHOUSE__COMPRESSION=args.ch_compression,
                    SLUICE__CLICKHOUSE__URL=url)
         sluice = Proc([args.sluice_bin, "serve"], env, "SLUICE_READY", workdir / "sluice.log")
         client = SluiceClient(f"grpc://{sluice.addrs['grpc']}")
@@ -126,28 +141,37 @@ def main() -> int:
         native = workdir / "rows.native"
         for rep in range(1, args.reps + 1):
             ch(url, f"TRUNCATE TABLE {TABLE}")
+            cpu0 = (cpu_seconds(sluice.proc.pid), cpu_seconds(server.proc.pid) if server else 0)
             start = time.perf_counter()
             client.write(TABLE, batches)
+            acked = time.perf_counter() - start
             wait_sink_idle(sluice.addrs["http"], sink="clickhouse")
             el = time.perf_counter() - start
+            cpu = (cpu_seconds(sluice.proc.pid) - cpu0[0],
+                   (cpu_seconds(server.proc.pid) - cpu0[1]) if server else float("nan"))
             n = int(ch(url, f"SELECT count() FROM {TABLE}"))
             if n != args.rows:
                 raise RuntimeError(f"sluice: {TABLE} has {n} rows, expected {args.rows}")
             times.setdefault("sluice", []).append(el)
-            print(f"  rep {rep} sluice {el:7.3f} s {args.rows / el / 1e6:6.2f} M rows/s", flush=True)
+            print(f"  rep {rep} sluice {el:7.3f} s {args.rows / el / 1e6:6.2f} M rows/s "
+                  f"(all acked at {acked:.3f} s; CPU s: sluice {cpu[0]:.2f}, "
+                  f"ClickHouse {cpu[1]:.2f})", flush=True)
             if not native.exists():
                 native.write_bytes(ch(url, f"SELECT * FROM {TABLE} FORMAT Native"))
             ch(url, f"TRUNCATE TABLE {TABLE}")
             query = urllib.parse.quote(f"INSERT INTO {TABLE} FORMAT Native")
+            cpu0 = cpu_seconds(server.proc.pid) if server else 0
             start = time.perf_counter()
             subprocess.run(["curl", "-sS", "--fail", "--data-binary", f"@{native}",
                             f"{url}/?query={query}"], check=True, stdout=subprocess.DEVNULL)
             el = time.perf_counter() - start
+            ch_cpu = (cpu_seconds(server.proc.pid) - cpu0) if server else float("nan")
             n = int(ch(url, f"SELECT count() FROM {TABLE}"))
             if n != args.rows:
                 raise RuntimeError(f"curl: {TABLE} has {n} rows, expected {args.rows}")
             times.setdefault("curl", []).append(el)
-            print(f"  rep {rep} curl   {el:7.3f} s {args.rows / el / 1e6:6.2f} M rows/s", flush=True)
+            print(f"  rep {rep} curl   {el:7.3f} s {args.rows / el / 1e6:6.2f} M rows/s "
+                  f"(CPU s: ClickHouse {ch_cpu:.2f})", flush=True)
         client.close()
     except BaseException:
         if sluice is not None:
@@ -163,7 +187,8 @@ def main() -> int:
     ratio = best["curl"] / best["sluice"]
     print()
     print(f"rows per run: {args.rows:,} (logs shape), best of {args.reps}, "
-          f"WAL fsync on, compression {args.wal_compression}")
+          f"WAL fsync on, WAL compression {args.wal_compression}, "
+          f"INSERT compression {args.ch_compression}")
     for side in ("sluice", "curl"):
         print(f"{side:<7} {args.rows / best[side] / 1e6:6.2f} M rows/s")
     print(f"sluice / curl = {ratio:.2f}; target >= 0.9: {'met' if ratio >= 0.9 else 'NOT met'}")

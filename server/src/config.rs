@@ -167,6 +167,12 @@ pub struct WalConfig {
     /// while a store is down the WAL grows; past this size writes are refused with
     /// RESOURCE_EXHAUSTED until the sinks catch up.
     pub disk_budget: ByteSize,
+    /// Most bytes of recent durable batches kept decoded in memory for the store sinks:
+    /// a sink that keeps up takes records from here instead of reading and decoding the
+    /// WAL again. Records every sink has taken are dropped at once, so this is extra
+    /// memory (beyond `memory.budget`) only while a sink lags; one that lags further reads
+    /// the WAL from disk. 0 turns it off.
+    pub feed_bytes: ByteSize,
 }
 
 /// Compression of WAL records.
@@ -197,6 +203,7 @@ impl Default for WalConfig {
             max_group_bytes: ByteSize::mib(64),
             compression: WalCompression::None,
             disk_budget: ByteSize::gib(20),
+            feed_bytes: ByteSize::mib(256),
         }
     }
 }
@@ -343,10 +350,13 @@ pub struct ClickHouseConfig {
     pub batch_rows: usize,
     /// ...or this many bytes of Arrow data, whichever comes first...
     pub batch_bytes: ByteSize,
-    /// ...or whatever has arrived after this long.
+    /// ...or whatever has arrived after this long. An insert is streamed while its rows
+    /// arrive, so waiting costs no throughput; an insert that holds a quarter of the
+    /// targets is also finished once no rows came for a fifth of this.
     #[serde(with = "humantime_serde")]
     pub linger: Duration,
-    /// Compression of INSERT bodies: `none`, `lz4` or `zstd`.
+    /// Compression of INSERT bodies: `none`, `lz4` or `zstd`. `none` is the cheapest on a
+    /// fast local network; compression pays off across slower links.
     pub compression: HttpCompression,
     /// Apply `migrations/clickhouse` on start (what `sluice migrate` does).
     pub migrate_on_start: bool,

@@ -31,6 +31,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
 use crate::error::Error;
+use crate::pipeline::RawIpc;
 use crate::state::AppState;
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
@@ -293,8 +294,22 @@ impl FlightService for FlightFrontEnd {
         let ingest = self.state.ingest.clone();
         tokio::spawn(
             async move {
+                // The last message the decoder took: when it yields a batch, that is the
+                // batch's own message, which the WAL can keep as it is.
+                let last: Arc<std::sync::Mutex<Option<RawIpc>>> = Arc::default();
+                let seen = last.clone();
                 let data = futures::stream::once(async { Ok(first) })
                     .chain(input)
+                    .map_ok(move |mut m| {
+                        // arrow-flight copies a body that is not 64-byte aligned anyway;
+                        // copied here instead, the WAL writes the very same bytes.
+                        m.data_body = aligned(std::mem::take(&mut m.data_body));
+                        *seen.lock().expect("last message") = Some(RawIpc {
+                            header: m.data_header.clone(),
+                            body: m.data_body.clone(),
+                        });
+                        m
+                    })
                     .map_err(FlightError::from);
                 let mut decoder = FlightRecordBatchStream::new_from_flight_data(data);
                 let mut request_id = 0u64;
@@ -304,8 +319,13 @@ impl FlightService for FlightFrontEnd {
                         Ok(batch) => {
                             request_id += 1;
                             rows += batch.num_rows() as u64;
+                            let raw = last
+                                .lock()
+                                .expect("last message")
+                                .take()
+                                .filter(|r| self_contained(r, &batch));
                             ingest
-                                .submit(&table, batch, "flight")
+                                .submit(&table, batch, raw, "flight")
                                 .await
                                 .map(|p| (request_id, p))
                                 .map_err(|e| {
@@ -400,4 +420,35 @@ impl FlightService for FlightFrontEnd {
         });
         Ok(Response::new(Box::pin(futures::stream::iter(out))))
     }
+}
+
+/// A message body at a 64-byte aligned address, copied there once if needed (see the
+/// caller).
+fn aligned(body: bytes::Bytes) -> bytes::Bytes {
+    if body.is_empty() || (body.as_ptr() as usize).is_multiple_of(64) {
+        return body;
+    }
+    struct Owner(arrow::buffer::Buffer);
+    impl AsRef<[u8]> for Owner {
+        fn as_ref(&self) -> &[u8] {
+            self.0.as_slice()
+        }
+    }
+    bytes::Bytes::from_owner(Owner(arrow::buffer::Buffer::from_slice_ref(&body)))
+}
+
+/// Whether `raw` is a record batch message that decodes to `batch` on its own: not a
+/// dictionary or schema message, and no dictionary columns (their values live in other
+/// messages).
+fn self_contained(raw: &RawIpc, batch: &arrow::record_batch::RecordBatch) -> bool {
+    let is_batch = arrow::ipc::root_as_message(&raw.header)
+        .ok()
+        .and_then(|m| m.header_as_record_batch())
+        .is_some_and(|b| b.length() == batch.num_rows() as i64);
+    is_batch
+        && !batch
+            .schema()
+            .fields()
+            .iter()
+            .any(|f| matches!(f.data_type(), arrow::datatypes::DataType::Dictionary(..)))
 }

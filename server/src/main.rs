@@ -7,6 +7,29 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 use sluice::config::Config;
 
+/// jemalloc: batch-sized buffers are reused instead of mapped, page-faulted in and
+/// unmapped per batch, as glibc's malloc did once its mmap threshold was kept low to bound
+/// resident memory (that cost a third of the CPU of Flight ingest into ClickHouse).
+#[cfg(not(target_env = "msvc"))]
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// A C string pointer jemalloc reads at start.
+#[repr(transparent)]
+pub struct MallocConf(*const std::ffi::c_char);
+// SAFETY: points at a static, immutable string.
+unsafe impl Sync for MallocConf {}
+
+/// jemalloc's options (the environment's `_RJEM_MALLOC_CONF` still overrides them). One
+/// arena, freed pages returned after half a second and a small thread cache keep resident
+/// memory close to `memory.budget` (tests/e2e/memory.rs: 108 MiB of growth for a 64 MiB
+/// budget; with jemalloc's defaults 140 MiB), while buffers freed and allocated again
+/// within a batch or two are still reused.
+#[cfg(not(target_env = "msvc"))]
+#[export_name = "_rjem_malloc_conf"]
+pub static MALLOC_CONF: MallocConf =
+    MallocConf(c"narenas:1,dirty_decay_ms:500,muzzy_decay_ms:0,tcache_max:4096".as_ptr());
+
 #[derive(Parser)]
 #[command(
     name = "sluice",
@@ -41,31 +64,7 @@ enum Command {
     },
 }
 
-/// Tunes glibc malloc so resident memory follows what Sluice holds. By default every
-/// thread gets its own arena and the mmap threshold rises after the first large free, so
-/// batch-sized buffers freed by the archive and WAL threads stay mapped in arenas and
-/// resident memory drifts far above the memory budget (measured: +110 MiB over a 64 MiB
-/// budget). Two arenas and a fixed 1 MiB mmap threshold (large buffers go back to the OS
-/// when freed) keep it close. The price is a page fault per 4 KiB of every fresh batch
-/// buffer: with `MALLOC_MMAP_THRESHOLD_=67108864` points ingest measured 22 instead of
-/// 6.6 M rows/s, but resident memory grew 164 instead of 98 MiB over a 64 MiB budget.
-/// `MALLOC_ARENA_MAX` / `MALLOC_MMAP_THRESHOLD_` in the environment win. (mimalloc was
-/// tried too: 133-182 MiB growth.)
-fn tune_malloc() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes allocator tuning; called before any thread starts.
-    unsafe {
-        if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
-            libc::mallopt(libc::M_ARENA_MAX, 2);
-        }
-        if std::env::var_os("MALLOC_MMAP_THRESHOLD_").is_none() {
-            libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
-        }
-    }
-}
-
 fn main() -> std::process::ExitCode {
-    tune_malloc();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -139,6 +138,13 @@ async fn migrate(cfg: &Config) -> Result<(), String> {
             .await
             .map_err(|e| format!("clickhouse: {e}"))?;
         println!("clickhouse: {report}");
+        let window = cfg.clickhouse.dedup_window;
+        for table in sluice::clickhouse::migrate::set_dedup_window(&client, window)
+            .await
+            .map_err(|e| format!("clickhouse: {e}"))?
+        {
+            println!("clickhouse: {table}: non_replicated_deduplication_window set to {window} (clickhouse.dedup_window)");
+        }
     }
     Ok(())
 }

@@ -18,6 +18,7 @@ pub struct Metrics {
     pub wal_segments: IntGauge,
     pub wal_written_bytes: IntCounter,
     pub wal_fsyncs: IntCounter,
+    pub wal_tail_records: IntCounterVec,
     pub wal_last_seq: IntGauge,
     pub memory_used_bytes: IntGauge,
     pub memory_budget_bytes: IntGauge,
@@ -107,6 +108,12 @@ impl Metrics {
                 &r,
                 "sluice_wal_fsyncs_total",
                 "Group commits (one fsync each when fsync is on)",
+            ),
+            wal_tail_records: counter_vec(
+                &r,
+                "sluice_wal_tail_records_total",
+                "WAL records the store sinks read, from the in-memory feed or from disk",
+                &["source"],
             ),
             wal_last_seq: gauge(
                 &r,

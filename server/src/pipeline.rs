@@ -47,13 +47,26 @@ impl PendingWrite {
     }
 }
 
+/// The Arrow IPC message a batch was decoded from, when the front end has it (Flight
+/// DoPut). A batch the registered schema takes as it is goes to the WAL as these bytes,
+/// without being encoded again.
+pub struct RawIpc {
+    pub header: bytes::Bytes,
+    pub body: bytes::Bytes,
+}
+
 /// What the protocol front ends call; they never see stores.
 #[async_trait::async_trait]
 pub trait Ingest: Send + Sync {
     /// Validates `batch` for `table` and submits it to the WAL. Waits (without reading
     /// more input) while the memory budget is full. The returned write is not yet durable.
-    async fn submit(&self, table: &str, batch: RecordBatch, protocol: &str)
-        -> Result<PendingWrite>;
+    async fn submit(
+        &self,
+        table: &str,
+        batch: RecordBatch,
+        raw: Option<RawIpc>,
+        protocol: &str,
+    ) -> Result<PendingWrite>;
 
     /// Checks that `table` can be written to at all (registered, routed to a sink).
     async fn check_table(&self, table: &str) -> Result<()>;
@@ -177,6 +190,7 @@ impl Ingest for Pipeline {
         &self,
         table: &str,
         batch: RecordBatch,
+        raw: Option<RawIpc>,
         protocol: &str,
     ) -> Result<PendingWrite> {
         let resolved = match self.lookup(table).await {
@@ -199,6 +213,13 @@ impl Ingest for Pipeline {
                 .columns()
                 .iter()
                 .any(|c| !batch.columns().iter().any(|o| Arc::ptr_eq(o, c)));
+        // Taken as it came, column for column: the received message is the WAL record.
+        let identical = batch.num_columns() == reshaped.num_columns()
+            && batch
+                .columns()
+                .iter()
+                .zip(reshaped.columns())
+                .all(|(a, b)| Arc::ptr_eq(a, b));
         drop(batch);
         let bytes = data_size(&reshaped);
         // In flight: the batch and its IPC encoding. Buffered: the batch, and the received
@@ -208,7 +229,13 @@ impl Ingest for Pipeline {
                 "table '{table}': a batch of {bytes} bytes does not fit the memory budget twice"
             ))
         })?;
-        let (ipc_header, ipc_body) = encode_ipc(&reshaped, self.wal_compression)?;
+        let (ipc_header, ipc_body) = match raw {
+            Some(raw) if identical && self.wal_compression.is_none() => (raw.header, raw.body),
+            _ => {
+                let (h, b) = encode_ipc(&reshaped, self.wal_compression)?;
+                (h.into(), b.into())
+            }
+        };
         let rows = reshaped.num_rows() as u64;
         let (tx, rx) = oneshot::channel();
         let buffers = self.buffers.clone();
@@ -220,6 +247,7 @@ impl Ingest for Pipeline {
             version: resolved.version,
             ipc_header,
             ipc_body,
+            batch: Some(reshaped.clone()),
             on_durable: Box::new(move |seq| {
                 metrics
                     .ingest_rows

@@ -143,6 +143,7 @@ pub async fn run(config: Config, on_ready: impl FnOnce(BoundAddrs)) -> Result<()
         fsync: config.wal.fsync,
         segment_size: config.wal.segment_size.as_u64(),
         max_group_bytes: config.wal.max_group_bytes.as_u64(),
+        feed_bytes: config.wal.feed_bytes.as_u64(),
     };
     let wal = {
         let m = metrics.clone();
@@ -382,6 +383,8 @@ impl SinkSpawner {
             status: status.clone(),
             tracker: Default::default(),
             journal,
+            in_flight: Default::default(),
+            worker_done: Default::default(),
         });
         (status, tokio::spawn(runner.run(self.stop.clone())))
     }
@@ -461,6 +464,8 @@ async fn prepare_clickhouse(config: &Config) -> Result<crate::clickhouse::client
     if config.clickhouse.migrate_on_start {
         let report = crate::clickhouse::migrate::migrate(&client).await?;
         tracing::info!(applied = ?report.applied, "ClickHouse migrations");
+        crate::clickhouse::migrate::set_dedup_window(&client, config.clickhouse.dedup_window)
+            .await?;
     }
     tracing::info!("ClickHouse sink enabled");
     Ok(client)

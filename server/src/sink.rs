@@ -8,7 +8,10 @@
 //! table's current schema and appended to that table's open [`Chunk`]. A chunk is sealed
 //! when it reaches the row or byte target, or when it has waited `linger`, and goes to one
 //! of `workers` tasks, each with its own store connection, that hand it to the store's
-//! [`StoreWriter`]. The writer commits the chunk together with its WAL range (or writes
+//! [`StoreWriter`]. A store that [streams](StoreWriter::streams) gets a chunk as soon as
+//! it opens, if a worker is idle, and is fed its records as they arrive ([`LiveParts`]).
+//! Records come from the WAL's in-memory feed while the sink keeps up, from disk when it
+//! does not. The writer commits the chunk together with its WAL range (or writes
 //! rows the store refuses to the [`DeadLetter`] files first); failures it cannot settle
 //! come back as [`SinkError`] and are retried with exponential backoff, reconnecting when
 //! asked, until they succeed. A [`Tracker`] knows which records are still pending; the
@@ -16,6 +19,7 @@
 //! segments. [`SinkStatus`] is what `/readyz` and `/metrics` show.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -37,16 +41,77 @@ pub struct Part {
     pub batch: RecordBatch,
 }
 
+/// The parts of a chunk that is still filling, shared by the runner (which appends to it
+/// and seals it) and the worker already streaming it to the store (see
+/// [`StoreWriter::streams`]).
+#[derive(Default)]
+pub struct LiveParts {
+    inner: Mutex<(Vec<(u64, RecordBatch)>, bool)>,
+    changed: tokio::sync::Notify,
+}
+
+impl LiveParts {
+    fn push(&self, seq: u64, batch: RecordBatch) {
+        self.inner.lock().expect("live parts").0.push((seq, batch));
+        self.changed.notify_waiters();
+    }
+
+    fn seal(&self) {
+        self.inner.lock().expect("live parts").1 = true;
+        self.changed.notify_waiters();
+    }
+
+    /// Part `i` once it is there; `None` once the chunk is sealed with fewer parts.
+    pub async fn get(&self, i: usize) -> Option<(u64, RecordBatch)> {
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let g = self.inner.lock().expect("live parts");
+                if let Some(p) = g.0.get(i) {
+                    return Some(p.clone());
+                }
+                if g.1 {
+                    return None;
+                }
+            }
+            notified.await;
+        }
+    }
+
+    /// Every part, once the chunk is sealed.
+    pub async fn sealed(&self) -> Vec<(u64, RecordBatch)> {
+        let mut i = 0;
+        while self.get(i).await.is_some() {
+            i += 1;
+        }
+        self.inner.lock().expect("live parts").0.clone()
+    }
+
+    fn seqs(&self) -> Vec<u64> {
+        let g = self.inner.lock().expect("live parts");
+        g.0.iter().map(|p| p.0).collect()
+    }
+}
+
 /// Consecutive records of one table, written to the store in one transaction.
 pub struct Chunk {
     /// The table version every part has been adapted to.
     pub table: Arc<ResolvedTable>,
+    /// The parts (empty in the copy of a live chunk a worker streams: see `live`).
     pub parts: Vec<Part>,
     pub rows: usize,
     pub bytes: usize,
     opened: Instant,
+    /// When the last record was added.
+    last_push: Instant,
     /// Re-formed after a restart from a plan in the [`PlanJournal`]: already planned.
     replayed: bool,
+    /// Set when a worker streams the chunk while it fills: the parts as they come.
+    pub live: Option<Arc<LiveParts>>,
+    /// The runner's copy of a live chunk has gone to a worker already.
+    dispatched: bool,
 }
 
 impl Chunk {
@@ -57,22 +122,47 @@ impl Chunk {
             rows: 0,
             bytes: 0,
             opened: Instant::now(),
+            last_push: Instant::now(),
             replayed: false,
+            live: None,
+            dispatched: false,
         }
     }
 
     fn push(&mut self, seq: u64, batch: RecordBatch) {
         self.rows += batch.num_rows();
         self.bytes += data_size(&batch);
+        self.last_push = Instant::now();
+        if let Some(live) = &self.live {
+            live.push(seq, batch.clone());
+        }
         self.parts.push(Part { seq, batch });
     }
 
+    /// What a worker gets of a live chunk: the table and the shared parts.
+    fn live_copy(&self) -> Option<Chunk> {
+        let live = self.live.clone()?;
+        Some(Chunk {
+            live: Some(live),
+            opened: self.opened,
+            ..Chunk::new(self.table.clone())
+        })
+    }
+
+    /// The WAL seqs of the chunk's records (of a live chunk: those it has so far).
+    pub fn seqs(&self) -> Vec<u64> {
+        match &self.live {
+            Some(l) if self.parts.is_empty() => l.seqs(),
+            _ => self.parts.iter().map(|p| p.seq).collect(),
+        }
+    }
+
     pub fn first_seq(&self) -> u64 {
-        self.parts.first().map_or(0, |p| p.seq)
+        self.seqs().first().copied().unwrap_or(0)
     }
 
     pub fn last_seq(&self) -> u64 {
-        self.parts.last().map_or(0, |p| p.seq)
+        self.seqs().last().copied().unwrap_or(0)
     }
 }
 
@@ -167,6 +257,13 @@ pub trait StoreWriter: Send + Sync + 'static {
     /// The sink's name (`postgres`, `clickhouse`): metrics label, WAL position key.
     fn name(&self) -> &'static str;
     fn kind(&self) -> SinkKind;
+    /// Whether [`StoreWriter::write`] takes live chunks: a chunk then goes to an idle
+    /// worker as soon as it opens and is streamed to the store as it fills (its
+    /// [`Chunk::live`] parts). The store must not commit any of it before the stream
+    /// ends, which happens only after the chunk is sealed and planned.
+    fn streams(&self) -> bool {
+        false
+    }
     async fn connect(&self) -> Result<Self::Conn, SinkError>;
     /// The WAL ranges of `wal_id` the store already holds.
     async fn committed(
@@ -624,6 +721,10 @@ pub struct SinkRunner<W: StoreWriter> {
     /// (ClickHouse's deduplication tokens): chunks are planned here before they are
     /// written, and re-formed exactly from the plan after a restart.
     pub journal: Option<PlanJournal>,
+    /// Chunks handed to the workers and not yet finished (live ones included).
+    pub in_flight: std::sync::atomic::AtomicUsize,
+    /// Woken when a worker finishes a chunk.
+    pub worker_done: tokio::sync::Notify,
 }
 
 /// Waits `delay` (doubling it up to `max`) unless shutdown comes first; false on shutdown.
@@ -721,7 +822,9 @@ impl<W: StoreWriter> SinkRunner<W> {
         );
         self.tracker.lock().expect("sink tracker").read_upto = start;
 
-        let (tx, rx) = tokio::sync::mpsc::channel::<Chunk>(self.opts.workers);
+        // Unbounded: the runner never waits on the workers while a live chunk it alone can
+        // seal is being streamed; it stops reading the WAL instead (see `in_flight`).
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Chunk>();
         let rx = Arc::new(tokio::sync::Mutex::new(rx));
         let mut workers = Vec::new();
         for _ in 0..self.opts.workers {
@@ -759,14 +862,22 @@ impl<W: StoreWriter> SinkRunner<W> {
                     }
                 });
             }
-            let mut t = tail.take().expect("tail");
-            let (t, read) = tokio::task::spawn_blocking(move || {
-                let r = t.read(32 << 20);
-                (t, r)
-            })
-            .await
-            .expect("WAL reader thread");
-            tail = Some(t);
+            // Backpressure: with this many chunks queued or being written, read no more
+            // of the WAL (live chunks still seal on time below).
+            let busy = self.in_flight.load(Ordering::Acquire) >= 2 * self.opts.workers;
+            let read = if busy {
+                Ok(Vec::new())
+            } else {
+                let mut t = tail.take().expect("tail");
+                let (t, read) = tokio::task::spawn_blocking(move || {
+                    let r = t.read(32 << 20);
+                    (t, r)
+                })
+                .await
+                .expect("WAL reader thread");
+                tail = Some(t);
+                read
+            };
             let records = match read {
                 Ok(r) => r,
                 Err(e) => {
@@ -791,7 +902,7 @@ impl<W: StoreWriter> SinkRunner<W> {
             // all read (some may no longer be routed here).
             let due: Vec<String> = open
                 .iter()
-                .filter(|(_, c)| c.opened.elapsed() >= self.opts.linger)
+                .filter(|(_, c)| self.due(c))
                 .map(|(k, _)| k.clone())
                 .collect();
             for k in due {
@@ -807,22 +918,55 @@ impl<W: StoreWriter> SinkRunner<W> {
                     let _ = self.status.set_retrying(&self.metrics, &e);
                     // Without a plan the chunk cannot be replayed exactly: stop here; the
                     // records stay pending in the WAL and are read again after a restart.
+                    // Live chunks being streamed are cut off unfinished, so the store
+                    // commits none of them.
                     drop(tx);
                     for w in workers {
+                        w.abort();
                         let _ = w.await;
                     }
                     return;
                 }
-                if tx.send(chunk).await.is_err() {
+                if let Some(live) = &chunk.live {
+                    live.seal();
+                }
+                if chunk.dispatched {
+                    continue;
+                }
+                let send = chunk.live_copy().unwrap_or(chunk);
+                self.in_flight.fetch_add(1, Ordering::AcqRel);
+                if tx.send(send).is_err() {
                     break;
                 }
             }
+            // Chunks of a streaming store go to a worker as soon as one is idle.
+            for c in open.values_mut() {
+                if c.dispatched || self.in_flight.load(Ordering::Acquire) >= self.opts.workers {
+                    continue;
+                }
+                if let Some(copy) = c.live_copy() {
+                    c.dispatched = true;
+                    self.in_flight.fetch_add(1, Ordering::AcqRel);
+                    let _ = tx.send(copy);
+                }
+            }
             self.publish_position();
-            if idle {
-                let wait = self.opts.linger.min(Duration::from_millis(100));
+            let wait = (self.opts.linger / 5).min(Duration::from_millis(100));
+            if busy {
                 tokio::select! {
-                    _ = self.wal.wait_durable(wait) => {}
+                    _ = self.worker_done.notified() => {}
+                    _ = tokio::time::sleep(wait) => {}
                     _ = shutdown.changed() => {}
+                }
+            } else if idle {
+                // Only if nothing became durable since the read (a commit between the
+                // read and the wait would not wake it).
+                let next = tail.as_ref().map_or(0, |t| t.next_seq());
+                if self.wal.last_seq() < next {
+                    tokio::select! {
+                        _ = self.wal.wait_durable(wait) => {}
+                        _ = shutdown.changed() => {}
+                    }
                 }
             }
         }
@@ -830,6 +974,18 @@ impl<W: StoreWriter> SinkRunner<W> {
         for w in workers {
             let _ = w.await;
         }
+    }
+
+    /// Whether an open chunk is to be sealed now: it is `linger` old; or it is being
+    /// streamed, holds a quarter of the row or byte target, and no record came for a fifth
+    /// of `linger` (a burst that ended is committed without waiting for the rest of
+    /// `linger`, while a trickle still gathers into inserts of a useful size).
+    fn due(&self, c: &Chunk) -> bool {
+        let o = &self.opts;
+        c.opened.elapsed() >= o.linger
+            || (c.live.is_some()
+                && (c.rows >= o.batch_rows / 4 || c.bytes >= o.batch_bytes / 4)
+                && c.last_push.elapsed() >= o.linger / 5)
     }
 
     /// Records a chunk in the plan journal (fsynced) before it is written, unless it is a
@@ -841,7 +997,7 @@ impl<W: StoreWriter> SinkRunner<W> {
         if chunk.replayed || chunk.parts.is_empty() {
             return Ok(());
         }
-        let seqs: Vec<u64> = chunk.parts.iter().map(|p| p.seq).collect();
+        let seqs = chunk.seqs();
         j.plan(chunk.table.name(), &seqs)
     }
 
@@ -917,9 +1073,14 @@ impl<W: StoreWriter> SinkRunner<W> {
                 return vec![];
             }
         }
-        let chunk = open
-            .entry(rec.table.clone())
-            .or_insert_with(|| Chunk::new(current.clone()));
+        let streams = self.writer.streams();
+        let chunk = open.entry(rec.table.clone()).or_insert_with(|| {
+            let mut c = Chunk::new(current.clone());
+            if streams {
+                c.live = Some(Arc::new(LiveParts::default()));
+            }
+            c
+        });
         chunk.push(rec.seq, batch);
         if chunk.rows >= self.opts.batch_rows || chunk.bytes >= self.opts.batch_bytes {
             ready.extend(open.remove(&rec.table));
@@ -929,7 +1090,7 @@ impl<W: StoreWriter> SinkRunner<W> {
 
     async fn worker(
         self: Arc<Self>,
-        rx: Arc<tokio::sync::Mutex<tokio::sync::mpsc::Receiver<Chunk>>>,
+        rx: Arc<tokio::sync::Mutex<tokio::sync::mpsc::UnboundedReceiver<Chunk>>>,
         mut shutdown: watch::Receiver<bool>,
     ) {
         let name = self.writer.name();
@@ -944,6 +1105,7 @@ impl<W: StoreWriter> SinkRunner<W> {
             };
             let Some(chunk) = chunk else { return };
             let table = chunk.table.name().to_string();
+            let started = Instant::now();
             let mut delay = self.opts.retry_initial;
             loop {
                 if conn.is_none() {
@@ -988,6 +1150,9 @@ impl<W: StoreWriter> SinkRunner<W> {
                                 .with_label_values(&[name, &table])
                                 .inc_by(w.dead_letter_rows);
                         }
+                        tracing::debug!(sink = name, %table, rows = w.rows, first_seq = chunk.first_seq(),
+                            last_seq = chunk.last_seq(), ms = started.elapsed().as_millis() as u64,
+                            "chunk written");
                         if w.already_committed {
                             tracing::info!(sink = name, %table, first_seq = chunk.first_seq(), last_seq = chunk.last_seq(),
                                 "chunk was already committed before a restart; skipped");
@@ -1001,11 +1166,13 @@ impl<W: StoreWriter> SinkRunner<W> {
                         }
                         {
                             let mut t = self.tracker.lock().expect("sink tracker");
-                            for p in &chunk.parts {
-                                t.pending.remove(&p.seq);
+                            for seq in chunk.seqs() {
+                                t.pending.remove(&seq);
                             }
                         }
                         self.publish_position();
+                        self.in_flight.fetch_sub(1, Ordering::AcqRel);
+                        self.worker_done.notify_waiters();
                         break;
                     }
                     Some(Err(e)) => {
@@ -1051,6 +1218,36 @@ mod tests {
         let c = c.finish();
         assert!(c.contains("t", 33) && c.contains("t", 25) && c.contains("t", 41));
         assert!(!c.contains("t", 36) && !c.contains("t", 9));
+    }
+
+    #[tokio::test]
+    async fn live_parts_reach_the_reader_as_they_come_and_end_at_the_seal() {
+        let b = |v: i64| {
+            RecordBatch::try_from_iter(vec![("v", Arc::new(Int64Array::from(vec![v])) as ArrayRef)])
+                .unwrap()
+        };
+        let live = Arc::new(LiveParts::default());
+        let reader = {
+            let live = live.clone();
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                let mut i = 0;
+                while let Some((seq, _)) = live.get(i).await {
+                    got.push(seq);
+                    i += 1;
+                }
+                got
+            })
+        };
+        live.push(7, b(1));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        // The reader has the first part and waits for more.
+        assert!(!reader.is_finished());
+        live.push(9, b(2));
+        live.seal();
+        assert_eq!(reader.await.unwrap(), vec![7, 9]);
+        assert_eq!(live.sealed().await.len(), 2);
+        assert_eq!(live.seqs(), vec![7, 9]);
     }
 
     #[test]

@@ -64,6 +64,10 @@ pub struct WalOptions {
     pub fsync: bool,
     pub segment_size: u64,
     pub max_group_bytes: u64,
+    /// Most bytes of recent durable batches kept decoded in memory for tail readers
+    /// ([`WalTail`]): a sink that keeps up takes them from there instead of reading,
+    /// decompressing and decoding them again. 0 turns it off.
+    pub feed_bytes: u64,
 }
 
 /// A batch to append.
@@ -71,9 +75,12 @@ pub struct WalEntry {
     pub table: Arc<str>,
     pub version: u64,
     /// Arrow IPC message header (flatbuffer) of the batch.
-    pub ipc_header: Vec<u8>,
+    pub ipc_header: bytes::Bytes,
     /// Arrow IPC message body.
-    pub ipc_body: Vec<u8>,
+    pub ipc_body: bytes::Bytes,
+    /// The batch itself (what the IPC message decodes to), handed to tail readers from
+    /// memory once durable.
+    pub batch: Option<RecordBatch>,
     /// Runs on the writer thread once the entry is durable, before the caller hears of it,
     /// in sequence order.
     pub on_durable: Box<dyn FnOnce(u64) + Send>,
@@ -93,11 +100,17 @@ pub struct WalRecord {
     pub version: u64,
     pub ipc_header: Vec<u8>,
     pub ipc_body: Vec<u8>,
+    /// Set when the record came from the in-memory feed: the decoded batch (the IPC
+    /// fields are then empty).
+    pub batch: Option<RecordBatch>,
 }
 
 impl WalRecord {
     /// Decodes the batch with the schema of the version it was written at.
     pub fn decode(&self, schema: arrow::datatypes::SchemaRef) -> Result<RecordBatch, String> {
+        if let Some(b) = &self.batch {
+            return Ok(b.clone());
+        }
         let data = arrow_flight::FlightData {
             data_header: self.ipc_header.clone().into(),
             data_body: self.ipc_body.clone().into(),
@@ -117,7 +130,97 @@ struct Segment {
     size: u64,
 }
 
+/// Recent durable records, decoded, in sequence order without gaps (see
+/// [`WalOptions::feed_bytes`]).
+struct Feed {
+    records: VecDeque<(u64, Arc<str>, u64, RecordBatch, usize)>,
+    bytes: usize,
+    cap: usize,
+    /// One past the last record pushed, if it was kept (0: unknown); a reader asking for
+    /// this seq is at the end of what is durable, even when taken records were dropped.
+    end: u64,
+    /// The next seq of every live tail reader: records all of them have passed are
+    /// dropped, and without readers nothing is kept.
+    readers: Vec<std::sync::Weak<AtomicU64>>,
+}
+
+impl Feed {
+    /// Drops records every reader has taken (and everything, without readers).
+    fn trim(&mut self) {
+        self.readers.retain(|r| r.strong_count() > 0);
+        let lowest = self
+            .readers
+            .iter()
+            .filter_map(|r| r.upgrade())
+            .map(|p| p.load(Ordering::Acquire))
+            .min()
+            .unwrap_or(u64::MAX);
+        while self.records.front().is_some_and(|r| r.0 < lowest) {
+            let r = self.records.pop_front().expect("front");
+            self.bytes -= r.4;
+        }
+    }
+
+    /// Appends a durable record; a record without its batch breaks the run, so the
+    /// feed starts over after it (readers then take the gap from disk).
+    fn push(&mut self, seq: u64, table: &Arc<str>, version: u64, batch: Option<&RecordBatch>) {
+        self.trim();
+        let Some(batch) = batch.filter(|_| self.cap > 0 && !self.readers.is_empty()) else {
+            self.records.clear();
+            self.bytes = 0;
+            self.end = 0;
+            return;
+        };
+        if self.end != seq {
+            self.records.clear();
+            self.bytes = 0;
+        }
+        let size = crate::buffer::data_size(batch);
+        self.records
+            .push_back((seq, table.clone(), version, batch.clone(), size));
+        self.bytes += size;
+        self.end = seq + 1;
+        while self.bytes > self.cap {
+            match self.records.pop_front() {
+                Some(r) => self.bytes -= r.4,
+                None => break,
+            }
+        }
+    }
+
+    /// Records from `seq` on, up to about `max_bytes`. `None` if the feed does not hold
+    /// `seq`; empty if `seq` is the next record to come (the reader is at the end).
+    fn take_from(&self, seq: u64, max_bytes: usize) -> Option<Vec<WalRecord>> {
+        if seq == self.end {
+            return Some(Vec::new());
+        }
+        let (front, back) = (self.records.front()?.0, self.records.back()?.0);
+        if seq < front || seq > back {
+            return None;
+        }
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        for (s, table, version, batch, size) in self.records.range((seq - front) as usize..) {
+            if bytes >= max_bytes {
+                break;
+            }
+            bytes += size;
+            out.push(WalRecord {
+                seq: *s,
+                table: table.to_string(),
+                version: *version,
+                ipc_header: Vec::new(),
+                ipc_body: Vec::new(),
+                batch: Some(batch.clone()),
+            });
+        }
+        Some(out)
+    }
+}
+
 struct Shared {
+    /// Recent durable records for tail readers.
+    feed: Mutex<Feed>,
     segments: Mutex<VecDeque<Segment>>,
     last_seq: AtomicU64,
     metrics: Arc<Metrics>,
@@ -260,6 +363,7 @@ fn parse_payload(payload: &[u8]) -> Result<WalRecord, String> {
         version,
         ipc_header,
         ipc_body,
+        batch: None,
     })
 }
 
@@ -295,6 +399,13 @@ impl Wal {
             .unwrap_or(0)
             .max(segments.last().map_or(0, |s| s.first_seq.saturating_sub(1)));
         let shared = Arc::new(Shared {
+            feed: Mutex::new(Feed {
+                records: VecDeque::new(),
+                bytes: 0,
+                cap: opts.feed_bytes as usize,
+                readers: Vec::new(),
+                end: 0,
+            }),
             segments: Mutex::new(segments.iter().cloned().collect()),
             last_seq: AtomicU64::new(last_seq),
             metrics,
@@ -438,9 +549,17 @@ impl Wal {
 
     /// A reader of the records after `after_seq`, as they become durable.
     pub fn tail(&self, after_seq: u64) -> WalTail {
+        let position = Arc::new(AtomicU64::new(after_seq + 1));
+        self.shared
+            .feed
+            .lock()
+            .expect("wal feed")
+            .readers
+            .push(Arc::downgrade(&position));
         WalTail {
             shared: self.shared.clone(),
             next_seq: after_seq + 1,
+            position,
             current: None,
             payload: Vec::new(),
         }
@@ -467,6 +586,8 @@ impl Wal {
 pub struct WalTail {
     shared: Arc<Shared>,
     next_seq: u64,
+    /// `next_seq` as the feed sees it (records before it are dropped from the feed).
+    position: Arc<AtomicU64>,
     /// Open segment: reader, its first seq, bytes consumed so far (from the file start).
     current: Option<(BufReader<File>, u64, u64, PathBuf)>,
     payload: Vec<u8>,
@@ -485,6 +606,34 @@ impl WalTail {
         let mut out = Vec::new();
         let mut bytes = 0usize;
         while bytes < max_bytes {
+            // Recent records come from memory when the feed still holds them.
+            let fed = {
+                let mut feed = self.shared.feed.lock().expect("wal feed");
+                self.position.store(self.next_seq, Ordering::Release);
+                feed.trim();
+                feed.take_from(self.next_seq, max_bytes - bytes)
+            };
+            if let Some(fed) = fed {
+                let Some(last) = fed.last() else {
+                    // At the end of what is durable.
+                    break;
+                };
+                self.next_seq = last.seq + 1;
+                self.shared
+                    .metrics
+                    .wal_tail_records
+                    .with_label_values(&["memory"])
+                    .inc_by(fed.len() as u64);
+                // The file reader is behind now; reopened (and skipped forward) if the
+                // feed ever loses the thread.
+                self.current = None;
+                bytes += fed
+                    .iter()
+                    .map(|r| r.batch.as_ref().map_or(0, crate::buffer::data_size))
+                    .sum::<usize>();
+                out.extend(fed);
+                continue;
+            }
             // Where the current segment ends now, and whether a later segment exists.
             let (limit, has_next, next_first) = {
                 let segs = self.shared.segments.lock().expect("wal segments");
@@ -549,8 +698,14 @@ impl WalTail {
             }
             self.next_seq = rec.seq + 1;
             bytes += self.payload.len();
+            self.shared
+                .metrics
+                .wal_tail_records
+                .with_label_values(&["disk"])
+                .inc();
             out.push(rec);
         }
+        self.position.store(self.next_seq, Ordering::Release);
         Ok(out)
     }
 }
@@ -625,6 +780,13 @@ impl Writer {
                     (self.next_seq - committed as u64, committed, Some(err))
                 }
             };
+            if durable > 0 {
+                let mut feed = self.shared.feed.lock().expect("wal feed");
+                for (i, e) in group[..durable].iter_mut().enumerate() {
+                    let seq = first_seq + i as u64;
+                    feed.push(seq, &e.table, e.version, e.batch.take().as_ref());
+                }
+            }
             for (i, e) in group.drain(..durable).enumerate() {
                 let seq = first_seq + i as u64;
                 (e.on_durable)(seq);
@@ -771,8 +933,9 @@ mod tests {
         wal.append(WalEntry {
             table: Arc::from("t"),
             version: 1,
-            ipc_header: h,
-            ipc_body: b,
+            ipc_header: h.into(),
+            ipc_body: b.into(),
+            batch: Some(batch),
             on_durable: Box::new(|_| {}),
             reply: tx,
         })
@@ -786,6 +949,7 @@ mod tests {
             fsync: true,
             segment_size,
             max_group_bytes: 1 << 20,
+            feed_bytes: 0,
         }
     }
 
@@ -891,5 +1055,74 @@ mod tests {
         std::fs::write(&seg, bytes).unwrap();
         let err = Wal::open(opts(dir.path(), 16), m).err().expect("corrupt");
         assert!(err.to_string().contains("checksum mismatch"), "{err}");
+    }
+
+    fn values(r: &WalRecord) -> Vec<i64> {
+        let b = r.decode(schema()).unwrap();
+        let a = b.column(0).as_any().downcast_ref::<Int64Array>().unwrap();
+        a.values().to_vec()
+    }
+
+    #[test]
+    fn tail_reads_recent_records_from_memory_and_the_rest_from_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = Arc::new(Metrics::new());
+        // Room for about three one-value batches (each counts 8 + 64 bytes).
+        let o = WalOptions {
+            feed_bytes: 3 * 72,
+            ..opts(dir.path(), 1 << 20)
+        };
+        let wal = Wal::open(o.clone(), m.clone()).unwrap();
+        // Without a reader the feed keeps nothing.
+        append(&wal, vec![0]).blocking_recv().unwrap().unwrap();
+        assert!(wal.shared.feed.lock().unwrap().records.is_empty());
+        let mut tail = wal.tail(1);
+        for i in 1..=6 {
+            append(&wal, vec![i]).blocking_recv().unwrap().unwrap();
+        }
+        // 1..=3 were pushed out of the feed, so they come from disk, 4..=6 from memory;
+        // all in order, none twice.
+        let got = tail.read(1 << 20).unwrap();
+        let seqs: Vec<u64> = got.iter().map(|r| r.seq).collect();
+        assert_eq!(seqs, vec![2, 3, 4, 5, 6, 7]);
+        let from_memory: Vec<bool> = got.iter().map(|r| r.batch.is_some()).collect();
+        assert_eq!(from_memory, vec![false, false, false, true, true, true]);
+        assert_eq!(
+            got.iter().map(values).collect::<Vec<_>>(),
+            (1..=6).map(|i| vec![i]).collect::<Vec<_>>()
+        );
+        // What the reader took is dropped from the feed.
+        assert!(wal.shared.feed.lock().unwrap().records.is_empty());
+        // At the end: nothing, and new records come from memory.
+        assert!(tail.read(1 << 20).unwrap().is_empty());
+        append(&wal, vec![7]).blocking_recv().unwrap().unwrap();
+        let got = tail.read(1 << 20).unwrap();
+        assert_eq!((got[0].seq, got[0].batch.is_some()), (8, true));
+        // A reader that fell behind the feed goes back to disk and catches up.
+        for i in 8..=12 {
+            append(&wal, vec![i]).blocking_recv().unwrap().unwrap();
+        }
+        let got = tail.read(1 << 20).unwrap();
+        assert_eq!(
+            got.iter().map(|r| r.seq).collect::<Vec<_>>(),
+            vec![9, 10, 11, 12, 13]
+        );
+        assert_eq!(got.iter().filter(|r| r.batch.is_none()).count(), 2);
+        drop(tail);
+        wal.close();
+        drop(wal);
+
+        // After a restart the feed is empty: old records from disk, new ones from memory.
+        let wal = Wal::open(o, m).unwrap();
+        let mut tail = wal.tail(10);
+        append(&wal, vec![13]).blocking_recv().unwrap().unwrap();
+        let got = tail.read(1 << 20).unwrap();
+        assert_eq!(
+            got.iter()
+                .map(|r| (r.seq, r.batch.is_some()))
+                .collect::<Vec<_>>(),
+            vec![(11, false), (12, false), (13, false), (14, true)]
+        );
+        wal.close();
     }
 }

@@ -523,6 +523,12 @@ impl ChClient {
                 // Deduplication by token is what makes a replay safe; asynchronous
                 // inserts (if a profile turned them on) would handle it differently.
                 ("async_insert", "0"),
+                // One block for the whole insert: ClickHouse then commits all of it when
+                // the body ends, or nothing if the body is cut off (sluice crashed or
+                // gave up mid-stream), so an insert streamed while its chunk fills never
+                // leaves a committed prefix that a replay would deduplicate wrongly.
+                ("min_insert_block_size_rows", "1000000000000"),
+                ("min_insert_block_size_bytes", "1000000000000000"),
             ])
             .header(reqwest::header::CONTENT_TYPE, "application/octet-stream");
         if let Some(encoding) = content_encoding(compression) {

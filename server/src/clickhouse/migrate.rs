@@ -272,6 +272,66 @@ pub async fn migrate(client: &ChClient) -> Result<MigrationReport> {
     Ok(report)
 }
 
+/// The tables the migrations create (they set `non_replicated_deduplication_window`).
+pub const SEED_TABLES: [&str; 4] = ["logs_events", "spans", "span_events", "metrics_1m"];
+
+/// Brings the `non_replicated_deduplication_window` of the migrations' tables to
+/// `clickhouse.dedup_window` (the migration files say 1000, the default); returns the
+/// tables it changed. Replicated tables keep theirs (they deduplicate by
+/// `replicated_deduplication_window`).
+pub async fn set_dedup_window(client: &ChClient, window: u64) -> Result<Vec<String>> {
+    let rows = client
+        .query_json_with_params(
+            "SELECT name, engine, create_table_query FROM system.tables \
+             WHERE database = {db:String} AND has({names:Array(String)}, name)",
+            &[
+                ("db", client.database()),
+                ("names", &format!("{SEED_TABLES:?}").replace('"', "'")),
+            ],
+        )
+        .await
+        .map_err(|e| ch_error("cannot read system.tables", e))?;
+    let wanted = format!("non_replicated_deduplication_window = {window}");
+    let mut changed = Vec::new();
+    for r in rows {
+        let (Some(name), Some(engine), Some(create)) = (
+            r["name"].as_str(),
+            r["engine"].as_str(),
+            r["create_table_query"].as_str(),
+        ) else {
+            continue;
+        };
+        let current: Option<u64> = create
+            .split("non_replicated_deduplication_window = ")
+            .nth(1)
+            .and_then(|rest| {
+                let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+                digits.parse().ok()
+            });
+        if current == Some(window)
+            || !engine.ends_with("MergeTree")
+            || engine.starts_with("Replicated")
+        {
+            continue;
+        }
+        client
+            .execute(&format!(
+                "ALTER TABLE {}.{} MODIFY SETTING {wanted}",
+                quote_ident(client.database()),
+                quote_ident(name)
+            ))
+            .await
+            .map_err(|e| ch_error(&format!("cannot set {wanted} on {name}"), e))?;
+        tracing::info!(
+            table = name,
+            window,
+            "deduplication window set from clickhouse.dedup_window"
+        );
+        changed.push(name.to_string());
+    }
+    Ok(changed)
+}
+
 async fn apply(client: &ChClient, m: &Migration) -> Result<()> {
     let context = format!("migration {}", m.file);
     for statement in split_statements(m.sql) {
@@ -560,6 +620,30 @@ mod tests {
                 .map(|(n, t)| (n.to_string(), t.to_string()))
                 .collect(),
         )
+    }
+
+    #[tokio::test]
+    async fn the_dedup_window_follows_the_config() {
+        let db = TestDb::new().await;
+        let c = &db.client;
+        migrate(c).await.unwrap();
+        // The default is what the files say: nothing to change.
+        assert!(set_dedup_window(c, 1000).await.unwrap().is_empty());
+        let mut changed = set_dedup_window(c, 5000).await.unwrap();
+        changed.sort();
+        assert_eq!(
+            changed,
+            vec!["logs_events", "metrics_1m", "span_events", "spans"]
+        );
+        for (name, _, create) in tables(c).await {
+            if SEED_TABLES.contains(&name.as_str()) {
+                assert!(
+                    create.contains("non_replicated_deduplication_window = 5000"),
+                    "{create}"
+                );
+            }
+        }
+        assert!(set_dedup_window(c, 5000).await.unwrap().is_empty());
     }
 
     #[tokio::test]

@@ -9,9 +9,15 @@
 //!    columns are read from `system.columns`, registered columns it lacks are added, and
 //!    a column whose type cannot take the registered data is reported with both types;
 //! 2. streams the chunk as `INSERT INTO db.t (cols) FORMAT Native`, one Native block per WAL
-//!    record, encoded from Arrow as the body is sent, with an `insert_deduplication_token`
-//!    made of the WAL id and the chunk's WAL range. After a crash the runner forms the
-//!    same chunk again from its plan, so ClickHouse drops an insert it already has.
+//!    record, encoded from Arrow as the body is sent. The writer [streams](StoreWriter::streams):
+//!    a chunk goes to an idle worker as soon as it opens and its records are sent while it
+//!    fills, so ClickHouse parses while sluice still ingests; the body ends only once the
+//!    runner has sealed the chunk and fsynced its plan. The insert carries an
+//!    `insert_deduplication_token` made of the WAL id and the chunk's first record, and
+//!    settings that make the whole insert one block, so ClickHouse commits all of it at
+//!    the end of the body or none of it. After a crash the runner forms a planned chunk
+//!    again from its plan, so ClickHouse drops an insert it already has; an unplanned one
+//!    was never committed.
 //!
 //! Errors ClickHouse marks as permanent (`Code: N` that is not about load or the
 //! network) are narrowed down by inserting halves (each with its own derived token) until
@@ -19,6 +25,7 @@
 //! message. Other errors go back to the runner, which retries.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arrow::array::RecordBatch;
@@ -174,29 +181,36 @@ impl ChWriter {
         Ok(cols)
     }
 
-    /// One insert of `parts` with `token`. `Err(Ok(message))`: ClickHouse refused the
-    /// data for good; `Err(Err(e))`: retry later.
-    async fn insert(
+    /// One insert of `batches` with `token`; returns the rows and Native bytes sent.
+    /// `Err(Ok(message))`: ClickHouse refused the data for good; `Err(Err(e))`: retry
+    /// later.
+    async fn insert<S>(
         &self,
         table: &str,
         columns: &Columns,
         token: &str,
-        parts: &Rows,
-    ) -> Result<u64, Result<String, SinkError>> {
+        batches: S,
+    ) -> Result<(u64, u64), Result<String, SinkError>>
+    where
+        S: futures::Stream<Item = RecordBatch> + Send + 'static,
+    {
         // Blocks are encoded one by one as the body streams; an encoding error ends the
         // body (ClickHouse then refuses the insert) and is reported as the reason.
         let names: Vec<String> = columns.iter().map(|(n, _)| n.clone()).collect();
-        let batches: Vec<RecordBatch> = parts.iter().map(|(_, b, _)| b.clone()).collect();
         let cols = columns.clone();
-        let bytes = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let counter = bytes.clone();
+        let counts = Arc::new((AtomicU64::new(0), AtomicU64::new(0)));
+        let counter = counts.clone();
         let first_error: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
         let err_slot = first_error.clone();
-        let body = futures::stream::iter(batches).map(move |b| {
-            let mut buf = Vec::new();
+        let body = batches.map(move |b| {
+            // About the Arrow size plus a length byte or so per value: no regrowing.
+            let mut buf = Vec::with_capacity(
+                crate::buffer::data_size(&b) + b.num_rows() * (b.num_columns() + 8),
+            );
             match encode_block(&b, &cols, &mut buf) {
                 Ok(()) => {
-                    counter.fetch_add(buf.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                    counter.0.fetch_add(b.num_rows() as u64, Ordering::Relaxed);
+                    counter.1.fetch_add(buf.len() as u64, Ordering::Relaxed);
                     Ok(bytes::Bytes::from(buf))
                 }
                 Err(e) => {
@@ -211,14 +225,21 @@ impl ChWriter {
             return Err(Ok(e));
         }
         match result {
-            Ok(()) => Ok(bytes.load(std::sync::atomic::Ordering::Relaxed)),
+            Ok(()) => Ok((
+                counts.0.load(Ordering::Relaxed),
+                counts.1.load(Ordering::Relaxed),
+            )),
             Err(e) if !e.transient && e.code.is_some() => Err(Ok(e.to_string())),
             Err(e) => Err(Err(sink_err(&format!("inserting into {table}"), &e))),
         }
     }
 
-    fn token(&self, table: &str, first: u64, last: u64) -> String {
-        format!("sluice:{}:{table}:{first}-{last}", self.wal_id)
+    /// The deduplication token of a chunk: the WAL and the chunk's first record. A chunk
+    /// is streamed before its last record is known; a replay re-forms it from the same
+    /// first record (from its plan, or, if it was never planned, ClickHouse committed
+    /// none of it).
+    fn token(&self, table: &str, first: u64) -> String {
+        format!("sluice:{}:{table}:{first}", self.wal_id)
     }
 }
 
@@ -246,40 +267,89 @@ impl StoreWriter for ChWriter {
         Ok(CommittedRanges::default())
     }
 
+    /// Streaming: a live chunk is sent as it fills, a replayed one whole.
+    fn streams(&self) -> bool {
+        true
+    }
+
     async fn write(&self, _conn: &mut (), chunk: &Chunk) -> Result<Written, SinkError> {
         let table = chunk.table.name();
         let columns = self.ensure_table(&chunk.table).await?;
+        let first = match &chunk.live {
+            Some(live) => live.get(0).await,
+            None => chunk.parts.first().map(|p| (p.seq, p.batch.clone())),
+        };
+        let Some((first, first_batch)) = first else {
+            return Ok(Written::default());
+        };
         // Types first: a column ClickHouse has with a type the registered data cannot
         // take stops the sink with both types named (the rows stay in the WAL until the
         // table or the registration is fixed), instead of dead-lettering the whole table.
-        if let Some(p) = chunk.parts.first() {
-            if let Err(e) = encode_block(&p.batch.slice(0, 0), &columns, &mut Vec::new()) {
-                return Err(SinkError {
-                    message: format!(
-                        "table '{table}' in ClickHouse does not fit its registered schema: {e}"
-                    ),
-                    reconnect: false,
-                });
-            }
+        if let Err(e) = encode_block(&first_batch.slice(0, 0), &columns, &mut Vec::new()) {
+            return Err(SinkError {
+                message: format!(
+                    "table '{table}' in ClickHouse does not fit its registered schema: {e}"
+                ),
+                reconnect: false,
+            });
         }
-        let (first, last) = (chunk.first_seq(), chunk.last_seq());
-        let token = self.token(table, first, last);
+        let token = self.token(table, first);
+        // The whole chunk in one insert, streamed as its records arrive when it is live.
+        let attempt = match &chunk.live {
+            Some(live) => {
+                let live = live.clone();
+                let parts = futures::stream::unfold(0usize, move |i| {
+                    let live = live.clone();
+                    async move { live.get(i).await.map(|(_, b)| (b, i + 1)) }
+                });
+                self.insert(table, &columns, &token, parts).await
+            }
+            None => {
+                let batches: Vec<RecordBatch> =
+                    chunk.parts.iter().map(|p| p.batch.clone()).collect();
+                self.insert(table, &columns, &token, futures::stream::iter(batches))
+                    .await
+            }
+        };
         let mut written = Written::default();
+        match attempt {
+            Ok((rows, bytes)) => {
+                written.rows = rows;
+                written.bytes = bytes;
+                return Ok(written);
+            }
+            Err(Err(e)) => return Err(e),
+            Err(Ok(_)) => {}
+        }
+        // Refused: narrow it down by halves, each under a token derived from the chunk's.
+        let all: Rows = match &chunk.live {
+            Some(live) => live
+                .sealed()
+                .await
+                .into_iter()
+                .map(|(seq, b)| (seq, b.clone(), b))
+                .collect(),
+            None => chunk
+                .parts
+                .iter()
+                .map(|p| (p.seq, p.batch.clone(), p.batch.clone()))
+                .collect(),
+        };
+        let (first, last) = (chunk.first_seq(), chunk.last_seq());
         let mut refused = Vec::new();
-        // (rows, token); the whole chunk first, halves under derived tokens on refusal.
-        let all: Rows = chunk
-            .parts
-            .iter()
-            .map(|p| (p.seq, p.batch.clone(), p.batch.clone()))
-            .collect();
-        let mut work = vec![(all, token)];
+        let (l, r) = halves(all);
+        let mut work = vec![(r, format!("{token}/r")), (l, format!("{token}/l"))];
         while let Some((rows, token)) = work.pop() {
             let n: usize = rows.iter().map(|r| r.1.num_rows()).sum();
             if n == 0 {
                 continue;
             }
-            match self.insert(table, &columns, &token, &rows).await {
-                Ok(bytes) => {
+            let batches: Vec<RecordBatch> = rows.iter().map(|r| r.1.clone()).collect();
+            match self
+                .insert(table, &columns, &token, futures::stream::iter(batches))
+                .await
+            {
+                Ok((_, bytes)) => {
                     written.rows += n as u64;
                     written.bytes += bytes;
                 }
