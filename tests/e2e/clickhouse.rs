@@ -356,6 +356,13 @@ async fn kill_9_mid_stream_is_exactly_once_in_clickhouse() {
     let server = start_with_ch(dir.path(), &ch, &[]);
     wait_sink_caught_up(&server, "clickhouse").await;
     assert_ch_exactly_once(&ch, &acked).await;
+    // What the crashed processes had not sent was read back from the WAL on disk (the
+    // in-memory feed starts empty).
+    let m = get_text(&server.url("/metrics")).await;
+    assert!(
+        metric(&m, r#"sluice_wal_tail_records_total{source="disk"}"#) > 0.0,
+        "{m}"
+    );
     let total = count(&ch, "SELECT count() FROM events").await;
     let mut client = server.flight().await;
     assert_eq!(
@@ -380,6 +387,16 @@ async fn clickhouse_restart_mid_stream_loses_and_duplicates_nothing() {
     wait_sink_caught_up(&server, "clickhouse").await;
     assert_ch_exactly_once(&ch, &acked).await;
     assert_eq!(count(&ch, "SELECT count() FROM events").await, 200 * BATCH);
+    // A running sink takes records from memory, not from the WAL files.
+    let m = get_text(&server.url("/metrics")).await;
+    let (memory, disk) = (
+        metric(&m, r#"sluice_wal_tail_records_total{source="memory"}"#),
+        metric(&m, r#"sluice_wal_tail_records_total{source="disk"}"#),
+    );
+    assert!(
+        memory >= 200.0 && disk == 0.0,
+        "memory {memory}, disk {disk}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -453,3 +453,17 @@ pub fn dead_letter_rows(
     dead.sort();
     dead
 }
+
+/// The value of one sample (`name{labels}`, exactly as exposed) in a Prometheus text
+/// page; 0 when absent.
+pub fn metric(page: &str, sample: &str) -> f64 {
+    page.lines()
+        .find_map(|l| {
+            l.strip_prefix(sample)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0.0)
+}
