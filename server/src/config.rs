@@ -351,8 +351,9 @@ pub struct ClickHouseConfig {
     /// ...or this many bytes of Arrow data, whichever comes first...
     pub batch_bytes: ByteSize,
     /// ...or whatever has arrived after this long. An insert is streamed while its rows
-    /// arrive, so waiting costs no throughput; an insert that holds a quarter of the
-    /// targets is also finished once no rows came for a fifth of this.
+    /// arrive, so waiting costs no throughput; an insert that is part of a burst (it holds
+    /// a quarter of the targets, or the previous one filled up) is also finished once no
+    /// rows came for a fifth of this.
     #[serde(with = "humantime_serde")]
     pub linger: Duration,
     /// Compression of INSERT bodies: `none`, `lz4` or `zstd`. `none` is the cheapest on a

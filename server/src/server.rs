@@ -385,6 +385,7 @@ impl SinkSpawner {
             journal,
             in_flight: Default::default(),
             worker_done: Default::default(),
+            filled: Default::default(),
         });
         (status, tokio::spawn(runner.run(self.stop.clone())))
     }

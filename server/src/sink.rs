@@ -106,6 +106,8 @@ pub struct Chunk {
     opened: Instant,
     /// When the last record was added.
     last_push: Instant,
+    /// Opened right after the table's previous chunk filled up: the rest of a burst.
+    after_full: bool,
     /// Re-formed after a restart from a plan in the [`PlanJournal`]: already planned.
     replayed: bool,
     /// Set when a worker streams the chunk while it fills: the parts as they come.
@@ -123,6 +125,7 @@ impl Chunk {
             bytes: 0,
             opened: Instant::now(),
             last_push: Instant::now(),
+            after_full: false,
             replayed: false,
             live: None,
             dispatched: false,
@@ -725,6 +728,8 @@ pub struct SinkRunner<W: StoreWriter> {
     pub in_flight: std::sync::atomic::AtomicUsize,
     /// Woken when a worker finishes a chunk.
     pub worker_done: tokio::sync::Notify,
+    /// Tables whose last chunk was sealed full (at `batch_rows` or `batch_bytes`).
+    pub filled: Mutex<std::collections::HashSet<String>>,
 }
 
 /// Waits `delay` (doubling it up to `max`) unless shutdown comes first; false on shutdown.
@@ -977,14 +982,15 @@ impl<W: StoreWriter> SinkRunner<W> {
     }
 
     /// Whether an open chunk is to be sealed now: it is `linger` old; or it is being
-    /// streamed, holds a quarter of the row or byte target, and no record came for a fifth
-    /// of `linger` (a burst that ended is committed without waiting for the rest of
-    /// `linger`, while a trickle still gathers into inserts of a useful size).
+    /// streamed, is part of a burst (it holds a quarter of the row or byte target, or the
+    /// table's previous chunk filled up), and no record came for a fifth of `linger`. A
+    /// burst that ended is committed without waiting out `linger`, while a trickle still
+    /// gathers into inserts of a useful size.
     fn due(&self, c: &Chunk) -> bool {
         let o = &self.opts;
         c.opened.elapsed() >= o.linger
             || (c.live.is_some()
-                && (c.rows >= o.batch_rows / 4 || c.bytes >= o.batch_bytes / 4)
+                && (c.after_full || c.rows >= o.batch_rows / 4 || c.bytes >= o.batch_bytes / 4)
                 && c.last_push.elapsed() >= o.linger / 5)
     }
 
@@ -1079,11 +1085,16 @@ impl<W: StoreWriter> SinkRunner<W> {
             if streams {
                 c.live = Some(Arc::new(LiveParts::default()));
             }
+            c.after_full = self.filled.lock().expect("filled").remove(&rec.table);
             c
         });
         chunk.push(rec.seq, batch);
         if chunk.rows >= self.opts.batch_rows || chunk.bytes >= self.opts.batch_bytes {
             ready.extend(open.remove(&rec.table));
+            self.filled
+                .lock()
+                .expect("filled")
+                .insert(rec.table.clone());
         }
         ready
     }
