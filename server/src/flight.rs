@@ -14,7 +14,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use arrow::ipc::writer::IpcWriteOptions;
-use arrow_flight::decode::FlightRecordBatchStream;
 use arrow_flight::encode::FlightDataEncoderBuilder;
 use arrow_flight::error::FlightError;
 use arrow_flight::flight_descriptor::DescriptorType;
@@ -294,36 +293,16 @@ impl FlightService for FlightFrontEnd {
         let ingest = self.state.ingest.clone();
         tokio::spawn(
             async move {
-                // The last message the decoder took: when it yields a batch, that is the
-                // batch's own message, which the WAL can keep as it is.
-                let last: Arc<std::sync::Mutex<Option<RawIpc>>> = Arc::default();
-                let seen = last.clone();
-                let data = futures::stream::once(async { Ok(first) })
-                    .chain(input)
-                    .map_ok(move |mut m| {
-                        // arrow-flight copies a body that is not 64-byte aligned anyway;
-                        // copied here instead, the WAL writes the very same bytes.
-                        m.data_body = aligned(std::mem::take(&mut m.data_body));
-                        *seen.lock().expect("last message") = Some(RawIpc {
-                            header: m.data_header.clone(),
-                            body: m.data_body.clone(),
-                        });
-                        m
-                    })
-                    .map_err(FlightError::from);
-                let mut decoder = FlightRecordBatchStream::new_from_flight_data(data);
+                let mut messages = futures::stream::iter([Ok(first)]).chain(input);
+                let mut decoder = PutDecoder::default();
                 let mut request_id = 0u64;
                 let mut rows = 0u64;
-                while let Some(next) = decoder.next().await {
-                    let item = match next {
-                        Ok(batch) => {
+                while let Some(next) = messages.next().await {
+                    let item = match next.map(|m| decoder.decode(m)) {
+                        Ok(Ok(None)) => continue,
+                        Ok(Ok(Some((batch, raw)))) => {
                             request_id += 1;
                             rows += batch.num_rows() as u64;
-                            let raw = last
-                                .lock()
-                                .expect("last message")
-                                .take()
-                                .filter(|r| self_contained(r, &batch));
                             ingest
                                 .submit(&table, batch, raw, "flight")
                                 .await
@@ -333,11 +312,11 @@ impl FlightService for FlightFrontEnd {
                                     Status::from(e)
                                 })
                         }
-                        Err(FlightError::Tonic(s)) => Err(Status::new(
+                        Err(s) => Err(Status::new(
                             s.code(),
                             format!("table '{table}': {}", s.message()),
                         )),
-                        Err(e) => Err(Status::invalid_argument(format!(
+                        Ok(Err(e)) => Err(Status::invalid_argument(format!(
                             "table '{table}': cannot decode Flight data: {e}"
                         ))),
                     };
@@ -422,19 +401,83 @@ impl FlightService for FlightFrontEnd {
     }
 }
 
-/// A message body at a 64-byte aligned address, copied there once if needed (see the
-/// caller).
-fn aligned(body: bytes::Bytes) -> bytes::Bytes {
-    if body.is_empty() || (body.as_ptr() as usize).is_multiple_of(64) {
-        return body;
-    }
-    struct Owner(arrow::buffer::Buffer);
-    impl AsRef<[u8]> for Owner {
-        fn as_ref(&self) -> &[u8] {
-            self.0.as_slice()
+/// Decodes a DoPut stream: the schema message, dictionary batches, record batches.
+///
+/// Unlike arrow-flight's decoder, which copies a whole message body that is not 64-byte
+/// aligned (tonic's are not), this lets the IPC reader copy only the fixed-width buffers
+/// that are misaligned (offsets, numbers); string data stays in the received message,
+/// which is also what the WAL writes (see [`RawIpc`]).
+#[derive(Default)]
+struct PutDecoder {
+    schema: Option<arrow::datatypes::SchemaRef>,
+    dictionaries: std::collections::HashMap<i64, arrow::array::ArrayRef>,
+}
+
+impl PutDecoder {
+    /// The batch a message carries (with its raw message when it stands alone), or
+    /// `None` for schema, dictionary and empty messages.
+    fn decode(
+        &mut self,
+        m: FlightData,
+    ) -> Result<Option<(arrow::record_batch::RecordBatch, Option<RawIpc>)>, String> {
+        use arrow::ipc::MessageHeader;
+        let message = arrow::ipc::root_as_message(&m.data_header)
+            .map_err(|e| format!("not an Arrow IPC message: {e}"))?;
+        match message.header_type() {
+            MessageHeader::NONE => Ok(None),
+            MessageHeader::Schema => {
+                let schema = arrow::ipc::convert::try_schema_from_flatbuffer_bytes(&m.data_header)
+                    .map_err(|e| format!("bad schema message: {e}"))?;
+                self.schema = Some(Arc::new(schema));
+                self.dictionaries.clear();
+                Ok(None)
+            }
+            MessageHeader::DictionaryBatch => {
+                let schema = self
+                    .schema
+                    .as_ref()
+                    .ok_or("a dictionary batch came before the schema")?;
+                let batch = message
+                    .header_as_dictionary_batch()
+                    .ok_or("bad dictionary batch message")?;
+                arrow::ipc::reader::read_dictionary(
+                    &arrow::buffer::Buffer::from(m.data_body),
+                    batch,
+                    schema,
+                    &mut self.dictionaries,
+                    &message.version(),
+                )
+                .map_err(|e| format!("bad dictionary batch: {e}"))?;
+                Ok(None)
+            }
+            MessageHeader::RecordBatch => {
+                let schema = self
+                    .schema
+                    .clone()
+                    .ok_or("a record batch came before the schema")?;
+                let rb = message
+                    .header_as_record_batch()
+                    .ok_or("bad record batch message")?;
+                let body = arrow::buffer::Buffer::from(m.data_body.clone());
+                let batch = arrow::ipc::reader::read_record_batch(
+                    &body,
+                    rb,
+                    schema,
+                    &self.dictionaries,
+                    None,
+                    &message.version(),
+                )
+                .map_err(|e| format!("bad record batch: {e}"))?;
+                let raw = RawIpc {
+                    header: m.data_header,
+                    body: m.data_body,
+                };
+                let raw = self_contained(&raw, &batch).then_some(raw);
+                Ok(Some((batch, raw)))
+            }
+            other => Err(format!("unexpected IPC message type {other:?}")),
         }
     }
-    bytes::Bytes::from_owner(Owner(arrow::buffer::Buffer::from_slice_ref(&body)))
 }
 
 /// Whether `raw` is a record batch message that decodes to `batch` on its own: not a
