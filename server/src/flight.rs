@@ -1,7 +1,8 @@
 //! The Arrow Flight front end.
 //!
-//! - **DoPut** `["<table>"]`: decodes the stream with arrow-flight's decoder, hands each
-//!   batch to the [`Ingest`](crate::pipeline::Ingest) pipeline (which waits while the
+//! - **DoPut** `["<table>"]`: decodes the IPC messages (`PutDecoder`: string data stays in
+//!   the received message, which the WAL keeps as it is when the batch needs no reshaping),
+//!   hands each batch to the [`Ingest`](crate::pipeline::Ingest) pipeline (which waits while the
 //!   memory budget is full, so this task stops reading and flow control pushes back on the
 //!   client), and acks each batch, in order, with JSON `{"request_id","rows","wal_seq"}`
 //!   once it is durable. A refused batch ends the call with its error after the acks of
