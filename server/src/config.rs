@@ -372,6 +372,9 @@ pub struct ClickHouseConfig {
     /// Timeout of one HTTP request (an INSERT of one chunk, a DDL statement).
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
+    /// For an `https://` url: a PEM file of CA certificates to trust besides the
+    /// system's (a private CA or a self-signed server certificate).
+    pub tls_ca_file: Option<std::path::PathBuf>,
 }
 
 /// Compression of HTTP request bodies.
@@ -400,6 +403,7 @@ impl Default for ClickHouseConfig {
             retry_initial: Duration::from_millis(200),
             retry_max: Duration::from_secs(30),
             request_timeout: Duration::from_secs(300),
+            tls_ca_file: None,
         }
     }
 }

@@ -533,3 +533,109 @@ async fn rows_clickhouse_refuses_are_dead_lettered_and_the_rest_inserted() {
         "{m}"
     );
 }
+
+/// A TLS proxy (socat) in front of ClickHouse's HTTP port: chdb-core has no HTTPS
+/// listener of its own. Killed on drop.
+struct TlsProxy {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl Drop for TlsProxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A private CA (`ca.pem`) and a certificate it signed for `localhost` (cert.pem,
+/// key.pem) in `dir`, and a TLS proxy with them in front of `ch`.
+fn tls_proxy(dir: &std::path::Path, ch: &ChServer) -> TlsProxy {
+    let openssl = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl (scripts/test installs it)");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    std::fs::write(
+        dir.join("leaf.ext"),
+        "subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\n",
+    )
+    .unwrap();
+    let ca = "req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=sluice-test-ca \
+              -keyout ca.key -out ca.pem";
+    let csr = "req -newkey rsa:2048 -nodes -subj /CN=localhost -keyout key.pem -out leaf.csr";
+    let sign = "x509 -req -in leaf.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 \
+                -extfile leaf.ext -out cert.pem";
+    for args in [ca, csr, sign] {
+        openssl(&args.split_whitespace().collect::<Vec<_>>());
+    }
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let upstream = url::Url::parse(&ch.url).unwrap();
+    let port = crate::ch::free_port();
+    let child = std::process::Command::new("socat")
+        .arg(format!(
+            "OPENSSL-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,verify=0,cert={},key={}",
+            cert.display(),
+            key.display()
+        ))
+        .arg(format!(
+            "TCP:{}:{}",
+            upstream.host_str().unwrap(),
+            upstream.port_or_known_default().unwrap()
+        ))
+        .spawn()
+        .expect("socat (scripts/test installs it)");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(std::time::Instant::now() < deadline, "socat did not listen");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    TlsProxy { child, port }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inserts_go_over_https_trusting_clickhouse_tls_ca_file() {
+    let ch = ChServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let tls = dir.path().join("tls");
+    std::fs::create_dir(&tls).unwrap();
+    let proxy = tls_proxy(&tls, &ch);
+    let https = format!("https://localhost:{}", proxy.port);
+    let ca = tls.join("ca.pem").display().to_string();
+
+    // Not trusted: `sluice migrate` fails and says why.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .arg("migrate")
+        .env("SLUICE__CLICKHOUSE__URL", &https)
+        .env("SLUICE__CLICKHOUSE__DATABASE", ch.database())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success(), "{err}");
+    assert!(err.to_lowercase().contains("certificate"), "{err}");
+
+    // Trusted through clickhouse.tls_ca_file: rows land over TLS.
+    let server = start_with_ch(
+        dir.path(),
+        &ch,
+        &[
+            ("CLICKHOUSE__URL", https.as_str()),
+            ("CLICKHOUSE__TLS_CA_FILE", ca.as_str()),
+        ],
+    );
+    let mut client = server.flight().await;
+    action(&mut client, "register_table", CH_EVENTS)
+        .await
+        .unwrap();
+    let out = put(&mut client, "events", vec![events_batch(0, 300)]).await;
+    assert_eq!(out.rows(), 300);
+    wait_sink_caught_up(&server, "clickhouse").await;
+    assert_eq!(count(&ch, "SELECT count() FROM events").await, 300);
+}

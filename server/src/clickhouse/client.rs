@@ -305,11 +305,29 @@ impl ChClient {
             base.set_path(&path);
         }
         let connect_timeout = cfg.request_timeout.min(Duration::from_secs(10));
-        let http = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .timeout(cfg.request_timeout)
             .connect_timeout(connect_timeout)
             .pool_idle_timeout(POOL_IDLE)
-            .tcp_nodelay(true)
+            .tcp_nodelay(true);
+        if let Some(path) = &cfg.tls_ca_file {
+            let pem = std::fs::read(path).map_err(|e| {
+                ChError::permanent(format!("clickhouse.tls_ca_file {}: {e}", path.display()))
+            })?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
+                ChError::permanent(format!("clickhouse.tls_ca_file {}: {e}", path.display()))
+            })?;
+            if certs.is_empty() {
+                return Err(ChError::permanent(format!(
+                    "clickhouse.tls_ca_file {}: no PEM certificate in it",
+                    path.display()
+                )));
+            }
+            for cert in certs {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        let http = builder
             .build()
             .map_err(|e| ChError::permanent(format!("cannot build the HTTP client: {e}")))?;
         Ok(ChClient {
