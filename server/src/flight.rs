@@ -469,30 +469,20 @@ impl PutDecoder {
                     &message.version(),
                 )
                 .map_err(|e| format!("bad record batch: {e}"))?;
-                let raw = RawIpc {
+                // The message stands alone unless a column refers to dictionaries sent in
+                // other messages.
+                let uses_dictionaries = self.schema.as_ref().is_some_and(|s| {
+                    s.fields().iter().any(|f| {
+                        matches!(f.data_type(), arrow::datatypes::DataType::Dictionary(..))
+                    })
+                });
+                let raw = (!uses_dictionaries).then(|| RawIpc {
                     header: m.data_header,
                     body: m.data_body,
-                };
-                let raw = self_contained(&raw, &batch).then_some(raw);
+                });
                 Ok(Some((batch, raw)))
             }
             other => Err(format!("unexpected IPC message type {other:?}")),
         }
     }
-}
-
-/// Whether `raw` is a record batch message that decodes to `batch` on its own: not a
-/// dictionary or schema message, and no dictionary columns (their values live in other
-/// messages).
-fn self_contained(raw: &RawIpc, batch: &arrow::record_batch::RecordBatch) -> bool {
-    let is_batch = arrow::ipc::root_as_message(&raw.header)
-        .ok()
-        .and_then(|m| m.header_as_record_batch())
-        .is_some_and(|b| b.length() == batch.num_rows() as i64);
-    is_batch
-        && !batch
-            .schema()
-            .fields()
-            .iter()
-            .any(|f| matches!(f.data_type(), arrow::datatypes::DataType::Dictionary(..)))
 }

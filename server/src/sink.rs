@@ -160,12 +160,27 @@ impl Chunk {
         }
     }
 
+    /// The first and last WAL seq (0 while empty).
+    fn ends(&self) -> (u64, u64) {
+        let seq = |p: Option<&Part>| p.map_or(0, |p| p.seq);
+        match &self.live {
+            Some(l) if self.parts.is_empty() => {
+                let g = l.inner.lock().expect("live parts");
+                (
+                    g.0.first().map_or(0, |p| p.0),
+                    g.0.last().map_or(0, |p| p.0),
+                )
+            }
+            _ => (seq(self.parts.first()), seq(self.parts.last())),
+        }
+    }
+
     pub fn first_seq(&self) -> u64 {
-        self.seqs().first().copied().unwrap_or(0)
+        self.ends().0
     }
 
     pub fn last_seq(&self) -> u64 {
-        self.seqs().last().copied().unwrap_or(0)
+        self.ends().1
     }
 }
 

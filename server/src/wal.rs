@@ -188,11 +188,12 @@ impl Feed {
         }
     }
 
-    /// Records from `seq` on, up to about `max_bytes`. `None` if the feed does not hold
-    /// `seq`; empty if `seq` is the next record to come (the reader is at the end).
-    fn take_from(&self, seq: u64, max_bytes: usize) -> Option<Vec<WalRecord>> {
+    /// Records from `seq` on, up to about `max_bytes`, and their size. `None` if the feed
+    /// does not hold `seq`; empty if `seq` is the next record to come (the reader is at
+    /// the end).
+    fn take_from(&self, seq: u64, max_bytes: usize) -> Option<(Vec<WalRecord>, usize)> {
         if seq == self.end {
-            return Some(Vec::new());
+            return Some((Vec::new(), 0));
         }
         let (front, back) = (self.records.front()?.0, self.records.back()?.0);
         if seq < front || seq > back {
@@ -214,7 +215,7 @@ impl Feed {
                 batch: Some(batch.clone()),
             });
         }
-        Some(out)
+        Some((out, bytes))
     }
 }
 
@@ -613,7 +614,7 @@ impl WalTail {
                 feed.trim();
                 feed.take_from(self.next_seq, max_bytes - bytes)
             };
-            if let Some(fed) = fed {
+            if let Some((fed, fed_bytes)) = fed {
                 let Some(last) = fed.last() else {
                     // At the end of what is durable.
                     break;
@@ -627,10 +628,7 @@ impl WalTail {
                 // The file reader is behind now; reopened (and skipped forward) if the
                 // feed ever loses the thread.
                 self.current = None;
-                bytes += fed
-                    .iter()
-                    .map(|r| r.batch.as_ref().map_or(0, crate::buffer::data_size))
-                    .sum::<usize>();
+                bytes += fed_bytes;
                 out.extend(fed);
                 continue;
             }
