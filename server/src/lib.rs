@@ -16,6 +16,7 @@
 //! - [`postgres`]: the PostgreSQL/TimescaleDB sink (binary COPY), migrations, maintenance
 //!   and the PostgreSQL registry store.
 //! - [`clickhouse`]: the ClickHouse sink (Native format over HTTP) and migrations.
+//! - [`migration`]: what the stores' migration runners share.
 //! - [`sink`]: what store sinks share: WAL tailing, chunks, workers, retries, positions.
 //! - [`registry`]: registered tables and versions, behind a store trait.
 //! - [`config`], [`metrics`], [`error`]: configuration, Prometheus metrics, errors.
@@ -29,6 +30,7 @@ pub mod error;
 pub mod flight;
 pub mod http;
 pub mod metrics;
+pub mod migration;
 pub mod pipeline;
 pub mod postgres;
 pub mod registry;

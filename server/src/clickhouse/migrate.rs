@@ -140,16 +140,7 @@ impl fmt::Display for MigrationReport {
     /// `applied 0001_logs_events, 0002_spans (no storage policy hot_warm_cold: TTL
     /// deletes only)` or `up to date (tiered storage: hot_warm_cold)`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.applied.is_empty() {
-            write!(f, "up to date ({})", self.path_description())
-        } else {
-            write!(
-                f,
-                "applied {} ({})",
-                self.applied.join(", "),
-                self.path_description()
-            )
-        }
+        crate::migration::write_report(f, &self.applied, self.path_description())
     }
 }
 

@@ -148,16 +148,7 @@ impl MigrationReport {
 impl fmt::Display for MigrationReport {
     /// `applied 0001_core, 0002_metrics (TimescaleDB)` or `up to date (TimescaleDB)`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.applied.is_empty() {
-            write!(f, "up to date ({})", self.path_description())
-        } else {
-            write!(
-                f,
-                "applied {} ({})",
-                self.applied.join(", "),
-                self.path_description()
-            )
-        }
+        crate::migration::write_report(f, &self.applied, self.path_description())
     }
 }
 
