@@ -15,6 +15,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use crate::common::free_port;
+
 /// How long a fresh server may take to answer `/ping` (the first import of chdb is slow).
 const START_TIMEOUT: Duration = Duration::from_secs(90);
 
@@ -301,14 +303,6 @@ fn ping(port: u16) -> bool {
         && answer.starts_with("HTTP/1.")
         && answer.contains(" 200 ")
         && answer.ends_with("Ok.\n")
-}
-
-/// A loopback port nobody listens on right now.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind 127.0.0.1:0")
-        .port()
 }
 
 /// Runs one statement against `url` on a thread of its own (so this works both inside and

@@ -578,7 +578,7 @@ fn tls_proxy(dir: &std::path::Path, ch: &ChServer) -> TlsProxy {
     }
     let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
     let upstream = url::Url::parse(&ch.url).unwrap();
-    let port = crate::ch::free_port();
+    let port = free_port();
     let child = std::process::Command::new("socat")
         .arg(format!(
             "OPENSSL-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,verify=0,cert={},key={}",

@@ -467,3 +467,11 @@ pub fn metric(page: &str, sample: &str) -> f64 {
         })
         .unwrap_or(0.0)
 }
+
+/// A loopback port nobody listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind 127.0.0.1:0")
+        .port()
+}

@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
+use crate::common::free_port;
+
 /// One test's PostgreSQL. `url` is `postgresql://postgres@127.0.0.1:PORT/DB`.
 pub struct PgServer {
     pub url: String,
@@ -236,14 +238,6 @@ fn run(cmd: &mut Command) -> Output {
         String::from_utf8_lossy(&out.stderr)
     );
     out
-}
-
-/// A loopback port nobody listens on right now.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind 127.0.0.1:0")
-        .port()
 }
 
 /// Runs one SQL statement against `url` on a thread of its own (so this works both inside
