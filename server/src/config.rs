@@ -544,12 +544,8 @@ impl Config {
             }
         }
         if let Some(url) = &self.postgres.url {
-            if url.parse::<tokio_postgres::Config>().is_err() {
-                return err(
-                    "postgres.url",
-                    "is not a PostgreSQL connection string (postgresql://user:pass@host:port/db)"
-                        .into(),
-                );
+            if let Err(message) = crate::postgres::check_url(url) {
+                return err("postgres.url", message);
             }
         }
         if self.postgres.pool_size == 0 || self.postgres.pool_size > 64 {

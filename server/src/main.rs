@@ -151,12 +151,9 @@ async fn migrate(cfg: &Config) -> Result<(), String> {
 
 async fn migrate_postgres(cfg: &Config, url: &str) -> Result<(), String> {
     use sluice::postgres::{maintenance, migrate};
-    let mut client = sluice::postgres::connect(url).await.map_err(|e| {
-        format!(
-            "cannot connect to PostgreSQL at postgres.url: {}",
-            pg_text(&e)
-        )
-    })?;
+    let mut client = sluice::postgres::connect(url)
+        .await
+        .map_err(|e| format!("cannot connect to PostgreSQL at postgres.url: {e}"))?;
     let report = migrate::migrate(&mut client)
         .await
         .map_err(|e| format!("postgres: {e}"))?;
@@ -168,13 +165,4 @@ async fn migrate_postgres(cfg: &Config, url: &str) -> Result<(), String> {
     }
     println!("postgres: {report}");
     Ok(())
-}
-
-/// A connection error with its cause (tokio-postgres' own text is only the kind).
-fn pg_text(e: &tokio_postgres::Error) -> String {
-    match (e.as_db_error(), std::error::Error::source(e)) {
-        (Some(db), _) => db.message().to_string(),
-        (None, Some(cause)) => format!("{e}: {cause}"),
-        (None, None) => e.to_string(),
-    }
 }

@@ -551,32 +551,7 @@ impl Drop for TlsProxy {
 /// A private CA (`ca.pem`) and a certificate it signed for `localhost` (cert.pem,
 /// key.pem) in `dir`, and a TLS proxy with them in front of `ch`.
 fn tls_proxy(dir: &std::path::Path, ch: &ChServer) -> TlsProxy {
-    let openssl = |args: &[&str]| {
-        let out = std::process::Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .expect("openssl (scripts/test installs it)");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    std::fs::write(
-        dir.join("leaf.ext"),
-        "subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\n",
-    )
-    .unwrap();
-    let ca = "req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=sluice-test-ca \
-              -keyout ca.key -out ca.pem";
-    let csr = "req -newkey rsa:2048 -nodes -subj /CN=localhost -keyout key.pem -out leaf.csr";
-    let sign = "x509 -req -in leaf.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 \
-                -extfile leaf.ext -out cert.pem";
-    for args in [ca, csr, sign] {
-        openssl(&args.split_whitespace().collect::<Vec<_>>());
-    }
-    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let (cert, key) = crate::common::test_certificates(dir, "DNS:localhost");
     let upstream = url::Url::parse(&ch.url).unwrap();
     let port = free_port();
     let child = std::process::Command::new("socat")

@@ -475,3 +475,35 @@ pub fn free_port() -> u16 {
         .expect("bind 127.0.0.1:0")
         .port()
 }
+
+/// A CA (`dir/ca.pem`) and a server certificate it signed for `san` (e.g. `DNS:localhost`,
+/// `DNS:localhost,IP:127.0.0.1`), made with openssl (scripts/test installs it); returns
+/// the server's (certificate, key) paths.
+pub fn test_certificates(dir: &Path, san: &str) -> (PathBuf, PathBuf) {
+    let openssl = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl (scripts/test installs it)");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    std::fs::write(
+        dir.join("leaf.ext"),
+        format!("subjectAltName={san}\nbasicConstraints=CA:FALSE\n"),
+    )
+    .unwrap();
+    let ca = "req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=sluice-test-ca \
+              -keyout ca.key -out ca.pem";
+    let csr = "req -newkey rsa:2048 -nodes -subj /CN=localhost -keyout key.pem -out leaf.csr";
+    let sign = "x509 -req -in leaf.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 \
+                -extfile leaf.ext -out cert.pem";
+    for args in [ca, csr, sign] {
+        openssl(&args.split_whitespace().collect::<Vec<_>>());
+    }
+    (dir.join("cert.pem"), dir.join("key.pem"))
+}

@@ -40,6 +40,18 @@ impl PgServer {
 
     /// A new cluster of our own (initdb, pg_ctl start), whatever the environment says.
     pub fn start_local() -> PgServer {
+        Self::start_cluster(None)
+    }
+
+    /// A cluster of our own that takes only TLS over TCP (`ssl = on` with this certificate
+    /// and key; `pg_hba.conf` rejects unencrypted TCP): role `pw` (password `secret`) logs
+    /// in with SCRAM, everyone else is trusted.
+    #[allow(dead_code)] // for the TLS tests
+    pub fn start_local_tls(cert: &Path, key: &Path) -> PgServer {
+        Self::start_cluster(Some((cert, key)))
+    }
+
+    fn start_cluster(tls: Option<(&Path, &Path)>) -> PgServer {
         let bin = bin_dir();
         // Under /tmp: the `postgres` user must reach it (TMPDIR may be private to root),
         // and the socket path must stay short.
@@ -57,6 +69,33 @@ impl PgServer {
             .arg(&data)
             .args(["-U", "postgres", "-A", "trust", "-E", "UTF8", "--locale=C"])
             .arg("--no-sync"));
+        if let Some((cert, key)) = tls {
+            std::fs::copy(cert, data.join("server.crt")).expect("copy the server certificate");
+            std::fs::copy(key, data.join("server.key")).expect("copy the server key");
+            run(Command::new("chmod")
+                .arg("600")
+                .arg(data.join("server.key")));
+            if is_root() {
+                run(Command::new("chown")
+                    .arg("postgres:")
+                    .arg(data.join("server.crt"))
+                    .arg(data.join("server.key")));
+            }
+            let conf = data.join("postgresql.conf");
+            let mut text = std::fs::read_to_string(&conf).expect("postgresql.conf");
+            text.push_str(
+                "\nssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n",
+            );
+            std::fs::write(&conf, text).expect("write postgresql.conf");
+            std::fs::write(
+                data.join("pg_hba.conf"),
+                "local all all trust\n\
+                 hostssl all pw 127.0.0.1/32 scram-sha-256\n\
+                 hostssl all all 127.0.0.1/32 trust\n\
+                 host all all 127.0.0.1/32 reject\n",
+            )
+            .expect("write pg_hba.conf");
+        }
         // A free port can be taken by a parallel test between our check and the server's
         // bind: try a few.
         for attempt in 0.. {

@@ -650,11 +650,15 @@ async fn public_columns(db: &tokio_postgres::Client) -> Vec<(String, String, Str
 
 /// `sluice migrate` through the binary: applies everything once, then nothing.
 fn sluice_migrate(pg: &PgServer) -> String {
+    sluice_migrate_url(&pg.url)
+}
+
+fn sluice_migrate_url(url: &str) -> String {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
         .arg("migrate")
         .arg("--config")
         .arg(example_config())
-        .env("SLUICE__POSTGRES__URL", &pg.url)
+        .env("SLUICE__POSTGRES__URL", url)
         .output()
         .expect("run sluice migrate");
     assert!(
@@ -752,4 +756,131 @@ async fn two_processes_share_the_registry_in_postgres() {
     assert!(out.error.is_none(), "{:?}", out.error);
     let schema_b = get_json(&b.url("/schema/shared_0")).await;
     assert_eq!(schema_b["version"], 2, "{schema_b}");
+}
+
+/// Whether `db`'s own connection is encrypted, from the server's side.
+async fn uses_tls(db: &tokio_postgres::Client) -> bool {
+    db.query_one(
+        "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+        &[],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_to_postgres_follows_sslmode_and_sslrootcert() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("tls");
+    std::fs::create_dir(&certs).unwrap();
+    // Made out for `localhost` only: connecting to 127.0.0.1 passes verify-ca, not
+    // verify-full.
+    let (cert, key) = test_certificates(&certs, "DNS:localhost");
+    let ca = certs.join("ca.pem").display().to_string();
+    let pg = PgServer::start_local_tls(&cert, &key);
+    let with = |params: &str| format!("{}?{params}", pg.url);
+
+    // The server takes no plain-text TCP: a success below means TLS.
+    let refused = sluice::postgres::connect(&with("sslmode=disable"))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(refused.contains("no encryption"), "{refused}");
+
+    // prefer (the default) and require encrypt without checking the certificate.
+    for url in [pg.url.clone(), with("sslmode=require")] {
+        let db = sluice::postgres::connect(&url).await.unwrap();
+        assert!(uses_tls(&db).await, "{url}");
+    }
+    // With the CA: verify-ca and require+sslrootcert check the chain only.
+    for params in [
+        format!("sslmode=verify-ca&sslrootcert={ca}"),
+        format!("sslmode=require&sslrootcert={ca}"),
+    ] {
+        let db = sluice::postgres::connect(&with(&params)).await.unwrap();
+        assert!(uses_tls(&db).await, "{params}");
+    }
+    // verify-full checks the name too: 127.0.0.1 is not on the certificate, localhost is.
+    let wrong_name =
+        sluice::postgres::connect(&with(&format!("sslmode=verify-full&sslrootcert={ca}")))
+            .await
+            .unwrap_err()
+            .to_string();
+    assert!(wrong_name.contains("not valid for name"), "{wrong_name}");
+    let by_name = pg.url.replace("127.0.0.1", "localhost");
+    let db = sluice::postgres::connect(&format!("{by_name}?sslmode=verify-full&sslrootcert={ca}"))
+        .await
+        .unwrap();
+    assert!(uses_tls(&db).await);
+    // Without our CA the system roots do not know the issuer.
+    let unknown = sluice::postgres::connect(&with("sslmode=verify-ca"))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(unknown.contains("UnknownIssuer"), "{unknown}");
+
+    // SCRAM over TLS is bound to the channel (SCRAM-SHA-256-PLUS, tls-server-end-point):
+    // with channel_binding=require the login only succeeds if both sides hashed the same
+    // certificate the same way.
+    db.batch_execute("CREATE ROLE pw LOGIN PASSWORD 'secret'")
+        .await
+        .unwrap();
+    let scram = with("sslmode=require&channel_binding=require").replace("postgres@", "pw:secret@");
+    let pw = sluice::postgres::connect(&scram).await.unwrap();
+    assert!(uses_tls(&pw).await);
+    let wrong = scram.replace("pw:secret@", "pw:guess@");
+    let denied = sluice::postgres::connect(&wrong)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        denied.contains("password authentication failed"),
+        "{denied}"
+    );
+
+    // The binary: a bad sslrootcert is a config error at start; with the CA, `sluice
+    // migrate` and the sink both go over verified TLS.
+    let bad = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .arg("migrate")
+        .arg("--config")
+        .arg(example_config())
+        .env(
+            "SLUICE__POSTGRES__URL",
+            with("sslmode=verify-ca&sslrootcert=/nonexistent/ca.pem"),
+        )
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(!bad.status.success());
+    assert!(
+        stderr.contains("postgres.url") && stderr.contains("/nonexistent/ca.pem"),
+        "{stderr}"
+    );
+    let verified = with(&format!("sslmode=verify-ca&sslrootcert={ca}"));
+    let out = sluice_migrate_url(&verified);
+    assert!(out.contains("0001_core"), "{out}");
+    let server = Sluice::start(
+        dir.path(),
+        &[
+            ("POSTGRES__URL", verified.as_str()),
+            ("POSTGRES__LINGER", "50ms"),
+        ],
+    );
+    let mut client = server.flight().await;
+    action(&mut client, "register_table", EVENTS).await.unwrap();
+    let out = put(&mut client, "events", vec![events_batch(0)]).await;
+    assert_eq!(out.rows(), BATCH as u64);
+    wait_sink_caught_up(&server, "postgres").await;
+    assert_eq!(pg_count(&db, "SELECT count(*) FROM events").await, BATCH);
+    let plain = pg_count(
+        &db,
+        "SELECT count(*) FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid) \
+         WHERE a.backend_type = 'client backend' AND NOT s.ssl",
+    )
+    .await;
+    assert_eq!(
+        plain, 0,
+        "every connection, sluice's included, is encrypted"
+    );
 }

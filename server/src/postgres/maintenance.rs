@@ -387,7 +387,7 @@ pub async fn run(
             match super::connect(&url).await {
                 Ok(c) => client = Some(c),
                 Err(e) => {
-                    tracing::warn!(error = %describe(&e), "PostgreSQL maintenance cannot connect; retrying next round");
+                    tracing::warn!(error = %e, "PostgreSQL maintenance cannot connect; retrying next round");
                     continue;
                 }
             }

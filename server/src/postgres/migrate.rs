@@ -338,6 +338,16 @@ pub(crate) fn describe(e: &tokio_postgres::Error) -> String {
     }
 }
 
+/// [`pg_error`] for a failed connect; wrong TLS settings in the URL are `InvalidArgument`.
+pub(crate) fn connect_error(context: &str, e: super::ConnectError) -> Error {
+    match e {
+        super::ConnectError::Postgres(e) => pg_error(context, e),
+        options @ super::ConnectError::Options(_) => {
+            Error::InvalidArgument(format!("{context}: {options}"))
+        }
+    }
+}
+
 /// Classifies a PostgreSQL error: connection trouble, server shutdown, lock/serialization
 /// failures and resource shortages are `Unavailable` (retry later); a missing sluice table
 /// is `FailedPrecondition` (run `sluice migrate`); anything else is `Internal`.
@@ -896,7 +906,7 @@ mod tests {
         let closed = crate::postgres::connect("postgresql://postgres@127.0.0.1:1/postgres")
             .await
             .unwrap_err();
-        assert!(matches!(pg_error("x", closed), Error::Unavailable(_)));
+        assert!(matches!(connect_error("x", closed), Error::Unavailable(_)));
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! The PostgreSQL/TimescaleDB store: binary COPY sink, migrations, maintenance and the
-//! registry backend.
+//! registry backend. Connections are encrypted as libpq's `sslmode` in `postgres.url` asks
+//! ([`tls`]).
 //!
 //! # What flows through it
 //! The sink ([`sink`]) reads WAL records for tables routed to `postgres`, coalesces them
@@ -15,16 +16,55 @@ pub mod maintenance;
 pub mod migrate;
 pub mod registry;
 pub mod sink;
+pub mod tls;
 
-/// Opens one connection (no TLS) and drives it on a background task.
-pub async fn connect(url: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
-    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::debug!(error = %e, "PostgreSQL connection ended");
-        }
-    });
+/// Why a connection could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The connection string's TLS settings (`sslmode`, `sslrootcert`) are wrong.
+    #[error("postgres.url: {0}")]
+    Options(String),
+    /// PostgreSQL, the network or the TLS handshake refused.
+    #[error("{}", migrate::describe(.0))]
+    Postgres(#[from] tokio_postgres::Error),
+}
+
+/// Opens one connection, encrypted as the URL's `sslmode` asks, and drives it on a
+/// background task.
+pub async fn connect(url: &str) -> Result<tokio_postgres::Client, ConnectError> {
+    let options = tls::ConnOptions::parse(url).map_err(ConnectError::Options)?;
+    let client = if options.mode == tls::SslMode::Disable {
+        let (client, connection) =
+            tokio_postgres::connect(&options.rest, tokio_postgres::NoTls).await?;
+        tokio::spawn(drive(connection));
+        client
+    } else {
+        let connector = options.connector().map_err(ConnectError::Options)?;
+        let (client, connection) = tokio_postgres::connect(&options.rest, connector).await?;
+        tokio::spawn(drive(connection));
+        client
+    };
     Ok(client)
+}
+
+/// Checks `url` without connecting: its syntax and TLS settings (the CA file is read).
+pub fn check_url(url: &str) -> Result<(), String> {
+    let options = tls::ConnOptions::parse(url)?;
+    if options.rest.parse::<tokio_postgres::Config>().is_err() {
+        return Err(
+            "is not a PostgreSQL connection string (postgresql://user:pass@host:port/db)".into(),
+        );
+    }
+    if options.mode != tls::SslMode::Disable {
+        options.connector()?;
+    }
+    Ok(())
+}
+
+async fn drive<F: std::future::Future<Output = Result<(), tokio_postgres::Error>>>(connection: F) {
+    if let Err(e) = connection.await {
+        tracing::debug!(error = %e, "PostgreSQL connection ended");
+    }
 }
 
 /// Quotes an identifier for PostgreSQL (`"name"`, inner quotes doubled), whatever it holds.

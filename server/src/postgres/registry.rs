@@ -20,7 +20,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::Json;
 use tokio_postgres::Client;
 
-use super::migrate::pg_error;
+use super::migrate::{connect_error, pg_error};
 use crate::error::{Error, Result};
 use crate::registry::{Appended, RegistryStore, StoredVersion};
 
@@ -53,7 +53,7 @@ impl PgRegistryStore {
 async fn open(url: &str) -> Result<Client> {
     super::connect(url)
         .await
-        .map_err(|e| pg_error("cannot connect to PostgreSQL for the schema registry", e))
+        .map_err(|e| connect_error("cannot connect to PostgreSQL for the schema registry", e))
 }
 
 fn stored_version(
