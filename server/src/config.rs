@@ -173,6 +173,10 @@ pub struct WalConfig {
     /// memory (beyond `memory.budget`) only while a sink lags; one that lags further reads
     /// the WAL from disk. 0 turns it off.
     pub feed_bytes: ByteSize,
+    /// Write segments with direct I/O (`O_DIRECT`, Linux), bypassing the page cache: the
+    /// page cache's copy and write-back cost more CPU than the disk write itself. Falls back
+    /// to buffered writes by itself where the file system refuses it (tmpfs).
+    pub direct_io: bool,
 }
 
 /// Compression of WAL records.
@@ -204,6 +208,7 @@ impl Default for WalConfig {
             compression: WalCompression::None,
             disk_budget: ByteSize::gib(20),
             feed_bytes: ByteSize::mib(256),
+            direct_io: true,
         }
     }
 }

@@ -38,3 +38,4 @@ pub mod server;
 pub mod sink;
 pub mod state;
 pub mod wal;
+pub mod wal_io;

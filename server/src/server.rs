@@ -144,6 +144,7 @@ pub async fn run(config: Config, on_ready: impl FnOnce(BoundAddrs)) -> Result<()
         segment_size: config.wal.segment_size.as_u64(),
         max_group_bytes: config.wal.max_group_bytes.as_u64(),
         feed_bytes: config.wal.feed_bytes.as_u64(),
+        direct_io: config.wal.direct_io,
     };
     let wal = {
         let m = metrics.clone();

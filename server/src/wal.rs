@@ -16,7 +16,10 @@
 //! Segment files `wal/<first seq, 20 digits>.wal`: the magic `SLWAL001`, then records
 //! `[u32 payload length][u32 crc32 of payload][payload]`, payload =
 //! `[u64 seq][u64 schema version][u16 table length][table][u32 header length]
-//! [Arrow IPC message header][Arrow IPC body]`, integers little-endian.
+//! [Arrow IPC message header][Arrow IPC body]`, integers little-endian. Segments are
+//! written with direct I/O where possible ([`crate::wal_io`]): the one being written, or
+//! one a crash left open, may end in fewer than 4096 zero bytes of padding, which the scan
+//! at start trims.
 
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
@@ -29,6 +32,7 @@ use arrow::record_batch::RecordBatch;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::metrics::Metrics;
+use crate::wal_io::{self, is_padding, SegmentFile};
 
 const MAGIC: &[u8; 8] = b"SLWAL001";
 const RECORD_HEADER: usize = 8;
@@ -68,6 +72,8 @@ pub struct WalOptions {
     /// ([`WalTail`]): a sink that keeps up takes them from there instead of reading,
     /// decompressing and decoding them again. 0 turns it off.
     pub feed_bytes: u64,
+    /// Write segments with `O_DIRECT` where the file system allows it ([`crate::wal_io`]).
+    pub direct_io: bool,
 }
 
 /// A batch to append.
@@ -291,6 +297,21 @@ fn scan_segment(seg: &mut Segment, is_last: bool) -> Result<(), WalError> {
         }
     }
     drop(reader);
+    if let Some((at, _)) = cut {
+        // Zeros after the last record, short of a block: a direct write's padding that
+        // was not trimmed (a crash before the segment was closed), not a torn record.
+        let mut rest = vec![0u8; len.saturating_sub(at).min(wal_io::BLOCK as u64) as usize];
+        if at >= MAGIC.len() as u64
+            && len - at < wal_io::BLOCK as u64
+            && std::os::unix::fs::FileExt::read_exact_at(&file, &mut rest, at).is_ok()
+            && is_padding(&rest)
+        {
+            tracing::debug!(path = %path.display(), offset = at, "trimming direct-I/O padding");
+            file.set_len(at).map_err(io_err(&path))?;
+            seg.size = at;
+            return Ok(());
+        }
+    }
     if let Some((at, reason)) = cut {
         if !is_last {
             return Err(WalError::Corrupt {
@@ -590,7 +611,7 @@ pub struct WalTail {
     /// `next_seq` as the feed sees it (records before it are dropped from the feed).
     position: Arc<AtomicU64>,
     /// Open segment: reader, its first seq, bytes consumed so far (from the file start).
-    current: Option<(BufReader<File>, u64, u64, PathBuf)>,
+    current: Option<(BufReader<Committed>, u64, u64, PathBuf)>,
     payload: Vec<u8>,
 }
 
@@ -652,9 +673,14 @@ impl WalTail {
                         return Ok(out);
                     };
                     let file = File::open(&seg.path).map_err(io_err(&seg.path))?;
-                    let mut r = BufReader::with_capacity(1 << 20, file);
-                    r.seek(SeekFrom::Start(MAGIC.len() as u64))
-                        .map_err(io_err(&seg.path))?;
+                    let r = BufReader::with_capacity(
+                        1 << 20,
+                        Committed {
+                            file,
+                            pos: MAGIC.len() as u64,
+                            limit: seg.size,
+                        },
+                    );
                     self.current = Some((r, seg.first_seq, MAGIC.len() as u64, seg.path.clone()));
                 }
                 let first = self.current.as_ref().unwrap().1;
@@ -670,6 +696,7 @@ impl WalTail {
                 }
             };
             let (reader, _, consumed, path) = self.current.as_mut().unwrap();
+            reader.get_mut().limit = limit;
             if *consumed >= limit {
                 if has_next {
                     self.current = None;
@@ -708,10 +735,30 @@ impl WalTail {
     }
 }
 
+/// A segment read only up to its committed size, so that a reader's buffer never holds
+/// bytes past it: direct writes rewrite the zero padding there with the next records.
+struct Committed {
+    file: File,
+    pos: u64,
+    limit: u64,
+}
+
+impl Read for Committed {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = (buf.len() as u64).min(self.limit.saturating_sub(self.pos)) as usize;
+        if n == 0 {
+            return Ok(0);
+        }
+        let got = std::os::unix::fs::FileExt::read_at(&self.file, &mut buf[..n], self.pos)?;
+        self.pos += got as u64;
+        Ok(got)
+    }
+}
+
 struct Writer {
     opts: WalOptions,
     shared: Arc<Shared>,
-    file: File,
+    file: SegmentFile,
     seg_index_first: u64,
     next_seq: u64,
 }
@@ -729,17 +776,20 @@ impl Writer {
         })
     }
 
-    fn create_segment(opts: &WalOptions, shared: &Shared, first: u64) -> Result<File, WalError> {
+    fn create_segment(
+        opts: &WalOptions,
+        shared: &Shared,
+        first: u64,
+    ) -> Result<SegmentFile, WalError> {
         let path = segment_path(&opts.dir, first);
-        let mut file = OpenOptions::new()
-            .create(true)
-            .write(true)
-            .truncate(true)
-            .open(&path)
-            .map_err(io_err(&path))?;
-        file.write_all(MAGIC).map_err(io_err(&path))?;
+        let mut file = SegmentFile::create(&path, opts.direct_io).map_err(io_err(&path))?;
+        if opts.direct_io && !file.is_direct() {
+            tracing::debug!(path = %path.display(), "the file system refuses O_DIRECT; WAL writes go through the page cache");
+        }
+        file.append(MAGIC).map_err(io_err(&path))?;
+        file.flush().map_err(io_err(&path))?;
         if opts.fsync {
-            file.sync_all().map_err(io_err(&path))?;
+            file.sync().map_err(io_err(&path))?;
             File::open(&opts.dir)
                 .and_then(|d| d.sync_all())
                 .map_err(io_err(&opts.dir))?;
@@ -807,8 +857,13 @@ impl Writer {
                 }
             }
         }
-        if self.opts.fsync {
-            let _ = self.file.sync_data();
+        // Every group was flushed and synced; only the direct writes' padding is left.
+        let size = {
+            let segs = self.shared.segments.lock().expect("wal segments");
+            segs.back().map_or(MAGIC.len() as u64, |s| s.size)
+        };
+        if let Err(e) = self.file.finish(size) {
+            tracing::warn!(error = %e, "cannot trim the last WAL segment; the next start will");
         }
         self.shared.durable.notify_waiters();
     }
@@ -838,10 +893,12 @@ impl Writer {
             } + seg_bytes;
             if cur_size >= self.opts.segment_size && cur_size > MAGIC.len() as u64 {
                 // Roll: make the old segment durable, then start a new one at `seq`.
+                w!(self.file.flush().map_err(io_err(&path)));
                 if self.opts.fsync {
-                    w!(self.file.sync_data().map_err(io_err(&path)));
+                    w!(self.file.sync().map_err(io_err(&path)));
                 }
                 self.commit_sizes(seg_bytes, seq - 1);
+                w!(self.file.finish(cur_size).map_err(io_err(&path)));
                 committed = i;
                 self.next_seq = seq;
                 seg_bytes = 0;
@@ -864,15 +921,16 @@ impl Writer {
             let crc = h.finalize();
             buf[4..8].copy_from_slice(&crc.to_le_bytes());
             let cur_path = segment_path(&self.opts.dir, self.seg_index_first);
-            w!(self.file.write_all(buf).map_err(io_err(&cur_path)));
-            w!(self.file.write_all(&e.ipc_body).map_err(io_err(&cur_path)));
+            w!(self.file.append(buf).map_err(io_err(&cur_path)));
+            w!(self.file.append(&e.ipc_body).map_err(io_err(&cur_path)));
             let n = (RECORD_HEADER + payload_len) as u64;
             seg_bytes += n;
             written += n;
         }
+        let cur_path = segment_path(&self.opts.dir, self.seg_index_first);
+        w!(self.file.flush().map_err(io_err(&cur_path)));
         if self.opts.fsync {
-            let cur_path = segment_path(&self.opts.dir, self.seg_index_first);
-            w!(self.file.sync_data().map_err(io_err(&cur_path)));
+            w!(self.file.sync().map_err(io_err(&cur_path)));
         }
         let last = first_seq + group.len() as u64 - 1;
         self.commit_sizes(seg_bytes, last);
@@ -890,11 +948,7 @@ impl Writer {
             segs.back().map_or(MAGIC.len() as u64, |s| s.size)
         };
         let path = segment_path(&self.opts.dir, self.seg_index_first);
-        if let Err(e) = self
-            .file
-            .set_len(size)
-            .and_then(|_| self.file.seek(SeekFrom::Start(size)).map(|_| ()))
-        {
+        if let Err(e) = self.file.reset_to(size) {
             tracing::error!(path = %path.display(), error = %e, "cannot cut the WAL segment back after a failed write");
         }
     }
@@ -948,6 +1002,7 @@ mod tests {
             segment_size,
             max_group_bytes: 1 << 20,
             feed_bytes: 0,
+            direct_io: true,
         }
     }
 
