@@ -22,6 +22,7 @@
 //! - [`config`], [`metrics`], [`error`]: configuration, Prometheus metrics, errors.
 //! - [`server`]: start-up, WAL replay, serving, graceful shutdown.
 
+pub mod allocator;
 pub mod archive;
 pub mod buffer;
 pub mod clickhouse;

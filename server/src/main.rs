@@ -21,14 +21,17 @@ pub struct MallocConf(*const std::ffi::c_char);
 unsafe impl Sync for MallocConf {}
 
 /// jemalloc's options (the environment's `_RJEM_MALLOC_CONF` still overrides them). One
-/// arena, freed pages returned after half a second and a small thread cache keep resident
-/// memory close to `memory.budget` (tests/e2e/memory.rs: 108 MiB of growth for a 64 MiB
-/// budget; with jemalloc's defaults 140 MiB), while buffers freed and allocated again
-/// within a batch or two are still reused.
+/// arena and a small thread cache keep resident memory close to `memory.budget`
+/// (tests/e2e/memory.rs); freed pages are not purged as they are freed
+/// (`dirty_decay_ms:-1`, no separate arena for large buffers) but when ingest pauses or too
+/// many are held, by
+/// `sluice::allocator::bound_freed_memory` (past an eighth of `memory.budget`): purging on free made every batch buffer page-fault
+/// in again, half of sluice's CPU in `bench/run.sh ch`.
 #[cfg(not(target_env = "msvc"))]
 #[export_name = "_rjem_malloc_conf"]
-pub static MALLOC_CONF: MallocConf =
-    MallocConf(c"narenas:1,dirty_decay_ms:500,muzzy_decay_ms:0,tcache_max:4096".as_ptr());
+pub static MALLOC_CONF: MallocConf = MallocConf(
+    c"narenas:1,dirty_decay_ms:-1,muzzy_decay_ms:0,oversize_threshold:0,tcache_max:4096".as_ptr(),
+);
 
 #[derive(Parser)]
 #[command(

@@ -182,6 +182,18 @@ pub async fn run(config: Config, on_ready: impl FnOnce(BoundAddrs)) -> Result<()
     archiver.recover().await?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let archiver_task = tokio::spawn(archiver.clone().run(stop_rx.clone()));
+    let activity = {
+        let wal = wal.clone();
+        move || {
+            let sinks: u64 = wal.sink_positions().iter().map(|(_, p)| *p).sum();
+            wal.last_seq().wrapping_add(sinks)
+        }
+    };
+    tokio::spawn(crate::allocator::bound_freed_memory(
+        activity,
+        config.memory.keep_freed(),
+        stop_rx.clone(),
+    ));
 
     replay(&wal, &registry, &buffers, &memory).await?;
     archiver.replaying.store(false, Ordering::Release);
