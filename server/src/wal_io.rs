@@ -155,10 +155,38 @@ impl SegmentFile {
         Ok(())
     }
 
-    fn write_stage(&self, len: usize) -> io::Result<()> {
+    fn write_stage(&mut self, len: usize) -> io::Result<()> {
         use std::os::unix::fs::FileExt;
-        self.file
-            .write_all_at(&self.stage.as_slice()[..len], self.stage_at)
+        let at = self.stage_at;
+        match self.file.write_all_at(&self.stage.as_slice()[..len], at) {
+            // Some devices want larger blocks than ours; the file system only says so at
+            // the first write. Go on through the page cache (the same bytes, same place).
+            Err(e) if self.direct && e.raw_os_error() == Some(22) => {
+                tracing::warn!(error = %e, "direct WAL write refused; writing through the page cache");
+                self.stop_direct()?;
+                self.file.write_all_at(&self.stage.as_slice()[..len], at)
+            }
+            other => other,
+        }
+    }
+
+    /// Turns `O_DIRECT` off on the open file; appending goes on where it was.
+    fn stop_direct(&mut self) -> io::Result<()> {
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::fd::AsRawFd;
+            let fd = self.file.as_raw_fd();
+            // SAFETY: F_GETFL/F_SETFL on a file descriptor we own.
+            let ok = unsafe {
+                let flags = libc::fcntl(fd, libc::F_GETFL);
+                flags >= 0 && libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_DIRECT) == 0
+            };
+            if !ok {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        self.direct = false;
+        Ok(())
     }
 
     /// fdatasync.
@@ -170,10 +198,8 @@ impl SegmentFile {
     /// that is lost, the scan at start takes the zeros for the end).
     pub fn finish(&mut self, size: u64) -> io::Result<()> {
         self.flush()?;
-        if self.direct {
-            self.file.set_len(size)?;
-        }
-        Ok(())
+        // Also after a switch to buffered writes: padding may be there from before.
+        self.file.set_len(size)
     }
 
     /// After a failed write: the file is cut back to `size` bytes, the last committed
@@ -243,6 +269,17 @@ mod tests {
         let committed = expect.len() as u64 - 77;
         f.reset_to(committed).unwrap();
         expect.truncate(committed as usize);
+        // Turning direct I/O off mid-segment (as a refused direct write does) changes
+        // nothing in what lands, padding included.
+        if f.is_direct() {
+            f.stop_direct().unwrap();
+            assert!(!f.is_direct());
+            f.append(b"\x03switched").unwrap();
+            expect.extend_from_slice(b"\x03switched");
+            f.flush().unwrap();
+            let on_disk = std::fs::read(&path).unwrap();
+            assert_eq!(&on_disk[..expect.len()], &expect[..]);
+        }
         f.append(b"\x05after").unwrap();
         expect.extend_from_slice(b"\x05after");
         f.finish(expect.len() as u64).unwrap();
