@@ -33,17 +33,26 @@ pub enum ConnectError {
 /// background task.
 pub async fn connect(url: &str) -> Result<tokio_postgres::Client, ConnectError> {
     let options = tls::ConnOptions::parse(url).map_err(ConnectError::Options)?;
-    let client = if options.mode == tls::SslMode::Disable {
-        let (client, connection) =
-            tokio_postgres::connect(&options.rest, tokio_postgres::NoTls).await?;
-        tokio::spawn(drive(connection));
-        client
+    Ok(if options.mode == tls::SslMode::Disable {
+        open(&options.rest, tokio_postgres::NoTls).await?
     } else {
         let connector = options.connector().map_err(ConnectError::Options)?;
-        let (client, connection) = tokio_postgres::connect(&options.rest, connector).await?;
-        tokio::spawn(drive(connection));
-        client
-    };
+        open(&options.rest, connector).await?
+    })
+}
+
+/// Connects with `tls` and drives the connection on a background task.
+async fn open<T>(conn: &str, tls: T) -> Result<tokio_postgres::Client, tokio_postgres::Error>
+where
+    T: tokio_postgres::tls::MakeTlsConnect<tokio_postgres::Socket>,
+    T::Stream: Send + 'static,
+{
+    let (client, connection) = tokio_postgres::connect(conn, tls).await?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "PostgreSQL connection ended");
+        }
+    });
     Ok(client)
 }
 
@@ -59,12 +68,6 @@ pub fn check_url(url: &str) -> Result<(), String> {
         options.connector()?;
     }
     Ok(())
-}
-
-async fn drive<F: std::future::Future<Output = Result<(), tokio_postgres::Error>>>(connection: F) {
-    if let Err(e) = connection.await {
-        tracing::debug!(error = %e, "PostgreSQL connection ended");
-    }
 }
 
 /// Quotes an identifier for PostgreSQL (`"name"`, inner quotes doubled), whatever it holds.
