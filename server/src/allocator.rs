@@ -76,7 +76,9 @@ pub fn freed_bytes() -> u64 {
                     0
                 }
             };
-            read(c"stats.arenas.4096.pdirty") * read(c"arenas.page")
+            // The page size does not change: read it once.
+            static PAGE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+            read(c"stats.arenas.4096.pdirty") * *PAGE.get_or_init(|| read(c"arenas.page"))
         }
     }
     #[cfg(target_env = "msvc")]
@@ -109,7 +111,8 @@ pub async fn bound_freed_memory(
         }
         let idle = still_since.elapsed() >= IDLE;
         if (idle && !idle_purged) || freed_bytes() > max_dirty {
-            purge();
+            // madvise of up to `max_dirty` bytes: off the runtime's worker threads.
+            let _ = tokio::task::spawn_blocking(purge).await;
             idle_purged = idle;
         }
     }
