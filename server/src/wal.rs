@@ -297,22 +297,20 @@ fn scan_segment(seg: &mut Segment, is_last: bool) -> Result<(), WalError> {
         }
     }
     drop(reader);
-    if let Some((at, _)) = cut {
+    if let Some((at, reason)) = cut {
         // Zeros after the last record, short of a block: a direct write's padding that
         // was not trimmed (a crash before the segment was closed), not a torn record.
-        let mut rest = vec![0u8; len.saturating_sub(at).min(wal_io::BLOCK as u64) as usize];
-        if at >= MAGIC.len() as u64
-            && len - at < wal_io::BLOCK as u64
-            && std::os::unix::fs::FileExt::read_exact_at(&file, &mut rest, at).is_ok()
-            && is_padding(&rest)
-        {
-            tracing::debug!(path = %path.display(), offset = at, "trimming direct-I/O padding");
-            file.set_len(at).map_err(io_err(&path))?;
-            seg.size = at;
-            return Ok(());
+        if at >= MAGIC.len() as u64 && len - at < wal_io::BLOCK as u64 {
+            let mut rest = vec![0u8; (len - at) as usize];
+            if std::os::unix::fs::FileExt::read_exact_at(&file, &mut rest, at).is_ok()
+                && is_padding(&rest)
+            {
+                tracing::debug!(path = %path.display(), offset = at, "trimming direct-I/O padding");
+                file.set_len(at).map_err(io_err(&path))?;
+                seg.size = at;
+                return Ok(());
+            }
         }
-    }
-    if let Some((at, reason)) = cut {
         if !is_last {
             return Err(WalError::Corrupt {
                 path: path.display().to_string(),
@@ -858,11 +856,7 @@ impl Writer {
             }
         }
         // Every group was flushed and synced; only the direct writes' padding is left.
-        let size = {
-            let segs = self.shared.segments.lock().expect("wal segments");
-            segs.back().map_or(MAGIC.len() as u64, |s| s.size)
-        };
-        if let Err(e) = self.file.finish(size) {
+        if let Err(e) = self.file.finish(self.committed_size()) {
             tracing::warn!(error = %e, "cannot trim the last WAL segment; the next start will");
         }
         self.shared.durable.notify_waiters();
@@ -943,14 +937,16 @@ impl Writer {
     /// After a failed write: cuts the current segment back to what was committed, so
     /// the next group does not follow a partial record.
     fn cut_back(&mut self) {
-        let size = {
-            let segs = self.shared.segments.lock().expect("wal segments");
-            segs.back().map_or(MAGIC.len() as u64, |s| s.size)
-        };
         let path = segment_path(&self.opts.dir, self.seg_index_first);
-        if let Err(e) = self.file.reset_to(size) {
+        if let Err(e) = self.file.reset_to(self.committed_size()) {
             tracing::error!(path = %path.display(), error = %e, "cannot cut the WAL segment back after a failed write");
         }
+    }
+
+    /// Bytes of the open segment that groups have committed.
+    fn committed_size(&self) -> u64 {
+        let segs = self.shared.segments.lock().expect("wal segments");
+        segs.back().map_or(MAGIC.len() as u64, |s| s.size)
     }
 
     fn commit_sizes(&self, added: u64, last_seq: u64) {
