@@ -93,6 +93,47 @@ pub fn open_store(
     }
 }
 
+/// Every table's committed manifest, by table name.
+pub async fn read_manifests(store: &dyn ObjectStore) -> Result<BTreeMap<String, Manifest>> {
+    let mut manifests = BTreeMap::new();
+    let listed: Vec<_> = store
+        .list(Some(&ObjPath::from(MANIFEST_DIR)))
+        .try_collect()
+        .await
+        .map_err(|e| Error::Internal(format!("cannot list archive manifests: {e}")))?;
+    for meta in listed {
+        if !meta.location.as_ref().ends_with(".json") {
+            continue;
+        }
+        let bytes = store
+            .get(&meta.location)
+            .await
+            .map_err(Error::internal)?
+            .bytes()
+            .await
+            .map_err(Error::internal)?;
+        let m: Manifest = serde_json::from_slice(&bytes).map_err(|e| {
+            Error::Internal(format!(
+                "archive manifest {} is unreadable: {e}",
+                meta.location
+            ))
+        })?;
+        manifests.insert(m.table.clone(), m);
+    }
+    Ok(manifests)
+}
+
+/// The highest WAL sequence number any table's manifest records: a WAL must never
+/// number new records at or below it (the archive would take them for records it has).
+pub async fn archived_floor(store: &dyn ObjectStore) -> Result<u64> {
+    Ok(read_manifests(store)
+        .await?
+        .values()
+        .map(|m| m.archived_seq)
+        .max()
+        .unwrap_or(0))
+}
+
 fn manifest_path(table: &str) -> ObjPath {
     ObjPath::from(format!("{MANIFEST_DIR}/{table}.json"))
 }
@@ -121,30 +162,7 @@ impl Archiver {
     /// Loads every table's manifest into the buffers' state and deletes Parquet files
     /// that no manifest names (left by a flush a crash cut off).
     pub async fn recover(&self) -> Result<()> {
-        let mut manifests = BTreeMap::new();
-        let listed: Vec<_> = self
-            .store
-            .list(Some(&ObjPath::from(MANIFEST_DIR)))
-            .try_collect()
-            .await
-            .map_err(|e| Error::Internal(format!("cannot list archive manifests: {e}")))?;
-        for meta in listed {
-            let bytes = self
-                .store
-                .get(&meta.location)
-                .await
-                .map_err(Error::internal)?
-                .bytes()
-                .await
-                .map_err(Error::internal)?;
-            let m: Manifest = serde_json::from_slice(&bytes).map_err(|e| {
-                Error::Internal(format!(
-                    "archive manifest {} is unreadable: {e}",
-                    meta.location
-                ))
-            })?;
-            manifests.insert(m.table.clone(), m);
-        }
+        let mut manifests = read_manifests(self.store.as_ref()).await?;
         for table in self.registry.list() {
             let name = table.name().to_string();
             let m = manifests.remove(&name).unwrap_or_default();

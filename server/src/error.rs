@@ -19,6 +19,9 @@ pub enum Error {
     FailedPrecondition(String),
     #[error("{0}")]
     ResourceExhausted(String),
+    /// The disk holding the WAL is full: RESOURCE_EXHAUSTED over gRPC, 507 over HTTP.
+    #[error("{0}")]
+    InsufficientStorage(String),
     #[error("{0}")]
     Unavailable(String),
     #[error("internal error: {0}")]
@@ -30,7 +33,10 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 impl Error {
     /// Whether the caller can succeed by sending the same request again later.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Error::ResourceExhausted(_) | Error::Unavailable(_))
+        matches!(
+            self,
+            Error::ResourceExhausted(_) | Error::InsufficientStorage(_) | Error::Unavailable(_)
+        )
     }
 
     pub fn internal(e: impl std::fmt::Display) -> Self {
@@ -66,6 +72,11 @@ impl From<crate::wal::WalError> for Error {
             crate::wal::WalError::Closed => {
                 Error::Unavailable("the server is shutting down".to_string())
             }
+            e if e.is_disk_full() => Error::InsufficientStorage(format!(
+                "the disk holding the WAL is full, so the batch was not stored; writes are \
+                 taken again as soon as space is freed ({e})"
+            )),
+            crate::wal::WalError::Damaged(m) => Error::FailedPrecondition(m),
             other => Error::Internal(other.to_string()),
         }
     }
@@ -77,7 +88,9 @@ impl From<Error> for tonic::Status {
             Error::InvalidArgument(m) => tonic::Status::invalid_argument(m),
             Error::NotFound(m) => tonic::Status::not_found(m),
             Error::FailedPrecondition(m) => tonic::Status::failed_precondition(m),
-            Error::ResourceExhausted(m) => tonic::Status::resource_exhausted(m),
+            Error::ResourceExhausted(m) | Error::InsufficientStorage(m) => {
+                tonic::Status::resource_exhausted(m)
+            }
             Error::Unavailable(m) => tonic::Status::unavailable(m),
             Error::Internal(m) => tonic::Status::internal(m),
         }
@@ -91,12 +104,18 @@ impl IntoResponse for Error {
             Error::NotFound(_) => StatusCode::NOT_FOUND,
             Error::FailedPrecondition(_) => StatusCode::CONFLICT,
             Error::ResourceExhausted(_) => StatusCode::TOO_MANY_REQUESTS,
+            Error::InsufficientStorage(_) => StatusCode::INSUFFICIENT_STORAGE,
             Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         let mut resp =
             (status, Json(serde_json::json!({"error": self.to_string()}))).into_response();
-        if status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::SERVICE_UNAVAILABLE {
+        if matches!(
+            status,
+            StatusCode::TOO_MANY_REQUESTS
+                | StatusCode::SERVICE_UNAVAILABLE
+                | StatusCode::INSUFFICIENT_STORAGE
+        ) {
             resp.headers_mut()
                 .insert("retry-after", axum::http::HeaderValue::from_static("1"));
         }

@@ -65,6 +65,34 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    /// Check or repair the write-ahead log in `server.data_dir` (the server must be stopped).
+    Wal {
+        #[command(subcommand)]
+        action: WalCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum WalCommand {
+    /// Read every segment back and report damage, missing segments and a missing ID, with
+    /// the records each costs. Exit status 1 when there is something to repair.
+    Check {
+        /// TOML config file; every key can also be set by env SLUICE__SECTION__KEY.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Keep every intact record once, move damaged bytes to wal/damaged/, record the
+    /// sequence numbers that are gone in wal/LOST, so that the server starts again.
+    Repair {
+        /// TOML config file; every key can also be set by env SLUICE__SECTION__KEY.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Give the WAL a new id where the old one cannot be recovered (no ID file, no
+        /// segment header with it). Records still in the WAL may then be written to
+        /// PostgreSQL/ClickHouse a second time.
+        #[arg(long)]
+        new_id: bool,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -77,8 +105,12 @@ fn main() -> std::process::ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
-    let (Command::Serve { config } | Command::Migrate { config } | Command::Config { config }) =
-        &cli.command;
+    let (Command::Serve { config }
+    | Command::Migrate { config }
+    | Command::Config { config }
+    | Command::Wal {
+        action: WalCommand::Check { config } | WalCommand::Repair { config, .. },
+    }) = &cli.command;
     let cfg = match Config::load(config.as_deref(), std::env::vars()) {
         Ok(c) => c,
         Err(e) => {
@@ -98,6 +130,15 @@ fn main() -> std::process::ExitCode {
         .thread_name("sluice")
         .build()
         .expect("tokio runtime");
+    if let Command::Wal { action } = &cli.command {
+        return match rt.block_on(wal_command(&cfg, action)) {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("sluice: {e}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
     if let Command::Migrate { .. } = cli.command {
         return match rt.block_on(migrate(&cfg)) {
             Ok(()) => std::process::ExitCode::SUCCESS,
@@ -117,6 +158,65 @@ fn main() -> std::process::ExitCode {
         Err(e) => {
             eprintln!("sluice: {e}");
             std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// `sluice wal check|repair`.
+async fn wal_command(cfg: &Config, action: &WalCommand) -> Result<std::process::ExitCode, String> {
+    use sluice::wal::scan;
+    let data_dir = &cfg.server.data_dir;
+    let _lock = sluice::server::DataDirLock::acquire(data_dir, "wal").map_err(|e| e.to_string())?;
+    let dir = data_dir.join("wal");
+    if !dir.is_dir() {
+        return Err(format!(
+            "{} does not exist: there is no WAL to look at",
+            dir.display()
+        ));
+    }
+    match action {
+        WalCommand::Check { .. } => {
+            let scan = scan::scan_dir(&dir).map_err(|e| e.to_string())?;
+            let records: usize = scan.segments.iter().map(|s| s.records.len()).sum();
+            let first = scan.segments.iter().find_map(|s| s.first_seq());
+            println!(
+                "{}: {} segments, {records} intact records{}{}",
+                dir.display(),
+                scan.segments.len(),
+                match (first, scan.last_record_seq()) {
+                    (Some(a), Some(b)) => format!(" ({a}..={b})"),
+                    _ => String::new(),
+                },
+                scan.released
+                    .map(|r| format!("; records up to {r} were released"))
+                    .unwrap_or_default(),
+            );
+            for l in &scan.lost {
+                println!(
+                    "accepted by an earlier repair: records {}..={} ({})",
+                    l.from, l.to, l.reason
+                );
+            }
+            let problems = scan.problems();
+            if problems.is_empty() {
+                println!("no damage");
+                return Ok(std::process::ExitCode::SUCCESS);
+            }
+            for p in &problems {
+                println!("damage: {p}");
+            }
+            println!("run `sluice wal repair` to keep every intact record and start again");
+            Ok(std::process::ExitCode::from(1))
+        }
+        WalCommand::Repair { new_id, .. } => {
+            let (store, _) =
+                sluice::archive::open_store(&cfg.archive, data_dir).map_err(|e| e.to_string())?;
+            let floor = sluice::server::wal_floor(cfg, store.as_ref(), &dir)
+                .await
+                .map_err(|e| e.to_string())?;
+            let report = scan::repair(&dir, *new_id, floor).map_err(|e| e.to_string())?;
+            print!("{report}");
+            Ok(std::process::ExitCode::SUCCESS)
         }
     }
 }

@@ -111,12 +111,9 @@ async fn shutdown_signal() {
 pub async fn run(config: Config, on_ready: impl FnOnce(BoundAddrs)) -> Result<()> {
     let metrics = Arc::new(Metrics::new());
     let data_dir = config.server.data_dir.clone();
-    std::fs::create_dir_all(&data_dir).map_err(|e| {
-        Error::Internal(format!(
-            "cannot create data_dir {}: {e}",
-            data_dir.display()
-        ))
-    })?;
+    // Held until the process exits: a second server, or `sluice wal repair`, on the same
+    // directory would interleave writes to the WAL.
+    let _lock = DataDirLock::acquire(&data_dir, "serve")?;
 
     // PostgreSQL first: it may hold the registry.
     let postgres = match &config.postgres.url {
@@ -146,13 +143,14 @@ pub async fn run(config: Config, on_ready: impl FnOnce(BoundAddrs)) -> Result<()
         feed_bytes: config.wal.feed_bytes.as_u64(),
         direct_io: config.wal.direct_io,
     };
+    let floor = wal_floor(&config, store.as_ref(), &data_dir.join("wal")).await?;
     let wal = {
         let m = metrics.clone();
-        tokio::task::spawn_blocking(move || Wal::open(wal_opts, m))
+        tokio::task::spawn_blocking(move || Wal::open(wal_opts, m, floor))
             .await
             .map_err(Error::internal)??
     };
-    let wal_id = wal_id(&data_dir.join("wal"))?;
+    let wal_id = wal.id().to_string();
     // Every sink starts at the oldest record on disk; none can be released before the
     // sink has looked at it.
     let start = wal.first_seq().saturating_sub(1);
@@ -485,23 +483,83 @@ async fn prepare_clickhouse(config: &Config) -> Result<crate::clickhouse::client
     Ok(client)
 }
 
-/// The WAL's identity, kept in `wal/ID`: the key of this WAL's ranges in a store's
-/// offsets. A new WAL (its directory removed) gets a new one, so its sequence numbers,
-/// which start again at 1, are never mistaken for the old WAL's.
-fn wal_id(wal_dir: &std::path::Path) -> Result<String> {
-    let path = wal_dir.join("ID");
-    match std::fs::read_to_string(&path) {
-        Ok(s) if !s.trim().is_empty() => Ok(s.trim().to_string()),
-        _ => {
-            let id = uuid::Uuid::new_v4().simple().to_string();
-            let tmp = wal_dir.join("ID.tmp");
-            std::fs::write(&tmp, &id)
-                .and_then(|_| std::fs::File::open(&tmp)?.sync_all())
-                .and_then(|_| std::fs::rename(&tmp, &path))
-                .and_then(|_| std::fs::File::open(wal_dir)?.sync_all())
-                .map_err(|e| Error::Internal(format!("cannot write {}: {e}", path.display())))?;
-            Ok(id)
+/// The highest WAL sequence number the archive or a store has recorded for this data
+/// directory's WAL. The WAL numbers new records above it, so that a WAL which lost its
+/// newest records never hands out a number a store already took for another record.
+pub async fn wal_floor(
+    config: &Config,
+    store: &dyn object_store::ObjectStore,
+    wal_dir: &std::path::Path,
+) -> Result<u64> {
+    let mut floor = archive::archived_floor(store).await?;
+    let Some(id) = crate::wal::scan::peek_id(wal_dir) else {
+        return Ok(floor);
+    };
+    if let Some(url) = &config.postgres.url {
+        let client = crate::postgres::connect(url).await.map_err(|e| {
+            Error::Unavailable(format!("cannot connect to PostgreSQL at postgres.url: {e}"))
+        })?;
+        // A database not migrated yet has no offsets.
+        let has_offsets = client
+            .query_opt(
+                "SELECT 1 FROM pg_class WHERE oid = to_regclass('sluice_sink_offsets')",
+                &[],
+            )
+            .await
+            .map_err(|e| Error::Unavailable(format!("PostgreSQL: {e}")))?
+            .is_some();
+        if has_offsets {
+            floor = floor.max(crate::postgres::sink::highest_committed(&client, &id).await?);
         }
+    }
+    if config.clickhouse.url.is_some() {
+        let journal = PlanJournal::new(wal_dir.join("clickhouse.plans"));
+        floor = floor.max(journal.highest_seq().map_err(Error::Internal)?);
+    }
+    Ok(floor)
+}
+
+/// An exclusive lock on the data directory (`flock` on `<data_dir>/LOCK`), released when
+/// dropped or when the process ends, however it ends.
+pub struct DataDirLock {
+    /// Holds the lock while open.
+    _file: std::fs::File,
+}
+
+impl DataDirLock {
+    /// Creates the directory if needed and locks it; fails at once, naming the other user,
+    /// if another process holds it.
+    pub fn acquire(data_dir: &std::path::Path, what: &str) -> Result<Self> {
+        use std::io::{Read, Seek, Write};
+        use std::os::fd::AsRawFd;
+        std::fs::create_dir_all(data_dir).map_err(|e| {
+            Error::Internal(format!(
+                "cannot create data_dir {}: {e}",
+                data_dir.display()
+            ))
+        })?;
+        let path = data_dir.join("LOCK");
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| Error::Internal(format!("cannot open {}: {e}", path.display())))?;
+        // SAFETY: flock on a descriptor this File owns.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            return Err(Error::FailedPrecondition(format!(
+                "data_dir {} is in use by another sluice process ({}); stop it first",
+                data_dir.display(),
+                holder.trim()
+            )));
+        }
+        let _ = file.set_len(0);
+        let _ = file.rewind();
+        let _ = write!(file, "sluice {what}, pid {}", std::process::id());
+        Ok(Self { _file: file })
     }
 }
 

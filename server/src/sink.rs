@@ -640,6 +640,26 @@ impl PlanJournal {
         Ok((done, plans))
     }
 
+    /// The highest sequence number any plan or done range names (0 without a journal): a
+    /// WAL that lost its newest records must number new ones above it, or ClickHouse's
+    /// deduplication would take a new insert for one it has.
+    pub fn highest_seq(&self) -> Result<u64, String> {
+        let text = match std::fs::read_to_string(&self.path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(format!("{}: {e}", self.path.display())),
+        };
+        Ok(text
+            .lines()
+            .filter_map(|l| match serde_json::from_str::<JournalLine>(l) {
+                Ok(JournalLine::Plan { seqs, .. }) => seqs.last().copied(),
+                Ok(JournalLine::Done { last, .. }) => Some(last),
+                Err(_) => None,
+            })
+            .max()
+            .unwrap_or(0))
+    }
+
     /// Rewrites the journal without entries wholly below `seq` (no longer in the WAL).
     pub fn compact(&self, below: u64) -> Result<(), String> {
         let mut f = self.file.lock().expect("journal");

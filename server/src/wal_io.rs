@@ -35,7 +35,17 @@ struct AlignedBuf {
 // SAFETY: the buffer is plain owned memory, used through &/&mut only.
 unsafe impl Send for AlignedBuf {}
 
+/// One staging buffer kept from a closed segment for the next one: a roll would otherwise
+/// allocate and page-fault in a fresh 4 MiB buffer every `wal.segment_size`.
+static SPARE: std::sync::Mutex<Option<AlignedBuf>> = std::sync::Mutex::new(None);
+
 impl AlignedBuf {
+    /// A staging buffer: the spare one if there is one, else a new one.
+    fn stage() -> Self {
+        let spare = SPARE.lock().map(|mut s| s.take()).unwrap_or(None);
+        spare.unwrap_or_else(|| Self::new(STAGE))
+    }
+
     fn new(cap: usize) -> Self {
         let layout = std::alloc::Layout::from_size_align(cap, BLOCK).expect("stage layout");
         // SAFETY: the layout has a non-zero size; zeroed so padding is never uninitialised.
@@ -45,8 +55,17 @@ impl AlignedBuf {
         Self { ptr, cap }
     }
 
+    /// A placeholder that owns no memory.
+    fn empty() -> Self {
+        Self {
+            ptr: std::ptr::NonNull::dangling(),
+            cap: 0,
+        }
+    }
+
     fn as_slice(&self) -> &[u8] {
-        // SAFETY: `cap` bytes were allocated (and zeroed) at `ptr`.
+        // SAFETY: `cap` initialised bytes live at `ptr` (zeroed when allocated; a reused
+        // buffer keeps what it held), or `cap` is 0 and `ptr` is dangling but aligned.
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.cap) }
     }
 
@@ -56,8 +75,25 @@ impl AlignedBuf {
     }
 }
 
+impl Drop for SegmentFile {
+    fn drop(&mut self) {
+        // Keep the staging buffer for the next segment (one is enough).
+        if self.stage.cap == STAGE {
+            let buf = std::mem::replace(&mut self.stage, AlignedBuf::empty());
+            if let Ok(mut spare) = SPARE.lock() {
+                if spare.is_none() {
+                    *spare = Some(buf);
+                }
+            }
+        }
+    }
+}
+
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
+        if self.cap == 0 {
+            return;
+        }
         let layout = std::alloc::Layout::from_size_align(self.cap, BLOCK).expect("stage layout");
         // SAFETY: allocated in `new` with this layout.
         unsafe { std::alloc::dealloc(self.ptr.as_ptr(), layout) }
@@ -102,7 +138,7 @@ impl SegmentFile {
         Ok(Self {
             file,
             direct,
-            stage: AlignedBuf::new(STAGE),
+            stage: AlignedBuf::stage(),
             staged: 0,
             stage_at: 0,
             dirty: false,

@@ -19,6 +19,35 @@ pub struct Sluice {
     pub http: SocketAddr,
 }
 
+/// A `sluice` command for `data_dir` with `env` overrides (`("WAL__FSYNC", "false")` sets
+/// `SLUICE__WAL__FSYNC`).
+pub fn sluice_command(data_dir: &Path, env: &[(&str, &str)]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluice"));
+    cmd.env("SLUICE__SERVER__DATA_DIR", data_dir)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null());
+    for (k, v) in env {
+        cmd.env(format!("SLUICE__{k}"), v);
+    }
+    cmd
+}
+
+/// Runs `sluice <args>` for `data_dir` (the example config) to its end: (exit code,
+/// stdout, stderr).
+pub fn sluice_cli(data_dir: &Path, env: &[(&str, &str)], args: &[&str]) -> (i32, String, String) {
+    let out = sluice_command(data_dir, env)
+        .args(args)
+        .arg("--config")
+        .arg(example_config())
+        .output()
+        .expect("run sluice");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// The repo's example config, loaded by every test server.
 pub fn example_config() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../sluice.example.toml")
@@ -76,6 +105,25 @@ impl Sluice {
             grpc: grpc.expect("grpc addr"),
             http: http.expect("http addr"),
         }
+    }
+
+    /// Starts `sluice serve` as [`Sluice::start`] does, expecting it to refuse to start;
+    /// returns what it printed on stderr.
+    pub fn start_refused(data_dir: &Path, env: &[(&str, &str)]) -> String {
+        let out = sluice_command(data_dir, env)
+            .arg("serve")
+            .arg("--config")
+            .arg(example_config())
+            .env("SLUICE__SERVER__GRPC_ADDR", "127.0.0.1:0")
+            .env("SLUICE__SERVER__HTTP_ADDR", "127.0.0.1:0")
+            .output()
+            .expect("run sluice serve");
+        assert!(
+            !out.status.success(),
+            "sluice serve started although it should not: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8_lossy(&out.stderr).into_owned()
     }
 
     pub async fn flight(&self) -> FlightClient {

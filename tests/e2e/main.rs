@@ -5,6 +5,7 @@ mod ch_native;
 mod clickhouse;
 mod common;
 mod durability;
+mod hostile;
 mod memory;
 mod pg;
 mod pg_copy;

@@ -699,3 +699,24 @@ impl StoreWriter for PgWriter {
         Ok(written)
     }
 }
+
+/// The highest WAL sequence number of `wal_id` that PostgreSQL holds a range up to: a WAL
+/// that lost its newest records must number new ones above it, or the sink would take
+/// them for records it has.
+pub async fn highest_committed(
+    client: &tokio_postgres::Client,
+    wal_id: &str,
+) -> crate::error::Result<u64> {
+    let row = client
+        .query_one(
+            "SELECT coalesce(max(last_seq), 0) FROM sluice_sink_offsets WHERE wal_id = $1",
+            &[&wal_id],
+        )
+        .await
+        .map_err(|e| {
+            crate::error::Error::Unavailable(format!(
+                "PostgreSQL: reading sluice_sink_offsets: {e}"
+            ))
+        })?;
+    Ok(row.get::<_, i64>(0).max(0) as u64)
+}
