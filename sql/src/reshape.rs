@@ -294,11 +294,73 @@ pub fn reshape(table: &ResolvedTable, batch: &RecordBatch) -> Result<RecordBatch
     finish(table, columns, rows)
 }
 
+/// The calendar range every store and the archive can place a timestamp in: chrono's
+/// dates, years -262143 to 262142 (the archive partitions by date and hour; PostgreSQL and
+/// ClickHouse, with narrower ranges, send rows beyond theirs to their dead letters). An
+/// Arrow timestamp in microseconds, milliseconds or seconds reaches further (i64::MIN
+/// microseconds is year -290308); such values are refused here, naming row and value.
+fn timestamp_bounds(unit: TimeUnit) -> Option<(i64, i64)> {
+    let lo = chrono::NaiveDate::MIN.and_hms_opt(0, 0, 0)?.and_utc();
+    let hi = chrono::NaiveDate::MAX
+        .and_hms_nano_opt(23, 59, 59, 999_999_999)?
+        .and_utc();
+    match unit {
+        // i64 nanoseconds span 1677-2262 only: always in range.
+        TimeUnit::Nanosecond => None,
+        TimeUnit::Second => Some((lo.timestamp(), hi.timestamp())),
+        TimeUnit::Millisecond => Some((lo.timestamp_millis(), hi.timestamp_millis())),
+        TimeUnit::Microsecond => Some((lo.timestamp_micros(), hi.timestamp_micros())),
+    }
+}
+
+fn check_timestamp_range(
+    table: &ResolvedTable,
+    field: &arrow::datatypes::Field,
+    array: &dyn Array,
+) -> Result<(), ReshapeError> {
+    let DataType::Timestamp(unit, _) = field.data_type() else {
+        return Ok(());
+    };
+    let Some((lo, hi)) = timestamp_bounds(*unit) else {
+        return Ok(());
+    };
+    let values = cast(array, &DataType::Int64).map_err(|e| ReshapeError::Invalid {
+        table: table.name().to_string(),
+        column: field.name().clone(),
+        reason: e.to_string(),
+    })?;
+    let values = values.as_primitive::<Int64Type>();
+    let (min, max) = (
+        arrow::compute::min(values).unwrap_or(0),
+        arrow::compute::max(values).unwrap_or(0),
+    );
+    if min >= lo && max <= hi {
+        return Ok(());
+    }
+    let row = (0..values.len())
+        .find(|&r| values.is_valid(r) && !(lo..=hi).contains(&values.value(r)))
+        .unwrap_or(0);
+    Err(ReshapeError::Value {
+        table: table.name().to_string(),
+        column: field.name().clone(),
+        row,
+        from: field.data_type().to_string(),
+        value: values.value(row).to_string(),
+        to: table
+            .column(field.name())
+            .map_or_else(|| "timestamp".into(), |c| c.column_type.name()),
+        reason: Some("outside the calendar range Sluice stores, years -262143 to 262142".into()),
+    })
+}
+
 fn finish(
     table: &ResolvedTable,
     columns: Vec<ArrayRef>,
     rows: usize,
 ) -> Result<RecordBatch, ReshapeError> {
+    for (field, array) in table.arrow_schema.fields().iter().zip(&columns) {
+        check_timestamp_range(table, field, array.as_ref())?;
+    }
     RecordBatch::try_new_with_options(
         table.arrow_schema.clone(),
         columns,
@@ -2165,6 +2227,33 @@ mod tests {
             err(&cpu(), &batch(vec![("time", secs)])),
             "table 'cpu', column 'time', row 0: cannot convert Timestamp(s) value 9223372036854775807 to timestamp (out of the range of the column's unit)"
         );
+    }
+
+    #[test]
+    fn timestamps_beyond_the_calendar_are_refused_naming_row_and_value() {
+        // Regression (issue 10): one acked row at i64::MIN microseconds made every archive
+        // flush fail for good ("hour -2562047789 out of range").
+        for (v, row) in [(i64::MIN, 1usize), (i64::MAX, 1)] {
+            let us: ArrayRef =
+                Arc::new(TimestampMicrosecondArray::from(vec![0, v]).with_timezone("UTC"));
+            let e = err(&cpu(), &batch(vec![("time", us)]));
+            assert!(
+                e.starts_with(&format!(
+                    "table 'cpu', column 'time', row {row}: cannot convert"
+                )),
+                "{e}"
+            );
+            assert!(e.contains(&v.to_string()), "{e}");
+            assert!(e.contains("years -262143 to 262142"), "{e}");
+        }
+        // The last and first representable instants pass, in every unit.
+        let (lo, hi) = timestamp_bounds(TimeUnit::Microsecond).unwrap();
+        let us: ArrayRef =
+            Arc::new(TimestampMicrosecondArray::from(vec![lo, hi]).with_timezone("UTC"));
+        assert!(reshape(&cpu(), &batch(vec![("time", us)])).is_ok());
+        let (lo, hi) = timestamp_bounds(TimeUnit::Millisecond).unwrap();
+        let ms: ArrayRef = Arc::new(TimestampMillisecondArray::from(vec![lo - 1, hi]));
+        assert!(err(&cpu(), &batch(vec![("time", ms)])).contains("row 0"));
     }
 
     #[test]
