@@ -116,6 +116,71 @@ pub struct Config {
     pub archive: ArchiveConfig,
     pub postgres: PostgresConfig,
     pub clickhouse: ClickHouseConfig,
+    pub query: QueryConfig,
+}
+
+/// `[query]`: where SQL runs (threads of its own, apart from ingest) and what one query
+/// may take.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct QueryConfig {
+    /// Worker threads that plan and run queries, apart from ingest's. 0: half the cores,
+    /// at least 1.
+    pub threads: usize,
+    /// Stack of each query thread: planning recurses once per level of nesting.
+    pub stack_size: ByteSize,
+    /// CPU priority of the query threads, as `nice` (0 to 19): the higher, the more CPU
+    /// goes to ingest while a query runs.
+    pub nice: i32,
+    /// A query still running after this is stopped (planning included).
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Queries that run at once; more wait for a slot (up to `timeout`).
+    pub max_concurrent: usize,
+    /// Most memory one query's sorts, joins and aggregates may hold, and the largest value
+    /// one function may compute; past it the query ends with a message naming this key
+    /// (sorts spill to disk first).
+    pub memory_limit: ByteSize,
+    /// Most memory all running queries may hold together.
+    pub total_memory: ByteSize,
+    /// Longest SQL text accepted.
+    pub max_sql_bytes: ByteSize,
+    /// Deepest nesting of expressions, subqueries and `UNION`s accepted (`a + b + c`
+    /// nests one level per term).
+    pub max_depth: usize,
+    /// Most expression nodes in one statement.
+    pub max_nodes: usize,
+    /// Most spill files of all queries together on the local disk (sorts and aggregates
+    /// past their memory limit), in the system's temporary directory.
+    pub max_spill: ByteSize,
+}
+
+impl Default for QueryConfig {
+    fn default() -> Self {
+        Self {
+            threads: 0,
+            stack_size: ByteSize::mib(64),
+            nice: 10,
+            timeout: Duration::from_secs(60),
+            max_concurrent: 4,
+            memory_limit: ByteSize::mib(256),
+            total_memory: ByteSize::mib(512),
+            max_sql_bytes: ByteSize(256 * 1024),
+            max_depth: 128,
+            max_nodes: 100_000,
+            max_spill: ByteSize::gib(1),
+        }
+    }
+}
+
+impl QueryConfig {
+    /// Worker threads: `threads`, or half the cores (at least 1).
+    pub fn worker_threads(&self) -> usize {
+        if self.threads > 0 {
+            return self.threads;
+        }
+        std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
+    }
 }
 
 /// `[server]`: listeners and data directory.
@@ -582,6 +647,46 @@ impl Config {
             return err(
                 "postgres.retry_max",
                 "retry_initial must be more than 0s and retry_max at least retry_initial".into(),
+            );
+        }
+        if !(0..=19).contains(&self.query.nice) {
+            return err(
+                "query.nice",
+                format!("{} is not a nice value (0..=19)", self.query.nice),
+            );
+        }
+        if self.query.stack_size.as_u64() < ByteSize::mib(8).as_u64() {
+            return err("query.stack_size", "must be at least 8MiB".into());
+        }
+        if self.query.timeout.is_zero() {
+            return err("query.timeout", "must be more than 0s".into());
+        }
+        if self.query.max_concurrent == 0 {
+            return err("query.max_concurrent", "must be at least 1".into());
+        }
+        if self.query.memory_limit.as_u64() < ByteSize::mib(1).as_u64() {
+            return err("query.memory_limit", "must be at least 1MiB".into());
+        }
+        if self.query.total_memory < self.query.memory_limit {
+            return err(
+                "query.total_memory",
+                format!(
+                    "{} is less than query.memory_limit ({})",
+                    self.query.total_memory, self.query.memory_limit
+                ),
+            );
+        }
+        if self.query.max_depth < 8 || self.query.max_depth > 1000 {
+            return err(
+                "query.max_depth",
+                "must be between 8 and 1000 (deeper plans need query.stack_size to grow too)"
+                    .into(),
+            );
+        }
+        if self.query.max_nodes == 0 || self.query.max_sql_bytes.as_u64() < 1024 {
+            return err(
+                "query.max_nodes",
+                "query.max_nodes must be at least 1 and query.max_sql_bytes at least 1KiB".into(),
             );
         }
         if let Some(url) = &self.clickhouse.url {

@@ -19,6 +19,13 @@ pub enum Error {
     FailedPrecondition(String),
     #[error("{0}")]
     ResourceExhausted(String),
+    /// A query went past one of its limits (`[query]`): RESOURCE_EXHAUSTED over gRPC, 400
+    /// over HTTP (the same query fails again).
+    #[error("{0}")]
+    LimitExceeded(String),
+    /// A query ran out of time (`query.timeout`): DEADLINE_EXCEEDED, 504.
+    #[error("{0}")]
+    DeadlineExceeded(String),
     /// The disk holding the WAL is full: RESOURCE_EXHAUSTED over gRPC, 507 over HTTP.
     #[error("{0}")]
     InsufficientStorage(String),
@@ -44,6 +51,15 @@ impl Error {
     }
 }
 
+/// The message a panic carried (a `&str` or `String` payload), for an INTERNAL answer.
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
+}
+
 impl From<flight_schema::SchemaError> for Error {
     fn from(e: flight_schema::SchemaError) -> Self {
         Error::InvalidArgument(e.to_string())
@@ -58,10 +74,12 @@ impl From<sluice_sql::reshape::ReshapeError> for Error {
 
 impl From<sluice_sql::query::QueryError> for Error {
     fn from(e: sluice_sql::query::QueryError) -> Self {
-        if e.is_user_error() {
-            Error::InvalidArgument(e.to_string())
-        } else {
-            Error::Internal(e.to_string())
+        use sluice_sql::query::QueryError;
+        match e {
+            QueryError::InvalidArgument(m) => Error::InvalidArgument(m),
+            QueryError::ResourcesExhausted(m) => Error::LimitExceeded(m),
+            QueryError::Stopped(m) => Error::DeadlineExceeded(m),
+            QueryError::Internal(m) => Error::Internal(m),
         }
     }
 }
@@ -88,9 +106,10 @@ impl From<Error> for tonic::Status {
             Error::InvalidArgument(m) => tonic::Status::invalid_argument(m),
             Error::NotFound(m) => tonic::Status::not_found(m),
             Error::FailedPrecondition(m) => tonic::Status::failed_precondition(m),
-            Error::ResourceExhausted(m) | Error::InsufficientStorage(m) => {
-                tonic::Status::resource_exhausted(m)
-            }
+            Error::ResourceExhausted(m)
+            | Error::InsufficientStorage(m)
+            | Error::LimitExceeded(m) => tonic::Status::resource_exhausted(m),
+            Error::DeadlineExceeded(m) => tonic::Status::deadline_exceeded(m),
             Error::Unavailable(m) => tonic::Status::unavailable(m),
             Error::Internal(m) => tonic::Status::internal(m),
         }
@@ -105,6 +124,8 @@ impl IntoResponse for Error {
             Error::FailedPrecondition(_) => StatusCode::CONFLICT,
             Error::ResourceExhausted(_) => StatusCode::TOO_MANY_REQUESTS,
             Error::InsufficientStorage(_) => StatusCode::INSUFFICIENT_STORAGE,
+            Error::LimitExceeded(_) => StatusCode::BAD_REQUEST,
+            Error::DeadlineExceeded(_) => StatusCode::GATEWAY_TIMEOUT,
             Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };

@@ -30,7 +30,6 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
-use crate::error::Error;
 use crate::pipeline::RawIpc;
 use crate::state::AppState;
 
@@ -53,7 +52,7 @@ impl FlightFrontEnd {
         sql: &str,
         descriptor: FlightDescriptor,
     ) -> Result<FlightInfo, Status> {
-        let (schema, _stream) = self.state.query.sql(sql).await.map_err(Error::from)?;
+        let schema = self.state.query.schema(sql.to_string()).await?;
         FlightInfo::new()
             .try_with_schema(&schema)
             .map_err(|e| Status::internal(e.to_string()))
@@ -193,7 +192,7 @@ impl FlightService for FlightFrontEnd {
                 let sql = std::str::from_utf8(&d.cmd).map_err(|_| {
                     Status::invalid_argument("the CMD descriptor must hold UTF-8 SQL")
                 })?;
-                self.state.query.sql(sql).await.map_err(Error::from)?.0
+                self.state.query.schema(sql.to_string()).await?
             }
             _ => {
                 return Err(Status::invalid_argument(
@@ -216,14 +215,10 @@ impl FlightService for FlightFrontEnd {
             .map_err(|_| Status::invalid_argument("DoGet: the ticket must be UTF-8 SQL"))?
             .to_string();
         let span = tracing::info_span!("do_get", protocol = "flight", sql = %sql);
-        let (schema, stream) = self
-            .state
-            .query
-            .sql(&sql)
-            .instrument(span)
-            .await
-            .map_err(Error::from)?;
-        let batches = stream.map_err(|e| FlightError::ExternalError(Box::new(e)));
+        let stream = self.state.query.run(sql).instrument(span).await?;
+        let schema = stream.schema();
+        // A failure while the result streams ends the call with its own status.
+        let batches = stream.map_err(|e| FlightError::Tonic(Box::new(Status::from(e))));
         let out = FlightDataEncoderBuilder::new()
             .with_schema(schema)
             .build(batches)

@@ -9,13 +9,13 @@
 
 use std::sync::Arc;
 
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use futures::TryStreamExt;
+use futures::StreamExt;
 use tracing::Instrument;
 
 use crate::error::{Error, Result};
@@ -86,36 +86,162 @@ async fn query(
     let q: QueryBody = serde_json::from_slice(&body)
         .map_err(|e| Error::InvalidArgument(format!("body must be {{\"sql\": \"...\"}}: {e}")))?;
     let span = tracing::info_span!("query", protocol = "http", sql = %q.sql);
-    let (schema, stream) = state.query.sql(&q.sql).instrument(span).await?;
-    let batches: Vec<arrow::record_batch::RecordBatch> = stream
-        .try_collect()
-        .await
-        .map_err(|e| Error::InvalidArgument(format!("query failed: {e}")))?;
+    let mut stream = state.query.run(q.sql).instrument(span).await?;
+    let schema = stream.schema();
+    // The first batch before the status line: a query that fails at once is a 4xx/5xx,
+    // not a 200 with an error inside. A failure after it cuts the body off, so a
+    // complete body always means a complete answer.
+    let first = stream.next().await.transpose()?;
+    let batches = futures::stream::iter(first.map(Ok)).chain(stream);
     let wants_arrow = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.contains(ARROW_STREAM));
-    if wants_arrow {
-        let mut buf = Vec::new();
-        {
-            let mut w = arrow::ipc::writer::StreamWriter::try_new(&mut buf, &schema)
-                .map_err(Error::internal)?;
-            for b in &batches {
-                w.write(b).map_err(Error::internal)?;
+    let body = if wants_arrow {
+        Body::from_stream(arrow_stream_body(schema, batches))
+    } else {
+        Body::from_stream(json_array_body(batches))
+    };
+    let content_type = if wants_arrow {
+        ARROW_STREAM
+    } else {
+        "application/json"
+    };
+    Ok(([(header::CONTENT_TYPE, content_type)], body).into_response())
+}
+
+type BodyResult = std::result::Result<Bytes, Error>;
+
+/// An Arrow IPC stream, one message per batch, written as the batches come.
+fn arrow_stream_body(
+    schema: arrow::datatypes::SchemaRef,
+    batches: impl futures::Stream<Item = Result<arrow::record_batch::RecordBatch>> + Send + 'static,
+) -> impl futures::Stream<Item = BodyResult> + Send + 'static {
+    let writer =
+        arrow::ipc::writer::StreamWriter::try_new(Vec::new(), &schema).map_err(Error::internal);
+    futures::stream::unfold(
+        (Some(batches.boxed()), writer.map(Some)),
+        |(batches, writer)| async move {
+            let mut writer = match writer {
+                Ok(Some(w)) => w,
+                Ok(None) => return None,
+                Err(e) => return Some((Err(e), (None, Ok(None)))),
+            };
+            let mut batches = batches?;
+            let chunk = match batches.next().await {
+                Some(Ok(b)) => writer.write(&b).map_err(Error::internal),
+                Some(Err(e)) => Err(e),
+                None => {
+                    let end = writer.finish().map_err(Error::internal);
+                    let bytes = std::mem::take(writer.get_mut());
+                    return Some((end.map(|_| Bytes::from(bytes)), (None, Ok(None))));
+                }
+            };
+            let bytes = Bytes::from(std::mem::take(writer.get_mut()));
+            match chunk {
+                Ok(()) => Some((Ok(bytes), (Some(batches), Ok(Some(writer))))),
+                Err(e) => Some((Err(e), (None, Ok(None)))),
             }
-            w.finish().map_err(Error::internal)?;
+        },
+    )
+}
+
+/// A JSON array of row objects, written batch by batch as the batches come.
+fn json_array_body(
+    batches: impl futures::Stream<Item = Result<arrow::record_batch::RecordBatch>> + Send + 'static,
+) -> impl futures::Stream<Item = BodyResult> + Send + 'static {
+    let writer = arrow::json::WriterBuilder::new()
+        .with_encoder_factory(Arc::new(FloatsAsJson))
+        .build::<_, arrow::json::writer::JsonArray>(Vec::new());
+    futures::stream::unfold(
+        (Some(batches.boxed()), Some(writer), false),
+        |(batches, writer, wrote)| async move {
+            let mut writer = writer?;
+            let mut batches = batches?;
+            match batches.next().await {
+                Some(Ok(b)) => {
+                    let done = writer.write(&b).map_err(Error::internal);
+                    let bytes = Bytes::from(std::mem::take(writer.get_mut()));
+                    Some(match done {
+                        Ok(()) => (
+                            Ok(bytes),
+                            (Some(batches), Some(writer), wrote || b.num_rows() > 0),
+                        ),
+                        Err(e) => (Err(e), (None, None, wrote)),
+                    })
+                }
+                Some(Err(e)) => Some((Err(e), (None, None, wrote))),
+                None => {
+                    let end = writer.finish().map_err(Error::internal);
+                    let mut bytes = std::mem::take(writer.get_mut());
+                    if !wrote {
+                        bytes = b"[]".to_vec();
+                    }
+                    Some((end.map(|_| Bytes::from(bytes)), (None, None, wrote)))
+                }
+            }
+        },
+    )
+}
+
+/// JSON has no NaN or infinities: they are written as the strings `"NaN"`, `"Infinity"`
+/// and `"-Infinity"` (as protobuf's JSON mapping does), not as null, so they stay told
+/// apart from missing values. Finite numbers are written as arrow-json would.
+#[derive(Debug)]
+struct FloatsAsJson;
+
+struct FloatEncoder<'a>(&'a dyn arrow::array::Array);
+
+impl arrow::json::writer::Encoder for FloatEncoder<'_> {
+    fn encode(&mut self, idx: usize, out: &mut Vec<u8>) {
+        use arrow::array::AsArray;
+        use arrow::datatypes::{Float16Type, Float32Type, Float64Type};
+        let v: f64 = match self.0.data_type() {
+            arrow::datatypes::DataType::Float16 => {
+                self.0.as_primitive::<Float16Type>().value(idx).to_f64()
+            }
+            arrow::datatypes::DataType::Float32 => {
+                let v = self.0.as_primitive::<Float32Type>().value(idx);
+                if v.is_finite() {
+                    out.extend_from_slice(format!("{v:?}").as_bytes());
+                    return;
+                }
+                f64::from(v)
+            }
+            _ => self.0.as_primitive::<Float64Type>().value(idx),
+        };
+        if v.is_nan() {
+            out.extend_from_slice(b"\"NaN\"");
+        } else if v == f64::INFINITY {
+            out.extend_from_slice(b"\"Infinity\"");
+        } else if v == f64::NEG_INFINITY {
+            out.extend_from_slice(b"\"-Infinity\"");
+        } else {
+            out.extend_from_slice(format!("{v:?}").as_bytes());
         }
-        return Ok(([(header::CONTENT_TYPE, ARROW_STREAM)], buf).into_response());
     }
-    let mut buf = Vec::new();
-    {
-        let mut w = arrow::json::ArrayWriter::new(&mut buf);
-        let refs: Vec<&arrow::record_batch::RecordBatch> = batches.iter().collect();
-        w.write_batches(&refs).map_err(Error::internal)?;
-        w.finish().map_err(Error::internal)?;
+}
+
+impl arrow::json::writer::EncoderFactory for FloatsAsJson {
+    fn make_default_encoder<'a>(
+        &self,
+        _field: &'a arrow::datatypes::FieldRef,
+        array: &'a dyn arrow::array::Array,
+        _options: &'a arrow::json::writer::EncoderOptions,
+    ) -> std::result::Result<
+        Option<arrow::json::writer::NullableEncoder<'a>>,
+        arrow::error::ArrowError,
+    > {
+        use arrow::datatypes::DataType;
+        if !matches!(
+            array.data_type(),
+            DataType::Float16 | DataType::Float32 | DataType::Float64
+        ) {
+            return Ok(None);
+        }
+        Ok(Some(arrow::json::writer::NullableEncoder::new(
+            Box::new(FloatEncoder(array)),
+            array.logical_nulls(),
+        )))
     }
-    if buf.is_empty() {
-        buf.extend_from_slice(b"[]");
-    }
-    Ok(([(header::CONTENT_TYPE, "application/json")], buf).into_response())
 }

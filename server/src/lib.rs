@@ -18,6 +18,7 @@
 //! - [`clickhouse`]: the ClickHouse sink (Native format over HTTP) and migrations.
 //! - [`migration`]: what the stores' migration runners share.
 //! - [`sink`]: what store sinks share: WAL tailing, chunks, workers, retries, positions.
+//! - [`query`]: where SQL runs: its own runtime, limits, results streamed.
 //! - [`registry`]: registered tables and versions, behind a store trait.
 //! - [`config`], [`metrics`], [`error`]: configuration, Prometheus metrics, errors.
 //! - [`server`]: start-up, WAL replay, serving, graceful shutdown.
@@ -34,6 +35,7 @@ pub mod metrics;
 pub mod migration;
 pub mod pipeline;
 pub mod postgres;
+pub mod query;
 pub mod registry;
 pub mod server;
 pub mod sink;

@@ -275,7 +275,22 @@ pub async fn run(config: Config, on_ready: impl FnOnce(BoundAddrs)) -> Result<()
         sink_tasks.push(task);
     }
 
-    let query = Arc::new(QueryEngine::new(buffers.clone(), store, store_url));
+    let limits = sluice_sql::QueryLimits {
+        max_sql_bytes: config.query.max_sql_bytes.as_usize(),
+        max_depth: config.query.max_depth,
+        max_nodes: config.query.max_nodes,
+        memory_per_query: config.query.memory_limit.as_usize(),
+        memory_total: config.query.total_memory.as_usize(),
+        max_spill: config.query.max_spill.as_u64(),
+    };
+    let engine = Arc::new(QueryEngine::with_config(
+        buffers.clone(),
+        store,
+        store_url,
+        datafusion::prelude::SessionConfig::new(),
+        limits,
+    ));
+    let query = Arc::new(crate::query::QueryService::new(engine, &config.query)?);
     let pipeline = Arc::new(Pipeline {
         registry: registry.clone(),
         buffers: buffers.clone(),
@@ -343,6 +358,8 @@ pub async fn run(config: Config, on_ready: impl FnOnce(BoundAddrs)) -> Result<()
     shutdown_signal().await;
     tracing::info!("shutting down: finishing in-flight requests");
     let _ = shutdown_tx.send(());
+    // Queries end at once, each with an error saying why: reads need no grace.
+    state.query.shutdown();
     let deadline = config.server.shutdown_timeout;
     let finished = tokio::time::timeout(deadline, async {
         let _ = grpc.await;

@@ -5,7 +5,6 @@
 use std::sync::Arc;
 
 use flight_schema::{RegisterResult, TableSchema};
-use sluice_sql::query::QueryEngine;
 
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
@@ -21,7 +20,7 @@ pub trait Readiness: Send + Sync {
 pub struct AppState {
     pub ingest: Arc<dyn Ingest>,
     pub registry: Arc<Registry>,
-    pub query: Arc<QueryEngine>,
+    pub query: Arc<crate::query::QueryService>,
     pub metrics: Arc<Metrics>,
     pub readiness: Arc<dyn Readiness>,
 }

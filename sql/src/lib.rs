@@ -7,10 +7,13 @@
 //!   column and first bad row.
 //! - **Queries** ([`query`]): read-only SQL over one table per registered table, each the
 //!   union of the recent in-memory buffer and the archived Parquet files, taken from one
-//!   consistent snapshot so no row is counted twice.
+//!   consistent snapshot so no row is counted twice. Every query runs within [`limits`]:
+//!   its size and nesting, its memory, and the size of any one value it computes.
 
+pub mod limits;
 pub mod query;
 pub mod reshape;
 
+pub use limits::QueryLimits;
 pub use query::{ArchivedFile, QueryEngine, QueryError, SnapshotSource, TableSnapshot};
 pub use reshape::{reshape, ReshapeError};

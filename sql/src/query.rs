@@ -38,15 +38,21 @@ use datafusion::datasource::source::DataSourceExec;
 use datafusion::datasource::table_schema::TableSchema;
 use datafusion::execution::object_store::ObjectStoreUrl;
 use datafusion::execution::SendableRecordBatchStream;
+use datafusion::execution::SessionStateBuilder;
 use datafusion::logical_expr::{Expr, TableProviderFilterPushDown, TableType};
 use datafusion::physical_plan::empty::EmptyExec;
 use datafusion::physical_plan::union::UnionExec;
 use datafusion::physical_plan::ExecutionPlan;
-use datafusion::prelude::{DataFrame, SQLOptions, SessionConfig, SessionContext};
+use datafusion::prelude::{SQLOptions, SessionConfig, SessionContext};
 use datafusion::sql::parser::Statement as DFStatement;
 use datafusion::sql::sqlparser::ast::Statement as SQLStatement;
 use futures::TryStreamExt;
 use object_store::{ObjectMeta, ObjectStore};
+
+use crate::limits::{
+    check_statement, check_text, guard_plan, install_guards, QueryGuard, QueryLimits, QueryMemory,
+    QueryPool, Stopped,
+};
 
 /// A consistent view of one table at one instant.
 #[derive(Debug, Clone)]
@@ -86,6 +92,9 @@ pub enum QueryError {
     /// Memory or another resource limit was hit while running the query.
     #[error("resources exhausted: {0}")]
     ResourcesExhausted(String),
+    /// Stopped from outside: its time limit passed or its client went away.
+    #[error("{0}")]
+    Stopped(String),
     /// Anything else (I/O, object store, corrupt file, bug).
     #[error("internal query error: {0}")]
     Internal(String),
@@ -130,8 +139,34 @@ fn classify(e: &DataFusionError) -> ErrorClass {
     }
 }
 
+/// The [`Stopped`] inside `e`, if a [`QueryGuard`] stopped the query.
+fn stopped(e: &DataFusionError) -> Option<&Stopped> {
+    match e {
+        DataFusionError::External(inner) => inner.downcast_ref::<Stopped>(),
+        DataFusionError::Shared(inner) => stopped(inner),
+        DataFusionError::Context(_, inner) => stopped(inner),
+        DataFusionError::Diagnostic(_, inner) => stopped(inner),
+        _ => None,
+    }
+}
+
 impl From<DataFusionError> for QueryError {
     fn from(e: DataFusionError) -> Self {
+        if let Some(s) = stopped(&e).or_else(|| stopped(e.find_root())) {
+            return QueryError::Stopped(s.0.clone());
+        }
+        if let DataFusionError::SQL(inner, _) = e.find_root() {
+            if matches!(
+                inner.as_ref(),
+                datafusion::sql::sqlparser::parser::ParserError::RecursionLimitExceeded
+            ) {
+                return QueryError::InvalidArgument(
+                    "the query nests parentheses, subqueries or function calls deeper than \
+                     the SQL parser takes (50 levels)"
+                        .into(),
+                );
+            }
+        }
         match classify(&e) {
             // The innermost DataFusion error is what the user needs to see
             // (e.g. the cast that failed, not the optimizer rule that ran it).
@@ -155,6 +190,8 @@ const ARCHIVE_STORE_URL: &str = "sluice-archive://archive/";
 pub struct QueryEngine {
     ctx: SessionContext,
     store_url: url::Url,
+    limits: QueryLimits,
+    memory: Arc<QueryMemory>,
 }
 
 impl fmt::Debug for QueryEngine {
@@ -175,7 +212,13 @@ impl QueryEngine {
         store: Arc<dyn ObjectStore>,
         store_url: url::Url,
     ) -> Self {
-        Self::with_config(source, store, store_url, SessionConfig::new())
+        Self::with_config(
+            source,
+            store,
+            store_url,
+            SessionConfig::new(),
+            QueryLimits::default(),
+        )
     }
 
     /// Like [`QueryEngine::new`] with a custom DataFusion session config
@@ -185,13 +228,22 @@ impl QueryEngine {
         store: Arc<dyn ObjectStore>,
         store_url: url::Url,
         config: SessionConfig,
+        limits: QueryLimits,
     ) -> Self {
         let config = config
             .with_create_default_catalog_and_schema(false)
             .with_information_schema(true);
         let catalog_name = config.options().catalog.default_catalog.clone();
         let schema_name = config.options().catalog.default_schema.clone();
-        let ctx = SessionContext::new_with_config(config);
+        let runtime = datafusion::execution::runtime_env::RuntimeEnvBuilder::new()
+            .with_disk_manager_builder(
+                datafusion::execution::disk_manager::DiskManagerBuilder::default()
+                    .with_max_temp_directory_size(limits.max_spill),
+            )
+            .build_arc()
+            .expect("the default disk manager builds");
+        let ctx = SessionContext::new_with_config_rt(config, runtime);
+        install_guards(&ctx, limits.memory_per_query);
 
         let archive_url =
             ObjectStoreUrl::parse(ARCHIVE_STORE_URL).expect("static archive url is valid");
@@ -210,7 +262,23 @@ impl QueryEngine {
             .expect("memory catalog accepts schemas");
         ctx.register_catalog(catalog_name, Arc::new(catalog));
 
-        Self { ctx, store_url }
+        let memory = QueryMemory::new(limits.memory_total);
+        Self {
+            ctx,
+            store_url,
+            limits,
+            memory,
+        }
+    }
+
+    /// The limits every query runs under.
+    pub fn limits(&self) -> &QueryLimits {
+        &self.limits
+    }
+
+    /// Memory the running queries' operators hold now.
+    pub fn memory_used(&self) -> usize {
+        self.memory.used()
     }
 
     /// The archive root this engine was created with.
@@ -227,9 +295,29 @@ impl QueryEngine {
         &self,
         query: &str,
     ) -> Result<(SchemaRef, SendableRecordBatchStream), QueryError> {
-        let state = self.ctx.state();
+        self.sql_guarded(query, QueryGuard::new(None)).await
+    }
+
+    /// [`QueryEngine::sql`] under `guard`: every operator of the plan checks it at every
+    /// batch, so the query stops within a batch of its deadline or its cancellation.
+    pub async fn sql_guarded(
+        &self,
+        query: &str,
+        guard: Arc<QueryGuard>,
+    ) -> Result<(SchemaRef, SendableRecordBatchStream), QueryError> {
+        check_text(query, &self.limits)?;
+        // Each query reserves from its own pool, over the pool all queries share.
+        let mut runtime = (*self.ctx.runtime_env()).clone();
+        runtime.memory_pool = Arc::new(QueryPool::new(
+            self.memory.clone(),
+            self.limits.memory_per_query,
+        ));
+        let state = SessionStateBuilder::new_from_existing(self.ctx.state())
+            .with_runtime_env(Arc::new(runtime))
+            .build();
         let dialect = state.config().options().sql_parser.dialect;
         let statement = state.sql_to_statement(query, &dialect)?;
+        check_statement(&statement, &self.limits)?;
         check_read_only(&statement)?;
         let plan = state.statement_to_plan(statement).await?;
         // Defence in depth: e.g. `SELECT ... INTO t` parses as a query but
@@ -240,7 +328,9 @@ impl QueryEngine {
             .with_allow_statements(false)
             .verify_plan(&plan)
             .map_err(|e| refused(&e.message()))?;
-        let stream = DataFrame::new(state, plan).execute_stream().await?;
+        let physical = state.create_physical_plan(&plan).await?;
+        let physical = guard_plan(physical, &guard)?;
+        let stream = datafusion::physical_plan::execute_stream(physical, state.task_ctx())?;
         Ok((stream.schema(), stream))
     }
 
@@ -1007,5 +1097,146 @@ mod tests {
             scalar_i64(&engine, "SELECT count(*) FROM t a JOIN t b ON a.ts = b.ts").await,
             2
         );
+    }
+
+    mod generated {
+        //! Deep and wide SQL, generated: whatever the parser takes must never overflow a
+        //! stack or crash; it is answered or refused with an error.
+        use super::*;
+        use proptest::prelude::*;
+
+        /// An expression of `depth` nested levels built from `pick`s, over the columns
+        /// of `logs_events`.
+        fn nested(depth: usize, picks: &[u8]) -> String {
+            let mut e = "latency_ms".to_string();
+            for i in 0..depth {
+                let p = picks[i % picks.len()];
+                e = match p % 10 {
+                    0 => format!("{e} + {i}"),
+                    1 => format!("({e}) * 2"),
+                    2 => format!("abs({e})"),
+                    3 => format!("CASE WHEN {e} > {i} THEN {e} ELSE {i} END"),
+                    4 => format!("coalesce({e}, {i})"),
+                    5 => format!("({e} > {i} AND latency_ms < {i}) IS NOT NULL"),
+                    6 => format!("CAST({e} AS BIGINT)"),
+                    7 => format!("(SELECT {e})"),
+                    8 => format!("{e} - (SELECT max(latency_ms) FROM logs_events)"),
+                    _ => format!("length(concat(CAST({e} AS VARCHAR), 'x'))"),
+                };
+                // Keep the text within the limit the engine refuses beyond anyway.
+                if e.len() > 200_000 {
+                    break;
+                }
+            }
+            e
+        }
+
+        /// A chain of `n` terms joined by `sep` (flat text, deep tree).
+        fn chain(n: usize, term: &str, sep: &str) -> String {
+            vec![term; n.max(1)].join(sep)
+        }
+
+        fn shape() -> impl Strategy<Value = String> {
+            prop_oneof![
+                (1..400usize, proptest::collection::vec(any::<u8>(), 1..8))
+                    .prop_map(|(d, p)| format!("SELECT {} AS v FROM logs_events", nested(d, &p))),
+                (1..3000usize).prop_map(|n| format!("SELECT {}", chain(n, "1", " + "))),
+                (1..3000usize).prop_map(|n| format!(
+                    "SELECT count(*) FROM logs_events WHERE {}",
+                    chain(n, "latency_ms > 0", " AND ")
+                )),
+                (1..3000usize).prop_map(|n| format!(
+                    "SELECT count(*) FROM logs_events WHERE {}",
+                    chain(n, "service = 'a'", " OR ")
+                )),
+                (1..1000usize).prop_map(|n| chain(
+                    n,
+                    "SELECT latency_ms FROM logs_events",
+                    " UNION ALL "
+                )),
+                (1..1000usize).prop_map(|n| format!("SELECT {}", chain(n, "'a'", " || "))),
+                (1..5000usize).prop_map(|n| format!(
+                    "SELECT count(*) FROM logs_events WHERE latency_ms IN ({})",
+                    (0..n).map(|i| i.to_string()).collect::<Vec<_>>().join(",")
+                )),
+                (1..3000usize).prop_map(|n| format!(
+                    "SELECT {} FROM logs_events",
+                    (0..n)
+                        .map(|i| format!("latency_ms + {i} AS c{i}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )),
+                (1..200usize).prop_map(|n| format!("SELECT {}1{}", "(".repeat(n), ")".repeat(n))),
+                (1..200usize).prop_map(|n| format!("SELECT {}1{}", "-".repeat(n), "")),
+                (1..200usize).prop_map(|n| format!(
+                    "WITH {} SELECT count(*) FROM w{}",
+                    (0..n)
+                        .map(|i| if i == 0 {
+                            "w0 AS (SELECT latency_ms AS x FROM logs_events)".to_string()
+                        } else {
+                            format!("w{i} AS (SELECT x + 1 AS x FROM w{})", i - 1)
+                        })
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    n - 1
+                )),
+            ]
+        }
+
+        /// Runs `sql` as the server does: on a thread with the query runtime's stack.
+        fn run(engine: Arc<QueryEngine>, sql: String) -> Result<usize, QueryError> {
+            std::thread::Builder::new()
+                .stack_size(64 << 20)
+                .spawn(move || {
+                    tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .unwrap()
+                        .block_on(async move {
+                            let (_, batches) = engine.sql_collect(&sql).await?;
+                            Ok(batches.iter().map(|b| b.num_rows()).sum())
+                        })
+                })
+                .unwrap()
+                .join()
+                .expect("the query thread does not panic")
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 64, .. ProptestConfig::default() })]
+            #[test]
+            fn deep_and_wide_queries_are_answered_or_refused(sql in shape()) {
+                let f = fixture();
+                let engine = Arc::new(f.engine);
+                match run(engine, sql.clone()) {
+                    Ok(_) => {}
+                    Err(QueryError::InvalidArgument(_) | QueryError::ResourcesExhausted(_)) => {}
+                    Err(e) => prop_assert!(false, "{} ...: {}", &sql[..sql.len().min(120)], e),
+                }
+            }
+        }
+
+        #[test]
+        fn the_limits_are_where_they_say() {
+            let f = fixture();
+            let engine = Arc::new(f.engine);
+            let depth = QueryLimits::default().max_depth;
+            // A chain of n terms nests n - 1 binary operators under the projection.
+            assert!(run(
+                engine.clone(),
+                format!("SELECT {}", chain(depth - 2, "1", " + "))
+            )
+            .is_ok());
+            let e = run(
+                engine.clone(),
+                format!("SELECT {}", chain(depth + 1, "1", " + ")),
+            )
+            .unwrap_err();
+            assert!(e.to_string().contains("query.max_depth"), "{e}");
+            let e = run(engine.clone(), chain(depth + 1, "SELECT 1", " UNION ALL ")).unwrap_err();
+            assert!(e.to_string().contains("query.max_depth"), "{e}");
+            let e = run(engine, format!("SELECT {}", chain(200_000, "1", ","))).unwrap_err();
+            assert!(e.to_string().contains("query.max_sql_bytes"), "{e}");
+        }
     }
 }

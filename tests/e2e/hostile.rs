@@ -297,3 +297,242 @@ async fn a_second_server_on_the_same_data_dir_is_refused() {
     assert_ne!(code, 0);
     assert!(err.contains("in use by another sluice process"), "{err}");
 }
+
+/// POST /query with `sql`; returns (status, body).
+async fn http_query(server: &Sluice, sql: &str) -> (u16, String) {
+    let r = reqwest::Client::new()
+        .post(server.url("/query"))
+        .header("content-type", "application/json")
+        .body(serde_json::json!({ "sql": sql }).to_string())
+        .send()
+        .await
+        .expect("POST /query");
+    let status = r.status().as_u16();
+    (status, r.text().await.unwrap_or_default())
+}
+
+/// `/healthz` answers, and how long it took.
+async fn healthz_latency(server: &Sluice) -> Duration {
+    let t = std::time::Instant::now();
+    let r = reqwest::Client::new()
+        .get(server.url("/healthz"))
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .expect("/healthz answers");
+    assert!(r.status().is_success());
+    t.elapsed()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deep_and_long_queries_are_refused_and_the_server_lives() {
+    // On main: `SELECT 1+1+...+1` with about 950 terms (1.9 KB) aborted the process with a
+    // stack overflow, over HTTP and DoGet alike; long AND and UNION ALL chains too.
+    let dir = tempfile::tempdir().unwrap();
+    let server = Sluice::start(dir.path(), &[]);
+    let mut client = server.flight().await;
+    let deep = [
+        format!("SELECT {}", vec!["1"; 950].join("+")),
+        format!("SELECT 1 WHERE {}", vec!["true"; 700].join(" AND ")),
+        vec!["SELECT 1"; 400].join(" UNION ALL "),
+        format!("SELECT {}1{}", "(".repeat(300), ")".repeat(300)),
+        format!("SELECT {}1{}", "abs(".repeat(300), ")".repeat(300)),
+    ];
+    for sql in &deep {
+        let (status, body) = http_query(&server, sql).await;
+        assert_eq!(status, 400, "{body}");
+        let e = query(&mut client, sql)
+            .await
+            .expect_err("refused over Flight");
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+    }
+    let (_, body) = http_query(&server, &deep[0]).await;
+    assert!(body.contains("query.max_depth"), "{body}");
+    // Text beyond query.max_sql_bytes is refused before it is parsed.
+    let long = format!("SELECT {}", vec!["1"; 200_000].join(","));
+    let (status, body) = http_query(&server, &long).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("query.max_sql_bytes"), "{body}");
+    // Nesting within the limit works.
+    let ok = format!("SELECT {} AS n", vec!["1"; 100].join("+"));
+    let (status, body) = http_query(&server, &ok).await;
+    assert_eq!((status, body.as_str()), (200, r#"[{"n":100}]"#));
+    healthz_latency(&server).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runaway_query_neither_freezes_ingest_nor_outlives_its_time_limit() {
+    // On main: a CROSS JOIN of two large tables stopped /healthz, new Flight connections
+    // and the archive loop, ignored SIGTERM, and stayed frozen after the client left.
+    let dir = tempfile::tempdir().unwrap();
+    let env = [
+        ("QUERY__TIMEOUT", "4s"),
+        ("QUERY__MAX_CONCURRENT", "1"),
+        ("SERVER__SHUTDOWN_TIMEOUT", "3s"),
+    ];
+    let mut server = Sluice::start(dir.path(), &env);
+    let mut client = server.flight().await;
+    action(&mut client, "register_table", EVENTS).await.unwrap();
+    let bomb = "SELECT count(*) FROM range(100000000) a CROSS JOIN range(100000000) b";
+    let started = std::time::Instant::now();
+    let running = {
+        let mut c = server.flight().await;
+        tokio::spawn(async move { query(&mut c, bomb).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // While it burns CPU: health, a new connection and writes go on.
+    let mut worst = Duration::ZERO;
+    for i in 0..10 {
+        worst = worst.max(healthz_latency(&server).await);
+        let mut fresh = server.flight().await;
+        let out = put(&mut fresh, "events", vec![events_batch(i, 1000)]).await;
+        assert!(out.error.is_none(), "{:?}", out.error);
+    }
+    assert!(
+        worst < Duration::from_millis(100),
+        "/healthz took {worst:?}"
+    );
+    let e = running
+        .await
+        .unwrap()
+        .expect_err("stopped by its time limit");
+    assert_eq!(e.code(), tonic::Code::DeadlineExceeded, "{e}");
+    assert!(e.message().contains("query.timeout"), "{e}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    // A client that goes away frees its slot at once (max_concurrent = 1): the next query
+    // does not wait for the abandoned one.
+    {
+        let mut c = server.flight().await;
+        let abandoned = tokio::spawn(async move { query(&mut c, bomb).await });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        abandoned.abort();
+    }
+    let t = std::time::Instant::now();
+    assert_eq!(
+        query_i64(&mut client, "SELECT count(*) FROM events").await,
+        10_000
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "waited {:?}",
+        t.elapsed()
+    );
+    // SIGTERM with a query running: the query ends with an error saying why (never a
+    // result cut short that looks complete), and the server exits well within its grace.
+    let mut c = server.flight().await;
+    let running = tokio::spawn(async move { query(&mut c, bomb).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let t = std::time::Instant::now();
+    assert!(server.terminate().success());
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "exit took {:?}",
+        t.elapsed()
+    );
+    let e = running.await.unwrap().expect_err("stopped, and told so");
+    assert!(e.message().contains("shutting down"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queries_cannot_take_memory_without_bound() {
+    // On main: `SELECT cardinality(range(100000000000))` grew past 8 GB in 25 s, and
+    // /query built the whole JSON answer in memory (3.2 GB for 1e8 rows).
+    let dir = tempfile::tempdir().unwrap();
+    let server = Sluice::start(dir.path(), &[("QUERY__MEMORY_LIMIT", "64MiB")]);
+    let bombs = [
+        "SELECT cardinality(range(100000000000))",
+        "SELECT length(repeat('x', 1000000000))",
+        "SELECT length(lpad('x', 1000000000))",
+        "SELECT cardinality(array_repeat(1, 1000000000))",
+        // Doubling per level: 2^40 kB in 40 short steps.
+        &format!(
+            "WITH t0 AS (SELECT repeat('x', 1000) AS x), {} SELECT length(x) FROM t40",
+            (1..=40)
+                .map(|i| format!("t{i} AS (SELECT x || x AS x FROM t{})", i - 1))
+                .collect::<Vec<_>>()
+                .join(", "),
+        ),
+        "SELECT count(*) FROM (SELECT * FROM range(30000000) ORDER BY 1 DESC) s",
+    ];
+    let rss_before = server.proc_status_kb("VmRSS");
+    for sql in bombs {
+        let (status, body) = http_query(&server, sql).await;
+        assert!(
+            (status == 400 && body.contains("query.memory_limit")) || status == 200,
+            "{sql}: {status} {body}"
+        );
+        if status == 200 {
+            // Only the sort may finish: by spilling to disk.
+            assert!(sql.contains("ORDER BY"), "{sql}: {body}");
+        }
+    }
+    let grown = server.proc_status_kb("VmHWM").saturating_sub(rss_before);
+    assert!(grown < 400 * 1024, "resident memory grew by {grown} kB");
+    // A large result is streamed: 5M rows of JSON (about 90 MB) without holding them.
+    let mut r = reqwest::Client::new()
+        .post(server.url("/query"))
+        .header("content-type", "application/json")
+        .body(r#"{"sql": "SELECT value AS v, value * 2 AS w FROM range(5000000)"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let (mut bytes, mut peak) = (0usize, 0u64);
+    while let Some(chunk) = r.chunk().await.unwrap() {
+        bytes += chunk.len();
+        peak = peak.max(server.proc_status_kb("VmRSS"));
+    }
+    assert!(bytes > 80_000_000, "{bytes} bytes");
+    assert!(
+        peak.saturating_sub(rss_before) < 300 * 1024,
+        "RSS grew by {} kB while streaming",
+        peak - rss_before
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_results_keep_non_finite_numbers_and_errors_are_never_a_200() {
+    // On main: NaN and infinities came out as null, and a query failing while it ran
+    // printed its error inside a 200.
+    let dir = tempfile::tempdir().unwrap();
+    let server = Sluice::start(dir.path(), &[]);
+    let (status, body) = http_query(
+        &server,
+        "SELECT CAST('NaN' AS DOUBLE) AS a, CAST('inf' AS DOUBLE) AS b, \
+         CAST('-inf' AS DOUBLE) AS c, 1.5 AS d, CAST(NULL AS DOUBLE) AS e",
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&body).unwrap(),
+        serde_json::json!([{"a": "NaN", "b": "Infinity", "c": "-Infinity", "d": 1.5}])
+    );
+    let mut client = server.flight().await;
+    action(
+        &mut client,
+        "register_table",
+        r#"{"name":"words","columns":[{"name":"time","type":"timestamp"},{"name":"w","type":"string"}]}"#,
+    )
+    .await
+    .unwrap();
+    let schema = Arc::new(Schema::new(vec![
+        Field::new(
+            "time",
+            DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+            false,
+        ),
+        Field::new("w", DataType::Utf8, true),
+    ]));
+    let batch = RecordBatch::try_new(
+        schema,
+        vec![
+            Arc::new(TimestampMicrosecondArray::from(vec![0, 1]).with_timezone("UTC")),
+            Arc::new(arrow::array::StringArray::from(vec!["12", "twelve"])),
+        ],
+    )
+    .unwrap();
+    assert!(put(&mut client, "words", vec![batch]).await.error.is_none());
+    let (status, body) = http_query(&server, "SELECT CAST(w AS INT) FROM words").await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("twelve"), "{body}");
+}
