@@ -15,7 +15,9 @@
 //! - [`table`]: table and column definitions, validation, schema evolution rules.
 //! - [`seeds`]: the seed tables that ship pre-registered.
 //! - [`flight`]: Flight descriptor, action and ack-metadata conventions.
+//! - [`decode`]: the IPC messages of a DoPut stream into batches, never panicking.
 
+pub mod decode;
 pub mod flight;
 pub mod seeds;
 pub mod table;

@@ -23,8 +23,9 @@ use arrow_flight::{
     Action, ActionType, Criteria, Empty, FlightData, FlightDescriptor, FlightEndpoint, FlightInfo,
     HandshakeRequest, HandshakeResponse, PollInfo, PutResult, SchemaAsIpc, SchemaResult, Ticket,
 };
+use flight_schema::decode::PutDecoder;
 use flight_schema::{actions, PutAck};
-use futures::{Stream, StreamExt, TryStreamExt};
+use futures::{FutureExt, Stream, StreamExt, TryStreamExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -77,6 +78,34 @@ impl FlightFrontEnd {
                     .with_endpoint(FlightEndpoint::new().with_ticket(Ticket::new(sql)))
             })
     }
+}
+
+/// tonic reports a message it cannot decode (e.g. a path that is not UTF-8) as INTERNAL:
+/// it is the client's message that is wrong.
+pub fn decode_status(s: Status) -> Status {
+    if s.code() == tonic::Code::Internal && s.message().starts_with("failed to decode") {
+        Status::invalid_argument(format!("malformed request: {}", s.message()))
+    } else {
+        s
+    }
+}
+
+/// Spawns `task`; if it panics, `report` gets an INTERNAL status naming `what`, so the
+/// call ends with an error rather than with OK and missing acks.
+fn spawn_caught<T: Send + 'static>(
+    what: &'static str,
+    report: mpsc::Sender<Result<T, Status>>,
+    task: impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    tokio::spawn(async move {
+        if let Err(panic) = std::panic::AssertUnwindSafe(task).catch_unwind().await {
+            let message = crate::error::panic_message(&*panic);
+            tracing::error!(what, %message, "a request task panicked");
+            let _ = report
+                .send(Err(Status::internal(format!("{what} failed: {message}"))))
+                .await;
+        }
+    });
 }
 
 /// The table named by a DoPut descriptor: PATH with exactly one element.
@@ -234,11 +263,15 @@ impl FlightService for FlightFrontEnd {
         request: Request<Streaming<FlightData>>,
     ) -> Result<Response<Self::DoPutStream>, Status> {
         let mut input = request.into_inner();
-        let first = input.message().await?.ok_or_else(|| {
-            Status::invalid_argument(
+        let first = input
+            .message()
+            .await
+            .map_err(decode_status)?
+            .ok_or_else(|| {
+                Status::invalid_argument(
                 "DoPut: empty stream; the first message must carry the descriptor and the schema",
             )
-        })?;
+            })?;
         let table = table_of(first.flight_descriptor.as_ref())?;
         // Unknown tables fail before any data is read.
         self.state
@@ -252,7 +285,10 @@ impl FlightService for FlightFrontEnd {
         let (pending_tx, mut pending_rx) = mpsc::channel(MAX_UNACKED_PER_STREAM);
 
         // Acker: answers in submission order, each once durable.
-        tokio::spawn(
+        let panic_tx = ack_tx.clone();
+        spawn_caught(
+            "DoPut acks",
+            panic_tx,
             async move {
                 while let Some(item) = pending_rx.recv().await {
                     let out = match item {
@@ -287,14 +323,25 @@ impl FlightService for FlightFrontEnd {
 
         // Reader: decodes and submits; waits on the memory budget, which stops reading.
         let ingest = self.state.ingest.clone();
-        tokio::spawn(
+        let panic_tx = pending_tx.clone();
+        spawn_caught(
+            "DoPut input",
+            panic_tx,
             async move {
                 let mut messages = futures::stream::iter([Ok(first)]).chain(input);
                 let mut decoder = PutDecoder::default();
                 let mut request_id = 0u64;
                 let mut rows = 0u64;
                 while let Some(next) = messages.next().await {
-                    let item = match next.map(|m| decoder.decode(m)) {
+                    let next = next.map_err(decode_status).map(|m| {
+                        decoder.decode(m.data_header, m.data_body).map(|d| {
+                            d.map(|d| {
+                                let raw = d.raw.map(|(header, body)| RawIpc { header, body });
+                                (d.batch, raw)
+                            })
+                        })
+                    });
+                    let item = match next {
                         Ok(Ok(None)) => continue,
                         Ok(Ok(Some((batch, raw)))) => {
                             request_id += 1;
@@ -394,90 +441,5 @@ impl FlightService for FlightFrontEnd {
             })
         });
         Ok(Response::new(Box::pin(futures::stream::iter(out))))
-    }
-}
-
-/// Decodes a DoPut stream: the schema message, dictionary batches, record batches.
-///
-/// Unlike arrow-flight's decoder, which copies a whole message body that is not 64-byte
-/// aligned (tonic's are not), this lets the IPC reader copy only the fixed-width buffers
-/// that are misaligned (offsets, numbers); string data stays in the received message,
-/// which is also what the WAL writes (see [`RawIpc`]).
-#[derive(Default)]
-struct PutDecoder {
-    schema: Option<arrow::datatypes::SchemaRef>,
-    dictionaries: std::collections::HashMap<i64, arrow::array::ArrayRef>,
-}
-
-impl PutDecoder {
-    /// The batch a message carries (with its raw message when it stands alone), or
-    /// `None` for schema, dictionary and empty messages.
-    fn decode(
-        &mut self,
-        m: FlightData,
-    ) -> Result<Option<(arrow::record_batch::RecordBatch, Option<RawIpc>)>, String> {
-        use arrow::ipc::MessageHeader;
-        let message = arrow::ipc::root_as_message(&m.data_header)
-            .map_err(|e| format!("not an Arrow IPC message: {e}"))?;
-        match message.header_type() {
-            MessageHeader::NONE => Ok(None),
-            MessageHeader::Schema => {
-                let schema = arrow::ipc::convert::try_schema_from_flatbuffer_bytes(&m.data_header)
-                    .map_err(|e| format!("bad schema message: {e}"))?;
-                self.schema = Some(Arc::new(schema));
-                self.dictionaries.clear();
-                Ok(None)
-            }
-            MessageHeader::DictionaryBatch => {
-                let schema = self
-                    .schema
-                    .as_ref()
-                    .ok_or("a dictionary batch came before the schema")?;
-                let batch = message
-                    .header_as_dictionary_batch()
-                    .ok_or("bad dictionary batch message")?;
-                arrow::ipc::reader::read_dictionary(
-                    &arrow::buffer::Buffer::from(m.data_body),
-                    batch,
-                    schema,
-                    &mut self.dictionaries,
-                    &message.version(),
-                )
-                .map_err(|e| format!("bad dictionary batch: {e}"))?;
-                Ok(None)
-            }
-            MessageHeader::RecordBatch => {
-                let schema = self
-                    .schema
-                    .clone()
-                    .ok_or("a record batch came before the schema")?;
-                let rb = message
-                    .header_as_record_batch()
-                    .ok_or("bad record batch message")?;
-                let body = arrow::buffer::Buffer::from(m.data_body.clone());
-                let batch = arrow::ipc::reader::read_record_batch(
-                    &body,
-                    rb,
-                    schema,
-                    &self.dictionaries,
-                    None,
-                    &message.version(),
-                )
-                .map_err(|e| format!("bad record batch: {e}"))?;
-                // The message stands alone unless a column refers to dictionaries sent in
-                // other messages.
-                let uses_dictionaries = self.schema.as_ref().is_some_and(|s| {
-                    s.fields().iter().any(|f| {
-                        matches!(f.data_type(), arrow::datatypes::DataType::Dictionary(..))
-                    })
-                });
-                let raw = (!uses_dictionaries).then(|| RawIpc {
-                    header: m.data_header,
-                    body: m.data_body,
-                });
-                Ok(Some((batch, raw)))
-            }
-            other => Err(format!("unexpected IPC message type {other:?}")),
-        }
     }
 }

@@ -33,6 +33,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/schema", get(list_schemas))
         .route("/schema/{table}", get(get_schema))
         .route("/query", post(query))
+        .layer(crate::edge::http_catch_panic())
         .with_state(state)
 }
 

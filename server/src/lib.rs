@@ -21,6 +21,7 @@
 //! - [`query`]: where SQL runs: its own runtime, limits, results streamed.
 //! - [`registry`]: registered tables and versions, behind a store trait.
 //! - [`config`], [`metrics`], [`error`]: configuration, Prometheus metrics, errors.
+//! - [`edge`]: what every request passes first: panics caught, decode errors classified.
 //! - [`server`]: start-up, WAL replay, serving, graceful shutdown.
 
 pub mod allocator;
@@ -28,6 +29,7 @@ pub mod archive;
 pub mod buffer;
 pub mod clickhouse;
 pub mod config;
+pub mod edge;
 pub mod error;
 pub mod flight;
 pub mod http;

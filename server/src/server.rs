@@ -336,6 +336,7 @@ pub async fn run(config: Config, on_ready: impl FnOnce(BoundAddrs)) -> Result<()
             .tcp_nodelay(true)
             // Let clients send big HTTP/2 DATA frames: fewer frames per batch.
             .max_frame_size(Some(1 << 20))
+            .layer(crate::edge::GrpcEdgeLayer)
             .add_service(flight)
             .serve_with_incoming_shutdown(
                 tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),

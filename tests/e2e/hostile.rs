@@ -536,3 +536,175 @@ async fn json_results_keep_non_finite_numbers_and_errors_are_never_a_200() {
     assert_eq!(status, 400, "{body}");
     assert!(body.contains("twelve"), "{body}");
 }
+
+/// FlightData and FlightDescriptor as raw bytes on the wire: what a hostile client can
+/// send that arrow-flight's typed messages cannot (a path that is not UTF-8).
+mod raw {
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Descriptor {
+        #[prost(int32, tag = "1")]
+        pub r#type: i32,
+        #[prost(bytes = "vec", tag = "2")]
+        pub cmd: Vec<u8>,
+        #[prost(bytes = "vec", repeated, tag = "3")]
+        pub path: Vec<Vec<u8>>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct FlightData {
+        #[prost(message, optional, tag = "1")]
+        pub flight_descriptor: Option<Descriptor>,
+        #[prost(bytes = "vec", tag = "2")]
+        pub data_header: Vec<u8>,
+        #[prost(bytes = "vec", tag = "3")]
+        pub app_metadata: Vec<u8>,
+        #[prost(bytes = "vec", tag = "1000")]
+        pub data_body: Vec<u8>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct PutResult {
+        #[prost(bytes = "vec", tag = "1")]
+        pub app_metadata: Vec<u8>,
+    }
+}
+
+/// DoPut of raw messages; returns the acks' JSON and how the call ended.
+async fn raw_put(
+    server: &Sluice,
+    messages: Vec<raw::FlightData>,
+) -> (Vec<serde_json::Value>, Result<(), tonic::Status>) {
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", server.grpc))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static(
+        "/arrow.flight.protocol.FlightService/DoPut",
+    );
+    let codec = tonic_prost::ProstCodec::<raw::FlightData, raw::PutResult>::default();
+    let response = grpc
+        .streaming(
+            tonic::Request::new(futures::stream::iter(messages)),
+            path,
+            codec,
+        )
+        .await;
+    let mut stream = match response {
+        Ok(r) => r.into_inner(),
+        Err(s) => return (Vec::new(), Err(s)),
+    };
+    let mut acks = Vec::new();
+    loop {
+        match stream.message().await {
+            Ok(Some(r)) => acks.push(serde_json::from_slice(&r.app_metadata).unwrap()),
+            Ok(None) => return (acks, Ok(())),
+            Err(s) => return (acks, Err(s)),
+        }
+    }
+}
+
+/// The raw messages of a DoPut of `batches` to `table`.
+fn raw_messages(table: &str, batches: Vec<RecordBatch>) -> Vec<raw::FlightData> {
+    use futures::StreamExt;
+    let data: Vec<arrow_flight::FlightData> = futures::executor::block_on(
+        arrow_flight::encode::FlightDataEncoderBuilder::new()
+            .with_flight_descriptor(Some(arrow_flight::FlightDescriptor::new_path(vec![
+                table.to_string()
+            ])))
+            .build(futures::stream::iter(batches.into_iter().map(Ok)))
+            .map(|d| d.unwrap())
+            .collect::<Vec<_>>(),
+    );
+    data.into_iter()
+        .map(|d| raw::FlightData {
+            flight_descriptor: d.flight_descriptor.map(|fd| raw::Descriptor {
+                r#type: fd.r#type,
+                cmd: fd.cmd.to_vec(),
+                path: fd.path.into_iter().map(String::into_bytes).collect(),
+            }),
+            data_header: d.data_header.to_vec(),
+            app_metadata: d.app_metadata.to_vec(),
+            data_body: d.data_body.to_vec(),
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_flight_data_ends_the_call_with_invalid_argument() {
+    // On main: truncated bodies and garbage headers panicked inside arrow's decoder; the
+    // call ended with status OK and no acks, and a valid batch sent after the bad one was
+    // silently dropped.
+    let dir = tempfile::tempdir().unwrap();
+    let server = Sluice::start(dir.path(), &[]);
+    let mut client = server.flight().await;
+    action(&mut client, "register_table", EVENTS).await.unwrap();
+    let good = raw_messages("events", vec![events_batch(0, 100), events_batch(1, 100)]);
+    let (schema, first, second) = (good[0].clone(), good[1].clone(), good[2].clone());
+    let mut half_header = first.clone();
+    half_header
+        .data_header
+        .truncate(half_header.data_header.len() / 2);
+    let mut short_body = first.clone();
+    short_body
+        .data_body
+        .truncate(short_body.data_body.len() / 3);
+    let mut garbage = first.clone();
+    garbage.data_header = b"\xde\xad\xbe\xef not flatbuffers".to_vec();
+    let mut no_body = first.clone();
+    no_body.data_body.clear();
+    for bad in [half_header, short_body, garbage, no_body] {
+        // The good batch is acked, the bad one ends the call with InvalidArgument, and
+        // the good batch after it is not taken.
+        let (acks, end) = raw_put(
+            &server,
+            vec![schema.clone(), first.clone(), bad, second.clone()],
+        )
+        .await;
+        assert_eq!(acks.len(), 1, "{acks:?}");
+        let e = end.expect_err("the call ends with an error, never OK");
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+        assert!(e.message().contains("table 'events'"), "{e}");
+    }
+    assert_eq!(
+        query_i64(&mut client, "SELECT count(*) FROM events").await,
+        400,
+        "only the acked batches are stored"
+    );
+    // A path that is not UTF-8 is the client's error, not INTERNAL.
+    let mut bad_path = schema.clone();
+    bad_path.flight_descriptor = Some(raw::Descriptor {
+        r#type: 1,
+        cmd: Vec::new(),
+        path: vec![b"ev\xffents".to_vec()],
+    });
+    let (_, end) = raw_put(&server, vec![bad_path, first.clone()]).await;
+    let e = end.expect_err("refused");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+    // The same in a unary call, which tonic decodes before any handler runs.
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", server.grpc))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let e = grpc
+        .unary(
+            tonic::Request::new(raw::Descriptor {
+                r#type: 1,
+                cmd: Vec::new(),
+                path: vec![b"ev\xffents".to_vec()],
+            }),
+            tonic::codegen::http::uri::PathAndQuery::from_static(
+                "/arrow.flight.protocol.FlightService/GetFlightInfo",
+            ),
+            tonic_prost::ProstCodec::<raw::Descriptor, raw::PutResult>::default(),
+        )
+        .await
+        .expect_err("refused");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+    healthz_latency(&server).await;
+}

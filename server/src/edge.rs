@@ -1,0 +1,99 @@
+//! What every request passes on its way in, whatever the door: a panic anywhere in a
+//! handler is caught and answered as INTERNAL (gRPC) or 500 (HTTP), never as OK or a
+//! dropped connection; a gRPC message tonic cannot decode (a path that is not UTF-8) is
+//! the client's error, INVALID_ARGUMENT, not INTERNAL.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use futures::FutureExt;
+
+/// The gRPC edge as a tower layer for tonic's server.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct GrpcEdgeLayer;
+
+impl<S> tower::Layer<S> for GrpcEdgeLayer {
+    type Service = GrpcEdge<S>;
+
+    fn layer(&self, inner: S) -> GrpcEdge<S> {
+        GrpcEdge(inner)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct GrpcEdge<S>(S);
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+impl<S, B> tower::Service<http::Request<B>> for GrpcEdge<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let path = req.uri().path().to_string();
+        let fut = self.0.call(req);
+        Box::pin(async move {
+            match std::panic::AssertUnwindSafe(fut).catch_unwind().await {
+                Ok(Ok(resp)) => Ok(decode_errors_are_invalid_argument(resp)),
+                Ok(Err(e)) => Err(e),
+                Err(panic) => {
+                    let message = crate::error::panic_message(&*panic);
+                    tracing::error!(%path, %message, "a gRPC handler panicked");
+                    Ok(tonic::Status::internal(format!("{path} failed: {message}")).into_http())
+                }
+            }
+        })
+    }
+}
+
+/// tonic answers a request it cannot decode with INTERNAL, "failed to decode Protobuf
+/// message": the message is the client's, so the answer is INVALID_ARGUMENT.
+fn decode_errors_are_invalid_argument(
+    mut resp: http::Response<tonic::body::Body>,
+) -> http::Response<tonic::body::Body> {
+    let h = resp.headers();
+    let internal = h.get("grpc-status").is_some_and(|v| v == "13");
+    let decode = h
+        .get("grpc-message")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|m| {
+            m.starts_with("failed%20to%20decode") || m.starts_with("failed to decode")
+        });
+    if internal && decode {
+        resp.headers_mut()
+            .insert("grpc-status", http::HeaderValue::from_static("3"));
+    }
+    resp
+}
+
+/// What a panic hands to the HTTP edge.
+type PanicHandler = fn(Box<dyn std::any::Any + Send + 'static>) -> http::Response<axum::body::Body>;
+
+/// The HTTP edge: a panicking handler answers 500 with a JSON error.
+pub fn http_catch_panic() -> tower_http::catch_panic::CatchPanicLayer<PanicHandler> {
+    tower_http::catch_panic::CatchPanicLayer::custom(panic_response as fn(_) -> _)
+}
+
+fn panic_response(
+    panic: Box<dyn std::any::Any + Send + 'static>,
+) -> http::Response<axum::body::Body> {
+    let message = crate::error::panic_message(&*panic);
+    tracing::error!(%message, "an HTTP handler panicked");
+    let body = serde_json::json!({ "error": format!("internal error: {message}") }).to_string();
+    http::Response::builder()
+        .status(http::StatusCode::INTERNAL_SERVER_ERROR)
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(axum::body::Body::from(body))
+        .expect("static response parts")
+}
