@@ -25,7 +25,8 @@ pub mod types;
 
 pub use flight::{actions, PutAck, RegisterResult};
 pub use table::{
-    check_evolution, ColumnDef, ExtraColumns, ResolvedTable, Role, SinkKind, TableSchema,
+    check_evolution, reserved_name, ColumnDef, ExtraColumns, ResolvedTable, Role, SinkKind,
+    TableSchema,
 };
 pub use types::ColumnType;
 

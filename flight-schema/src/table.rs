@@ -225,6 +225,30 @@ pub fn validate_identifier(what: &'static str, name: &str) -> Result<(), SchemaE
     Ok(())
 }
 
+/// Names a client cannot register: Sluice's own tables and folders. `_` starts the
+/// archive's own folders (`_deadletter`, `_sluice`), `sluice_` Sluice's tables in a
+/// store; the rest are the seed's PostgreSQL objects that are not registered tables.
+/// Returns why, for the message.
+pub fn reserved_name(name: &str) -> Option<&'static str> {
+    const SEED_OBJECTS: &[&str] = &[
+        "table_registry",
+        "table_registry_versions",
+        "schema_migrations",
+        "metric_series",
+        "metrics_points",
+        "metrics_1m",
+    ];
+    if name.starts_with('_') {
+        Some("names starting with '_' are kept for Sluice's own folders in the archive (_deadletter, _sluice)")
+    } else if name.to_ascii_lowercase().starts_with("sluice") {
+        Some("names starting with 'sluice' are kept for Sluice's own tables")
+    } else if SEED_OBJECTS.iter().any(|n| n.eq_ignore_ascii_case(name)) {
+        Some("the name of one of Sluice's own tables in PostgreSQL (the seed schema)")
+    } else {
+        None
+    }
+}
+
 impl TableSchema {
     /// Parses the JSON form; `name` fills in a missing `"name"` key (the seed's form).
     pub fn from_json(json: &[u8], name: Option<&str>) -> Result<Self, SchemaError> {

@@ -93,6 +93,19 @@ pub fn open_store(
     }
 }
 
+/// Whether `path` has the shape of a file a flush of `table` writes
+/// (`<table>/date=…/hour=…/part-….parquet`): only those may be deleted as left over by
+/// an interrupted flush, nothing else a folder of that name may hold.
+fn is_flush_file(table: &str, path: &str) -> bool {
+    let parts: Vec<&str> = path.split('/').collect();
+    matches!(parts.as_slice(), [t, date, hour, file]
+        if *t == table
+            && date.starts_with("date=")
+            && hour.starts_with("hour=")
+            && file.starts_with("part-")
+            && file.ends_with(".parquet"))
+}
+
 /// Every table's committed manifest, by table name.
 pub async fn read_manifests(store: &dyn ObjectStore) -> Result<BTreeMap<String, Manifest>> {
     let mut manifests = BTreeMap::new();
@@ -175,7 +188,7 @@ impl Archiver {
                 .await
                 .map_err(Error::internal)?;
             for f in files {
-                if f.location.as_ref().ends_with(".parquet") && !known.contains(f.location.as_ref())
+                if is_flush_file(&name, f.location.as_ref()) && !known.contains(f.location.as_ref())
                 {
                     tracing::warn!(file = %f.location, "deleting an archive file no manifest names (an interrupted flush; its rows are replayed from the WAL)");
                     self.store

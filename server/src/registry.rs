@@ -107,11 +107,8 @@ impl RegistryStore for FileRegistryStore {
                     tracing::warn!(path = %self.path.display(), "ignoring a torn last registry line");
                 }
                 Err(e) => {
-                    return Err(Error::Internal(format!(
-                        "{} line {}: {e}",
-                        self.path.display(),
-                        i + 1
-                    )))
+                    tracing::error!(path = %self.path.display(), line = i + 1, error = %e,
+                        "an unreadable registry line is left out");
                 }
             }
         }
@@ -170,10 +167,17 @@ impl Registry {
         stored.sort_by(|a, b| (&a.schema.name, a.version).cmp(&(&b.schema.name, b.version)));
         let mut tables: BTreeMap<String, Vec<Arc<ResolvedTable>>> = BTreeMap::new();
         for v in stored {
-            let resolved = v
-                .schema
-                .validate(v.version)
-                .map_err(|e| Error::Internal(format!("stored registry entry is invalid: {e}")))?;
+            // An entry that does not validate (written by hand, or by a bug) leaves its
+            // table out instead of stopping every start; a WAL record that needs it
+            // stops the replay with a message naming it.
+            let resolved = match v.schema.validate(v.version) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(table = %v.schema.name, version = v.version, error = %e,
+                        "a stored registry entry is invalid; its table is left out");
+                    continue;
+                }
+            };
             let versions = tables.entry(v.schema.name.clone()).or_default();
             if versions.last().is_some_and(|l| l.version == v.version) {
                 continue;
@@ -204,6 +208,14 @@ impl Registry {
         // still answers an identical registration; a new version needs the store anyway.
         if let Err(e) = self.reload_table(&schema.name).await {
             tracing::warn!(table = %schema.name, error = %e, "cannot re-read the registry; using the cached versions");
+        }
+        if self.get(&schema.name).is_none() {
+            if let Some(why) = flight_schema::reserved_name(&schema.name) {
+                return Err(Error::InvalidArgument(format!(
+                    "table '{}' cannot be registered: {why}",
+                    schema.name
+                )));
+            }
         }
         for _ in 0..MAX_REGISTER_ATTEMPTS {
             let current = self.get(&schema.name);
@@ -259,12 +271,14 @@ impl Registry {
             if self.get_version(&name, v.version).is_some() {
                 continue;
             }
-            let resolved = v.schema.validate(v.version).map_err(|e| {
-                Error::Internal(format!(
-                    "stored registry entry {name} version {} is invalid: {e}",
-                    v.version
-                ))
-            })?;
+            let resolved = match v.schema.validate(v.version) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(table = %name, version = v.version, error = %e,
+                        "a stored registry entry is invalid; it is left out");
+                    continue;
+                }
+            };
             tracing::debug!(table = %name, version = v.version, "table version read from the registry store");
             self.insert_version(&name, Arc::new(resolved));
         }

@@ -520,7 +520,7 @@ pub async fn wal_floor(
         // A database not migrated yet has no offsets.
         let has_offsets = client
             .query_opt(
-                "SELECT 1 FROM pg_class WHERE oid = to_regclass('sluice_sink_offsets')",
+                "SELECT 1 FROM pg_class WHERE oid = to_regclass('sluice.sluice_sink_offsets')",
                 &[],
             )
             .await
@@ -619,8 +619,10 @@ async fn replay(
         let table = registry
             .get_version(&record.table, record.version)
             .ok_or_else(|| {
-                Error::Internal(format!(
-                    "WAL record {} is for table '{}' version {}, which the registry does not have",
+                Error::FailedPrecondition(format!(
+                    "WAL record {} is for table '{}' version {}, which the registry does not \
+                     have (an entry left out as unreadable? the log says which): the start \
+                     stops rather than skip acknowledged rows; restore the registry entry",
                     record.seq, record.table, record.version
                 ))
             })?;

@@ -708,3 +708,93 @@ async fn malformed_flight_data_ends_the_call_with_invalid_argument() {
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
     healthz_latency(&server).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sluices_own_names_cannot_be_registered() {
+    // On main: a client could register tables named like Sluice's own PostgreSQL tables
+    // (forged offset rows made the sink skip another table's writes, one injected
+    // registry row made every restart fail), and a table named _deadletter had the
+    // dead-letter files deleted at the next start.
+    let pg = PgServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let server = Sluice::start(dir.path(), &[("POSTGRES__URL", pg.url.as_str())]);
+    let mut client = server.flight().await;
+    for name in [
+        "_deadletter",
+        "_sluice",
+        "sluice_sink_offsets",
+        "Sluice_x",
+        "table_registry",
+        "table_registry_versions",
+        "schema_migrations",
+        "metric_series",
+        "metrics_points",
+        "metrics_1m",
+    ] {
+        let schema = format!(
+            r#"{{"name":"{name}","columns":[{{"name":"time","type":"timestamp"}},{{"name":"v","type":"double"}}]}}"#
+        );
+        let e = action(&mut client, "register_table", &schema)
+            .await
+            .expect_err("refused over Flight");
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{name}: {e}");
+        assert!(e.message().contains("cannot be registered"), "{name}: {e}");
+        let r = reqwest::Client::new()
+            .post(server.url("/schema/register"))
+            .header("content-type", "application/json")
+            .body(schema)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 400, "{name}");
+    }
+    // Sluice's bookkeeping is in its own schema, out of the registered tables' way.
+    let db = pg.client().await;
+    let own: Vec<String> = db
+        .query(
+            "SELECT table_name::text FROM information_schema.tables WHERE table_schema = 'sluice' ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        own,
+        [
+            "schema_migrations",
+            "sluice_sink_offsets",
+            "table_registry_versions"
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_archives_cleanup_deletes_only_files_a_flush_left() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Sluice::start(dir.path(), &[]);
+    let mut client = server.flight().await;
+    action(&mut client, "register_table", EVENTS).await.unwrap();
+    server.terminate();
+    let archive = dir.path().join("archive");
+    let keep = [
+        archive.join("events/notes/mine.parquet"),
+        archive.join("_deadletter/postgres/events/1-2.parquet"),
+    ];
+    let left = archive.join(
+        "events/date=2026-01-01/hour=00/part-00000000000000000001-00000000000000000001-0.parquet",
+    );
+    for p in keep.iter().chain([&left]) {
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, b"not really parquet").unwrap();
+    }
+    let _server = Sluice::start(dir.path(), &[]);
+    for p in &keep {
+        assert!(p.exists(), "{} was deleted", p.display());
+    }
+    assert!(
+        !left.exists(),
+        "a file an interrupted flush left is deleted"
+    );
+}

@@ -680,7 +680,7 @@ async fn migrate_twice_is_a_no_op_and_says_which_path() {
     );
     let db = pg_client(&pg).await;
     let before = public_columns(&db).await;
-    let migrations = pg_count(&db, "SELECT count(*) FROM schema_migrations").await;
+    let migrations = pg_count(&db, "SELECT count(*) FROM sluice.schema_migrations").await;
     let second = sluice_migrate(&pg);
     assert!(second.contains("up to date"), "{second}");
     assert_eq!(
@@ -689,7 +689,7 @@ async fn migrate_twice_is_a_no_op_and_says_which_path() {
         "the second run changed nothing"
     );
     assert_eq!(
-        pg_count(&db, "SELECT count(*) FROM schema_migrations").await,
+        pg_count(&db, "SELECT count(*) FROM sluice.schema_migrations").await,
         migrations
     );
     for t in [
@@ -736,7 +736,7 @@ async fn two_processes_share_the_registry_in_postgres() {
     assert_eq!(
         pg_count(
             &db,
-            "SELECT count(*) FROM table_registry_versions WHERE table_name LIKE 'shared_%'"
+            "SELECT count(*) FROM sluice.table_registry_versions WHERE table_name LIKE 'shared_%'"
         )
         .await,
         11,

@@ -120,6 +120,7 @@ pub const MIGRATIONS: &[Migration] = &[
         Plain,
         "0004_metrics_1m_policy.plain.sql"
     ),
+    migration!(5, "sluice_schema", Always, "0005_sluice_schema.sql"),
 ];
 
 /// What [`migrate`] did.
@@ -181,9 +182,29 @@ pub async fn migrate(client: &mut Client) -> Result<MigrationReport> {
 }
 
 async fn migrate_locked(client: &mut Client) -> Result<MigrationReport> {
+    // The bookkeeping of migrations lives in the `sluice` schema (0005_sluice_schema.sql
+    // moves the rest); one made in the current schema by an earlier sluice moves there,
+    // one of another tool's (Rails, golang-migrate name theirs the same) stays.
     client
         .batch_execute(
-            "CREATE TABLE IF NOT EXISTS schema_migrations (
+            "CREATE SCHEMA IF NOT EXISTS sluice;
+             DO $$
+             BEGIN
+               IF to_regclass('sluice.schema_migrations') IS NULL AND EXISTS (
+                    SELECT 1 FROM information_schema.columns
+                    WHERE table_schema = current_schema() AND table_name = 'schema_migrations'
+                      AND column_name = 'variant') THEN
+                 EXECUTE format('ALTER TABLE %I.schema_migrations SET SCHEMA sluice',
+                                current_schema());
+               END IF;
+             END
+             $$",
+        )
+        .await
+        .map_err(|e| pg_error("cannot create the sluice schema", e))?;
+    client
+        .batch_execute(
+            "CREATE TABLE IF NOT EXISTS sluice.schema_migrations (
                version    INT PRIMARY KEY,
                name       TEXT NOT NULL,
                variant    TEXT NOT NULL,
@@ -193,7 +214,7 @@ async fn migrate_locked(client: &mut Client) -> Result<MigrationReport> {
         .await
         .map_err(|e| pg_error("cannot create schema_migrations", e))?;
     let rows = client
-        .query("SELECT version, variant FROM schema_migrations", &[])
+        .query("SELECT version, variant FROM sluice.schema_migrations", &[])
         .await
         .map_err(|e| pg_error("cannot read schema_migrations", e))?;
     let applied: Vec<(i32, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
@@ -268,7 +289,8 @@ async fn migrate_locked(client: &mut Client) -> Result<MigrationReport> {
 
 async fn apply(client: &mut Client, m: &Migration) -> Result<()> {
     let what = |e| pg_error(&format!("migration {}", m.file), e);
-    let record = "INSERT INTO schema_migrations (version, name, variant) VALUES ($1, $2, $3)";
+    let record =
+        "INSERT INTO sluice.schema_migrations (version, name, variant) VALUES ($1, $2, $3)";
     if m.no_transaction() {
         for statement in split_statements(m.sql) {
             client.batch_execute(&statement).await.map_err(what)?;
@@ -724,7 +746,8 @@ mod tests {
                     "0001_core".into(),
                     "0002_metrics".into(),
                     "0003_metrics_1m".into(),
-                    "0004_metrics_1m_policy".into()
+                    "0004_metrics_1m_policy".into(),
+                    "0005_sluice_schema".into()
                 ],
                 already: 0
             }
@@ -733,7 +756,7 @@ mod tests {
 
         // A second run (and a concurrent pair) changes nothing.
         let again = migrate(&mut client).await.unwrap();
-        assert_eq!((again.applied.len(), again.already), (0, 4));
+        assert_eq!((again.applied.len(), again.already), (0, 5));
         assert_eq!(
             again.to_string(),
             format!("up to date ({})", again.path_description())
@@ -744,7 +767,7 @@ mod tests {
         assert!(a.unwrap().applied.is_empty() && b.unwrap().applied.is_empty());
         let recorded: Vec<(i32, String, String)> = client
             .query(
-                "SELECT version, name, variant FROM schema_migrations ORDER BY version",
+                "SELECT version, name, variant FROM sluice.schema_migrations ORDER BY version",
                 &[],
             )
             .await
@@ -759,6 +782,7 @@ mod tests {
                 (2, "metrics".into(), "plain".into()),
                 (3, "metrics_1m".into(), "plain".into()),
                 (4, "metrics_1m_policy".into(), "plain".into()),
+                (5, "sluice_schema".into(), "always".into()),
             ]
         );
 
@@ -816,8 +840,24 @@ mod tests {
                 "updated_at"
             ]
         );
-        assert_eq!(columns(&client, "sluice_sink_offsets").await.len(), 6);
-        assert_eq!(columns(&client, "table_registry_versions").await.len(), 4);
+        // Sluice's own tables are in the sluice schema, none in the current one.
+        for (table, n) in [
+            ("sluice_sink_offsets", 6),
+            ("table_registry_versions", 4),
+            ("schema_migrations", 4),
+        ] {
+            assert!(columns(&client, table).await.is_empty(), "{table}");
+            let in_sluice: i64 = client
+                .query_one(
+                    "SELECT count(*) FROM information_schema.columns
+                     WHERE table_schema = 'sluice' AND table_name = $1",
+                    &[&table],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            assert_eq!(in_sluice, n, "{table}");
+        }
         let kind: String = client
             .query_one(
                 "SELECT relkind::text FROM pg_class WHERE oid = 'metrics_points'::regclass",
@@ -853,6 +893,70 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_earlier_sluices_tables_move_into_the_sluice_schema_with_their_rows() {
+        // A database set up before the sluice schema existed: its bookkeeping tables are
+        // in the current schema, with rows; another tool's schema_migrations would stay.
+        let db = TestDb::new().await;
+        let mut client = db.client().await;
+        let core = MIGRATIONS.iter().find(|m| m.version == 1).unwrap();
+        client
+            .batch_execute(&format!(
+                "{}
+                 CREATE TABLE schema_migrations (version INT PRIMARY KEY, name TEXT NOT NULL,
+                   variant TEXT NOT NULL, applied_at TIMESTAMPTZ DEFAULT now());
+                 INSERT INTO schema_migrations VALUES (1, 'core', 'always', now());
+                 INSERT INTO sluice_sink_offsets VALUES ('w', 't', 1, 5, 50, now());
+                 INSERT INTO table_registry_versions VALUES ('t', 1, '{{}}', now());",
+                core.sql
+            ))
+            .await
+            .unwrap();
+        migrate(&mut client).await.unwrap();
+        let count = |sql: &'static str| {
+            let c = &client;
+            async move { c.query_one(sql, &[]).await.unwrap().get::<_, i64>(0) }
+        };
+        assert_eq!(
+            count("SELECT count(*) FROM sluice.sluice_sink_offsets").await,
+            1
+        );
+        assert_eq!(
+            count("SELECT count(*) FROM sluice.table_registry_versions").await,
+            1
+        );
+        // 0001 is not applied again: the moved bookkeeping remembered it.
+        assert!(count("SELECT count(*) FROM sluice.schema_migrations").await >= 2);
+        assert_eq!(
+            count(
+                "SELECT count(*) FROM information_schema.tables WHERE table_schema = current_schema()
+                 AND table_name IN ('sluice_sink_offsets', 'table_registry_versions', 'schema_migrations')"
+            )
+            .await,
+            0
+        );
+    }
+
+    #[tokio::test]
+    async fn another_tools_schema_migrations_is_left_alone() {
+        let db = TestDb::new().await;
+        let mut client = db.client().await;
+        client
+            .batch_execute(
+                "CREATE TABLE schema_migrations (version VARCHAR PRIMARY KEY);
+                 INSERT INTO schema_migrations VALUES ('20240101000000');",
+            )
+            .await
+            .unwrap();
+        migrate(&mut client).await.unwrap();
+        let theirs: String = client
+            .query_one("SELECT version FROM public.schema_migrations", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(theirs, "20240101000000");
+    }
+
+    #[tokio::test]
     async fn a_failing_migration_leaves_nothing_behind_and_errors_are_classified() {
         let db = TestDb::new().await;
         let mut client = db.client().await;
@@ -868,7 +972,7 @@ mod tests {
             "{e}"
         );
         let versions: Vec<i32> = client
-            .query("SELECT version FROM schema_migrations", &[])
+            .query("SELECT version FROM sluice.schema_migrations", &[])
             .await
             .unwrap()
             .iter()
@@ -891,7 +995,7 @@ mod tests {
             .await
             .expect("the migration lock was left held")
             .unwrap();
-        assert_eq!((r.already, r.applied.len()), (1, 3));
+        assert_eq!((r.already, r.applied.len()), (1, 4));
 
         let missing = client
             .query("SELECT * FROM no_such_table", &[])

@@ -2,7 +2,7 @@
 //!
 //! # What flows in and out
 //! In: versions the [`crate::registry::Registry`] decided to add. Out: every version
-//! stored, for a registry opening. Each version is a row of `table_registry_versions`
+//! stored, for a registry opening. Each version is a row of `sluice.table_registry_versions`
 //! (`schema` = the registered definition as JSON); `table_registry` (the seed's table,
 //! plus `version` and `updated_at`) holds each table's current definition for people and
 //! dashboards that read it.
@@ -75,15 +75,20 @@ fn stored_version(
 }
 
 const SELECT: &str =
-    "SELECT table_name, version, registered_at, schema FROM table_registry_versions";
+    "SELECT table_name, version, registered_at, schema FROM sluice.table_registry_versions";
 
+/// The stored versions; a row that does not hold a table schema is left out with an
+/// error in the log (one such row must not stop every start).
 fn rows_to_versions(rows: &[tokio_postgres::Row]) -> Result<Vec<StoredVersion>> {
-    rows.iter()
-        .map(|r| {
+    Ok(rows
+        .iter()
+        .filter_map(|r| {
             let name: String = r.get(0);
             stored_version(&name, r.get(1), r.get(2), r.get(3))
+                .map_err(|e| tracing::error!(error = %e, "an unreadable registry row is left out"))
+                .ok()
         })
-        .collect()
+        .collect())
 }
 
 #[async_trait::async_trait]
@@ -142,7 +147,7 @@ impl RegistryStore for PgRegistryStore {
         .map_err(what)?;
         let latest: i64 = tx
             .query_one(
-                "SELECT COALESCE(max(version), 0) FROM table_registry_versions WHERE table_name = $1",
+                "SELECT COALESCE(max(version), 0) FROM sluice.table_registry_versions WHERE table_name = $1",
                 &[&name],
             )
             .await
@@ -160,7 +165,7 @@ impl RegistryStore for PgRegistryStore {
         }
         let inserted = tx
             .execute(
-                "INSERT INTO table_registry_versions (table_name, version, schema, registered_at)
+                "INSERT INTO sluice.table_registry_versions (table_name, version, schema, registered_at)
                  VALUES ($1, $2, $3, $4)",
                 &[&name, &version, &Json(&schema), &registered_at],
             )
@@ -254,7 +259,7 @@ mod tests {
         let mut out = BTreeMap::new();
         for r in client
             .query(
-                "SELECT table_name, array_agg(version ORDER BY version) FROM table_registry_versions GROUP BY 1",
+                "SELECT table_name, array_agg(version ORDER BY version) FROM sluice.table_registry_versions GROUP BY 1",
                 &[],
             )
             .await

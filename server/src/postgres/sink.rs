@@ -587,7 +587,7 @@ impl StoreWriter for PgWriter {
     ) -> Result<CommittedRanges, SinkError> {
         let rows = conn
             .query(
-                "SELECT table_name, first_seq, last_seq FROM sluice_sink_offsets WHERE wal_id = $1",
+                "SELECT table_name, first_seq, last_seq FROM sluice.sluice_sink_offsets WHERE wal_id = $1",
                 &[&wal_id],
             )
             .await
@@ -609,7 +609,7 @@ impl StoreWriter for PgWriter {
         seq: u64,
     ) -> Result<(), SinkError> {
         conn.execute(
-            "DELETE FROM sluice_sink_offsets WHERE wal_id = $1 AND last_seq < $2",
+            "DELETE FROM sluice.sluice_sink_offsets WHERE wal_id = $1 AND last_seq < $2",
             &[&wal_id, &(seq as i64)],
         )
         .await
@@ -632,7 +632,7 @@ impl StoreWriter for PgWriter {
         let rows_total: u64 = chunk.rows as u64;
         let claimed = tx
             .query_opt(
-                "INSERT INTO sluice_sink_offsets (wal_id, table_name, first_seq, last_seq, rows)
+                "INSERT INTO sluice.sluice_sink_offsets (wal_id, table_name, first_seq, last_seq, rows)
                  VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING RETURNING 1",
                 &[
                     &self.wal_id,
@@ -709,7 +709,7 @@ pub async fn highest_committed(
 ) -> crate::error::Result<u64> {
     let row = client
         .query_one(
-            "SELECT coalesce(max(last_seq), 0) FROM sluice_sink_offsets WHERE wal_id = $1",
+            "SELECT coalesce(max(last_seq), 0) FROM sluice.sluice_sink_offsets WHERE wal_id = $1",
             &[&wal_id],
         )
         .await
