@@ -198,6 +198,20 @@ pub struct ServerConfig {
     /// How long shutdown waits for in-flight requests before it cuts them off.
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
+    /// Most connections open at once, HTTP and gRPC together; more wait to be accepted.
+    /// 0: the open-file limit (raised to its hard limit at start) less 512 kept for the
+    /// WAL, the archive and the stores, at most 4096.
+    pub max_connections: usize,
+    /// A connection with no byte read or written for this long is closed (idle
+    /// keep-alives, clients that never send a request).
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Time an HTTP client has to send a request's line and headers.
+    #[serde(with = "humantime_serde")]
+    pub header_timeout: Duration,
+    /// Time an HTTP client has to send a request's body.
+    #[serde(with = "humantime_serde")]
+    pub body_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -208,6 +222,10 @@ impl Default for ServerConfig {
             data_dir: PathBuf::from("./sluice-data"),
             max_message_size: ByteSize::mib(64),
             shutdown_timeout: Duration::from_secs(30),
+            max_connections: 0,
+            idle_timeout: Duration::from_secs(120),
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -648,6 +666,15 @@ impl Config {
                 "postgres.retry_max",
                 "retry_initial must be more than 0s and retry_max at least retry_initial".into(),
             );
+        }
+        for (key, t) in [
+            ("server.idle_timeout", self.server.idle_timeout),
+            ("server.header_timeout", self.server.header_timeout),
+            ("server.body_timeout", self.server.body_timeout),
+        ] {
+            if t.is_zero() {
+                return err(key, "must be more than 0s".into());
+            }
         }
         if !(0..=19).contains(&self.query.nice) {
             return err(

@@ -33,8 +33,68 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/schema", get(list_schemas))
         .route("/schema/{table}", get(get_schema))
         .route("/query", post(query))
+        .layer(axum::middleware::from_fn(same_site_json))
         .layer(crate::edge::http_catch_panic())
         .with_state(state)
+}
+
+/// Media types a POST body may have: JSON (and NDJSON for writes).
+const JSON_TYPES: &[&str] = &["application/json", "application/x-ndjson"];
+
+/// POSTs change state or read data, and there is no auth yet: a web page must not be able
+/// to send them from a browser. A request a browser marks cross-site (`Sec-Fetch-Site`), or
+/// whose `Origin` is not this server, is refused (403); a body that is not JSON is refused
+/// (415), which also keeps out the form posts a page can send without asking (a JSON
+/// content type makes the browser ask first, and Sluice answers no CORS).
+async fn same_site_json(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    if req.method() != axum::http::Method::POST {
+        return next.run(req).await;
+    }
+    let h = req.headers();
+    let refuse = |status: StatusCode, message: String| {
+        (status, Json(serde_json::json!({ "error": message }))).into_response()
+    };
+    if h.get("sec-fetch-site")
+        .is_some_and(|v| v.as_bytes() == b"cross-site" || v.as_bytes() == b"same-site")
+    {
+        return refuse(
+            StatusCode::FORBIDDEN,
+            "cross-site requests from a browser are refused".into(),
+        );
+    }
+    if let Some(origin) = h.get(header::ORIGIN) {
+        let origin = origin.to_str().unwrap_or("");
+        let authority = origin.split_once("://").map(|(_, a)| a).unwrap_or("");
+        let host = h
+            .get(header::HOST)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        if authority.is_empty() || authority != host {
+            return refuse(
+                StatusCode::FORBIDDEN,
+                format!("requests from another origin ({origin}) are refused"),
+            );
+        }
+    }
+    let content_type = h
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let media = content_type.split(';').next().unwrap_or("").trim();
+    if !JSON_TYPES.iter().any(|t| media.eq_ignore_ascii_case(t)) {
+        return refuse(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            format!(
+                "the body must be JSON: send Content-Type: application/json (got {})",
+                if content_type.is_empty() {
+                    "none"
+                } else {
+                    content_type
+                }
+            ),
+        );
+    }
+    next.run(req).await
 }
 
 async fn readyz(State(state): State<Arc<AppState>>) -> Response {

@@ -21,6 +21,7 @@
 //! - [`query`]: where SQL runs: its own runtime, limits, results streamed.
 //! - [`registry`]: registered tables and versions, behind a store trait.
 //! - [`config`], [`metrics`], [`error`]: configuration, Prometheus metrics, errors.
+//! - [`listen`]: accepting connections, with a shared limit and idle/header/body timeouts.
 //! - [`edge`]: what every request passes first: panics caught, decode errors classified.
 //! - [`server`]: start-up, WAL replay, serving, graceful shutdown.
 
@@ -33,6 +34,7 @@ pub mod edge;
 pub mod error;
 pub mod flight;
 pub mod http;
+pub mod listen;
 pub mod metrics;
 pub mod migration;
 pub mod pipeline;

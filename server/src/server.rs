@@ -7,7 +7,6 @@
 //! (their acks are sent) within `server.shutdown_timeout`, the archiver stops and the WAL
 //! writer syncs and exits. Buffered rows stay in the WAL and are replayed on next start.
 
-use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -328,6 +327,12 @@ pub async fn run(config: Config, on_ready: impl FnOnce(BoundAddrs)) -> Result<()
     let flight = FlightServiceServer::new(FlightFrontEnd::new(state.clone()))
         .max_decoding_message_size(max_msg)
         .max_encoding_message_size(usize::MAX);
+    let conns =
+        crate::listen::Connections::new(config.server.max_connections, config.server.idle_timeout);
+    tracing::info!(
+        max_connections = conns.max,
+        "accepting at most this many connections, HTTP and gRPC together"
+    );
     let mut grpc_shutdown = shutdown_tx.subscribe();
     let grpc = tokio::spawn(
         tonic::transport::Server::builder()
@@ -338,21 +343,23 @@ pub async fn run(config: Config, on_ready: impl FnOnce(BoundAddrs)) -> Result<()
             .max_frame_size(Some(1 << 20))
             .layer(crate::edge::GrpcEdgeLayer)
             .add_service(flight)
-            .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
-                async move {
-                    let _ = grpc_shutdown.recv().await;
-                },
-            ),
+            .serve_with_incoming_shutdown(conns.clone().incoming(grpc_listener), async move {
+                let _ = grpc_shutdown.recv().await;
+            }),
     );
     let mut http_shutdown = shutdown_tx.subscribe();
-    let http = tokio::spawn(
-        axum::serve(http_listener, crate::http::router(state.clone()))
-            .with_graceful_shutdown(async move {
-                let _ = http_shutdown.recv().await;
-            })
-            .into_future(),
-    );
+    let http = tokio::spawn(crate::listen::serve_http(
+        http_listener,
+        crate::http::router(state.clone()),
+        conns,
+        crate::listen::HttpTimeouts {
+            header: config.server.header_timeout,
+            body: config.server.body_timeout,
+        },
+        async move {
+            let _ = http_shutdown.recv().await;
+        },
+    ));
     tracing::info!(grpc = %addrs.grpc, http = %addrs.http, data_dir = %data_dir.display(), "sluice is ready");
     on_ready(addrs);
 

@@ -798,3 +798,144 @@ async fn the_archives_cleanup_deletes_only_files_a_flush_left() {
         "a file an interrupted flush left is deleted"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browser_form_posts_and_cross_site_requests_are_refused() {
+    // On main: the HTTP endpoints ignored Content-Type, so any web page could post to a
+    // local Sluice cross-site.
+    let dir = tempfile::tempdir().unwrap();
+    let server = Sluice::start(dir.path(), &[]);
+    let http = reqwest::Client::new();
+    let body = r#"{"name":"cpu","columns":[{"name":"time","type":"timestamp"}]}"#;
+    let post = |content_type: Option<&str>, extra: Option<(&str, &str)>| {
+        let mut r = http.post(server.url("/schema/register")).body(body);
+        if let Some(ct) = content_type {
+            r = r.header("content-type", ct);
+        }
+        if let Some((k, v)) = extra {
+            r = r.header(k, v);
+        }
+        async move { r.send().await.unwrap().status().as_u16() }
+    };
+    for ct in [
+        None,
+        Some("application/x-www-form-urlencoded"),
+        Some("text/plain"),
+        Some("multipart/form-data; boundary=x"),
+    ] {
+        assert_eq!(post(ct, None).await, 415, "{ct:?}");
+    }
+    let json = Some("application/json");
+    assert_eq!(
+        post(json, Some(("sec-fetch-site", "cross-site"))).await,
+        403
+    );
+    assert_eq!(
+        post(json, Some(("origin", "http://evil.example"))).await,
+        403
+    );
+    assert_eq!(post(json, Some(("origin", "null"))).await, 403);
+    let own = format!("http://{}", server.http);
+    assert_eq!(post(json, Some(("origin", own.as_str()))).await, 200);
+    assert_eq!(
+        post(Some("application/json; charset=utf-8"), None).await,
+        200
+    );
+    let r = http
+        .post(server.url("/query"))
+        .header("content-type", "text/plain")
+        .body(r#"{"sql":"SELECT 1"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 415);
+    assert!(r
+        .text()
+        .await
+        .unwrap()
+        .contains("Content-Type: application/json"));
+}
+
+fn open_fds(server: &Sluice) -> usize {
+    std::fs::read_dir(format!("/proc/{}/fd", server.child.id()))
+        .unwrap()
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_and_slow_connections_are_bounded_and_closed() {
+    // On main: HTTP had no header, body or idle timeouts and no connection limit: about
+    // 20,000 idle connections exhausted the file descriptors and a WAL append then
+    // failed with `Too many open files`.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let env = [
+        ("SERVER__MAX_CONNECTIONS", "20"),
+        ("SERVER__IDLE_TIMEOUT", "2s"),
+        ("SERVER__HEADER_TIMEOUT", "1s"),
+    ];
+    let server = Sluice::start(dir.path(), &env);
+    let mut client = server.flight().await;
+    action(&mut client, "register_table", EVENTS).await.unwrap();
+    drop(client);
+    let baseline = open_fds(&server);
+    // 300 connections that send nothing, to both doors.
+    let mut idle = Vec::new();
+    for i in 0..300 {
+        let addr = if i % 2 == 0 { server.http } else { server.grpc };
+        idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let held = open_fds(&server);
+    assert!(
+        held <= baseline + 20 + 4,
+        "{held} descriptors open (baseline {baseline}, limit 20)"
+    );
+    // The accepted ones are closed once idle past the timeout: a read sees the end.
+    let mut buf = [0u8; 16];
+    let mut closed = 0;
+    for c in idle.iter_mut().take(20) {
+        if let Ok(Ok(0)) | Ok(Err(_)) =
+            tokio::time::timeout(Duration::from_secs(6), c.read(&mut buf)).await
+        {
+            closed += 1;
+        }
+    }
+    assert!(closed > 0, "no idle connection was closed");
+    drop(idle);
+    // A client that dribbles its headers is cut off after the header timeout.
+    let mut slow = tokio::net::TcpStream::connect(server.http).await.unwrap();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: sluice\r\n")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut cut = false;
+    for _ in 0..20 {
+        if slow.write_all(b"X-Slow: 1\r\n").await.is_err() {
+            cut = true;
+            break;
+        }
+        if slow.write_all(b"").await.is_err() {
+            cut = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        if let Ok(Ok(0)) =
+            tokio::time::timeout(Duration::from_millis(10), slow.read(&mut buf)).await
+        {
+            cut = true;
+            break;
+        }
+    }
+    assert!(cut, "a slowloris client kept its connection");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "cut after {:?}",
+        started.elapsed()
+    );
+    // And the server writes and answers as before.
+    let mut client = server.flight().await;
+    let out = put(&mut client, "events", vec![events_batch(0, 100)]).await;
+    assert!(out.error.is_none(), "{:?}", out.error);
+    healthz_latency(&server).await;
+}

@@ -265,6 +265,7 @@ async fn register_put_and_query_exact_values() {
     );
     let r = http
         .post(server.url("/schema/register"))
+        .header("content-type", "application/json")
         .body(evolved)
         .send()
         .await
@@ -277,6 +278,7 @@ async fn register_put_and_query_exact_values() {
     );
     let r = http
         .post(server.url("/schema/register"))
+        .header("content-type", "application/json")
         .body(retyped)
         .send()
         .await
