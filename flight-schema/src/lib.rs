@@ -48,6 +48,9 @@ pub enum SchemaError {
     /// Anything else wrong in a definition.
     #[error("table '{table}': {reason}")]
     Invalid { table: String, reason: String },
+    /// A definition that cannot be read at all (not JSON, no name, wrong shape).
+    #[error("the table schema cannot be read: {reason}")]
+    Unreadable { reason: String },
     /// A new version that is not a compatible evolution of the current one.
     #[error("table '{table}': incompatible change: {reason}")]
     Incompatible { table: String, reason: String },

@@ -14,6 +14,12 @@ use serde::{Deserialize, Serialize};
 use crate::types::ColumnType;
 use crate::SchemaError;
 
+/// Largest schema JSON accepted, over Flight and HTTP alike.
+pub const MAX_SCHEMA_BYTES: usize = 1 << 20;
+
+/// Most columns a table may have.
+pub const MAX_COLUMNS: usize = 4096;
+
 /// Longest table or column name accepted (PostgreSQL's identifier limit).
 pub const MAX_IDENTIFIER_LEN: usize = 63;
 
@@ -252,19 +258,63 @@ pub fn reserved_name(name: &str) -> Option<&'static str> {
 impl TableSchema {
     /// Parses the JSON form; `name` fills in a missing `"name"` key (the seed's form).
     pub fn from_json(json: &[u8], name: Option<&str>) -> Result<Self, SchemaError> {
+        if json.len() > MAX_SCHEMA_BYTES {
+            return Err(SchemaError::Unreadable {
+                reason: format!(
+                    "it is {} bytes long, more than the {MAX_SCHEMA_BYTES} accepted",
+                    json.len()
+                ),
+            });
+        }
         let mut value: serde_json::Value =
-            serde_json::from_slice(json).map_err(|e| SchemaError::Invalid {
-                table: name.unwrap_or("?").to_string(),
-                reason: format!("schema is not valid JSON: {e}"),
+            serde_json::from_slice(json).map_err(|e| SchemaError::Unreadable {
+                reason: format!("not valid JSON: {e}"),
             })?;
         if let (Some(obj), Some(n)) = (value.as_object_mut(), name) {
             obj.entry("name")
                 .or_insert_with(|| serde_json::Value::String(n.to_string()));
         }
-        serde_json::from_value(value).map_err(|e| SchemaError::Invalid {
-            table: name.unwrap_or("?").to_string(),
-            reason: format!("bad schema: {e}"),
-        })
+        let table = value
+            .get("name")
+            .and_then(|n| n.as_str())
+            .map(str::to_string)
+            .ok_or_else(|| SchemaError::Unreadable {
+                reason: "it has no \"name\" (a string)".into(),
+            })?;
+        let invalid = |reason: String| SchemaError::Invalid {
+            table: table.clone(),
+            reason,
+        };
+        // Column names and types first, so a problem names its column (other shapes are
+        // left to serde's messages: unknown or missing fields).
+        let no_columns = Vec::new();
+        let columns = value
+            .get("columns")
+            .and_then(|c| c.as_array())
+            .unwrap_or(&no_columns);
+        if columns.len() > MAX_COLUMNS {
+            return Err(invalid(format!(
+                "{} columns, more than the {MAX_COLUMNS} accepted",
+                columns.len()
+            )));
+        }
+        for (i, c) in columns.iter().enumerate() {
+            let column = c
+                .get("name")
+                .and_then(|n| n.as_str())
+                .ok_or_else(|| invalid(format!("column {} has no \"name\" (a string)", i + 1)))?;
+            match c.get("type") {
+                Some(serde_json::Value::String(t)) => {
+                    ColumnType::parse(t, column)?;
+                }
+                _ => {
+                    return Err(invalid(format!(
+                        "column '{column}' has no \"type\" (a string)"
+                    )))
+                }
+            }
+        }
+        serde_json::from_value(value).map_err(|e| invalid(format!("bad schema: {e}")))
     }
 
     /// Checks the definition and resolves it at `version`.

@@ -145,7 +145,13 @@ impl RegistryStore for FileRegistryStore {
         })
         .await
         .map_err(Error::internal)?
-        .map_err(|e| Error::Internal(format!("cannot write the registry: {e}")))?;
+        .map_err(|e| {
+            if e.kind() == std::io::ErrorKind::StorageFull {
+                Error::InsufficientStorage(format!("cannot write the registry: {e}"))
+            } else {
+                Error::Internal(format!("cannot write the registry: {e}"))
+            }
+        })?;
         Ok(Appended::Stored)
     }
 }
@@ -221,6 +227,7 @@ impl Registry {
             let current = self.get(&schema.name);
             let version = current.as_ref().map_or(1, |c| c.version + 1);
             let resolved = schema.validate(version)?;
+            sluice_sql::reshape::check_defaults(&resolved)?;
             if let Some(cur) = &current {
                 if cur.definition == resolved.definition {
                     return Ok((cur.clone(), false));

@@ -35,6 +35,9 @@ struct ServerReadiness {
     buffers: Arc<Buffers>,
     sinks: Vec<Arc<SinkStatus>>,
     wal_disk_budget: u64,
+    /// Free space the WAL's disk needs, after a write failed for lack of it, to be ready
+    /// again (room for a batch of the largest size, twice).
+    wal_disk_room: u64,
 }
 
 impl Readiness for ServerReadiness {
@@ -51,7 +54,13 @@ impl Readiness for ServerReadiness {
         // Ready means writes are accepted: the WAL has room. A store that is down makes
         // the server degraded, not unready: the WAL keeps taking writes for it.
         let wal_full = bytes > self.wal_disk_budget;
-        let ready = last_error.is_none() && !wal_full;
+        // A write failed for a full disk: unready until the space is back (no restart
+        // needed: the next write goes to a new segment).
+        let write_error = self.wal.write_error();
+        let disk_free = self.wal.disk_free();
+        let disk_full = write_error.as_ref().is_some_and(|(_, full)| *full)
+            && disk_free.is_none_or(|f| f < self.wal_disk_room);
+        let ready = last_error.is_none() && !wal_full && !disk_full;
         let last_seq = self.wal.last_seq();
         let mut sinks = serde_json::Map::new();
         sinks.insert(
@@ -74,7 +83,9 @@ impl Readiness for ServerReadiness {
                 "ready": ready,
                 "degraded": degraded,
                 "wal": {"segments": segments, "bytes": bytes, "last_seq": last_seq,
-                        "disk_budget": self.wal_disk_budget, "full": wal_full},
+                        "disk_budget": self.wal_disk_budget, "full": wal_full,
+                        "disk_full": disk_full, "disk_free": disk_free,
+                        "last_write_error": write_error.map(|(m, _)| m)},
                 "memory": {"used_fraction": self.memory.used_fraction()},
                 "sinks": sinks,
             }),
@@ -312,6 +323,7 @@ pub async fn run(config: Config, on_ready: impl FnOnce(BoundAddrs)) -> Result<()
             buffers,
             sinks: sink_statuses,
             wal_disk_budget: config.wal.disk_budget.as_u64(),
+            wal_disk_room: 2 * config.server.max_message_size.as_u64(),
         }),
     });
 

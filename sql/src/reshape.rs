@@ -1498,6 +1498,29 @@ fn to_list(array: &ArrayRef, target: &DataType, item: ColumnType) -> Conv<ArrayR
     )?))
 }
 
+/// Whether `table`'s registered defaults all convert to their columns' types (checked
+/// at registration: a default that does not would refuse every later batch lacking its
+/// column). The error names the column, the default and why.
+pub fn check_defaults(table: &ResolvedTable) -> Result<(), ReshapeError> {
+    for field in table.arrow_schema.fields() {
+        let Some(column) = table.column(field.name()) else {
+            continue;
+        };
+        if let Some(default) = column.default.as_ref().filter(|d| !d.is_null()) {
+            default_array(column.column_type, default, field.data_type(), 1).map_err(|reason| {
+                ReshapeError::BadDefault {
+                    table: table.name().to_string(),
+                    column: field.name().clone(),
+                    default: default.to_string(),
+                    to: column.column_type.name(),
+                    reason,
+                }
+            })?;
+        }
+    }
+    Ok(())
+}
+
 /// A column of `rows` copies of the registered default.
 fn default_array(
     ty: ColumnType,

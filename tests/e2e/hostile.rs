@@ -939,3 +939,156 @@ async fn idle_and_slow_connections_are_bounded_and_closed() {
     assert!(out.error.is_none(), "{:?}", out.error);
     healthz_latency(&server).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registration_errors_name_table_and_column_and_check_defaults() {
+    // On main: registry errors said `table '?' column '?'`; defaults that did not fit
+    // their column were accepted, then every write lacking that column failed; a 50 MB
+    // schema was accepted over Flight while HTTP capped at 2 MB.
+    let dir = tempfile::tempdir().unwrap();
+    let server = Sluice::start(dir.path(), &[]);
+    let mut client = server.flight().await;
+    let cases = [
+        (
+            r#"{"name":"t","columns":[{"name":"time","type":"timestamp"},{"name":"x","type":"doubel"}]}"#,
+            "column 'x': unknown type 'doubel'",
+        ),
+        (
+            r#"{"columns":[{"name":"time","type":"timestamp"}]}"#,
+            "has no \"name\"",
+        ),
+        (r#"{"name":"t", "#, "not valid JSON"),
+        (
+            r#"{"name":"t","columns":[{"name":"time","type":"timestamp"},{"name":"d","type":"date","default":"someday"}]}"#,
+            "table 't', column 'd': default \"someday\" does not fit type date",
+        ),
+        (
+            r#"{"name":"t","columns":[{"name":"time","type":"timestamp"},{"name":"u","type":"uuid","default":"x"}]}"#,
+            "column 'u': default \"x\" does not fit type uuid",
+        ),
+        (
+            r#"{"name":"t","columns":[{"name":"time","type":"timestamp"},{"name":"n","type":"decimal(4,2)","default":123456}]}"#,
+            "column 'n': default 123456 does not fit type decimal(4,2)",
+        ),
+    ];
+    for (schema, expected) in cases {
+        let e = action(&mut client, "register_table", schema)
+            .await
+            .expect_err(schema);
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+        assert!(e.message().contains(expected), "{schema}: {e}");
+        assert!(!e.message().contains('?'), "{e}");
+    }
+    // Over 1 MiB: refused over Flight as over HTTP.
+    let columns: Vec<String> = (0..30_000)
+        .map(|i| format!(r#"{{"name":"c{i:05}_{}","type":"string"}}"#, "x".repeat(20)))
+        .collect();
+    let huge = format!(
+        r#"{{"name":"wide","columns":[{{"name":"time","type":"timestamp"}},{}]}}"#,
+        columns.join(",")
+    );
+    assert!(huge.len() > 1 << 20);
+    let e = action(&mut client, "register_table", &huge)
+        .await
+        .expect_err("too big");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+    assert!(e.message().contains("bytes long"), "{e}");
+    let r = reqwest::Client::new()
+        .post(server.url("/schema/register"))
+        .header("content-type", "application/json")
+        .body(huge)
+        .send()
+        .await
+        .unwrap();
+    assert!(matches!(r.status().as_u16(), 400 | 413), "{}", r.status());
+    // A default that fits is taken and fills the column.
+    let ok = r#"{"name":"t","columns":[{"name":"time","type":"timestamp"},{"name":"d","type":"date","default":"2026-01-02"}]}"#;
+    action(&mut client, "register_table", ok).await.unwrap();
+}
+
+/// A tmpfs of `mib` MiB, unmounted on drop (needs root, as CI runs).
+struct Tmpfs(tempfile::TempDir);
+
+impl Tmpfs {
+    fn mount(mib: u64) -> Tmpfs {
+        let dir = tempfile::tempdir().unwrap();
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+            .arg(dir.path())
+            .output()
+            .expect("mount");
+        assert!(
+            out.status.success(),
+            "this test fills a small tmpfs and needs root to mount it (CI runs as root): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Tmpfs(dir)
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.0.path())
+            .status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_is_resource_exhausted_unready_and_recovers_without_restart() {
+    // On main: a full disk was INTERNAL (not RESOURCE_EXHAUSTED / 507), /readyz said ready
+    // while writes failed, and recovery after space was freed needed a restart.
+    let fs = Tmpfs::mount(48);
+    let data = fs.0.path().join("data");
+    let env = [
+        ("WAL__SEGMENT_SIZE", "1MiB"),
+        ("WAL__DISK_BUDGET", "1GiB"),
+        ("SERVER__MAX_MESSAGE_SIZE", "1MiB"),
+    ];
+    let mut server = Sluice::start(&data, &env);
+    let mut client = server.flight().await;
+    action(&mut client, "register_table", EVENTS).await.unwrap();
+    // Most of the disk taken by something else.
+    let filler = fs.0.path().join("filler");
+    std::fs::write(&filler, vec![7u8; 36 << 20]).unwrap();
+    let mut acked = Vec::new();
+    let mut refusal = None;
+    for i in 0..1000 {
+        let out = put(&mut client, "events", vec![events_batch(i, 20_000)]).await;
+        if !out.acks.is_empty() {
+            acked.push(i);
+        }
+        if let Some(e) = out.error {
+            refusal = Some(e);
+            break;
+        }
+    }
+    let e = refusal.expect("the disk fills up");
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e}");
+    assert!(e.message().contains("full"), "{e}");
+    let r = reqwest::get(server.url("/readyz")).await.unwrap();
+    assert_eq!(r.status().as_u16(), 503);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["wal"]["disk_full"], true, "{body}");
+    // Space comes back: ready again and writing, without a restart.
+    std::fs::remove_file(&filler).unwrap();
+    let url = server.url("/readyz");
+    eventually(Duration::from_secs(10), "ready again", || async {
+        reqwest::get(&url).await.unwrap().status().as_u16() == 200
+    })
+    .await;
+    // ids 10_000_000.. (batch 100_000 of 100 rows), apart from the 20_000-row batches'.
+    let out = put(&mut client, "events", vec![events_batch(100_000, 100)]).await;
+    assert!(out.error.is_none(), "{:?}", out.error);
+    server.kill9();
+    let server = Sluice::start(&data, &env);
+    let ids = event_ids(&server).await;
+    let mut expect: Vec<i64> = acked
+        .iter()
+        .flat_map(|&b| (b * 20_000..(b + 1) * 20_000).collect::<Vec<_>>())
+        .collect();
+    expect.extend(10_000_000..10_000_100);
+    assert_eq!(ids.len(), expect.len(), "every acked row once");
+    assert!(ids == expect, "the rows differ from the acked ones");
+}
