@@ -156,6 +156,35 @@ impl RegistryStore for FileRegistryStore {
     }
 }
 
+/// A table's PostgreSQL `retention` must be an interval PostgreSQL reads the same way:
+/// `<n> <unit>` pairs (`30 days`, `1 week 2 days`, `12 hours`).
+fn check_retention(table: &ResolvedTable) -> Result<()> {
+    let Some(r) = &table.definition.retention else {
+        return Ok(());
+    };
+    const UNITS: &[&str] = &["second", "minute", "hour", "day", "week", "month", "year"];
+    let words: Vec<&str> = r.split_whitespace().collect();
+    let ok = !words.is_empty()
+        && words.len().is_multiple_of(2)
+        && r.len() <= 100
+        && words.chunks(2).all(|p| {
+            p[0].parse::<u32>().is_ok_and(|n| n > 0) && {
+                let u = p[1].to_ascii_lowercase();
+                UNITS.contains(&u.strip_suffix('s').unwrap_or(&u))
+            }
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidArgument(format!(
+            "table '{}': retention '{r}' is not an interval like '30 days' or '1 week 12 hours' \
+             (units: {})",
+            table.name(),
+            UNITS.join(", ")
+        )))
+    }
+}
+
 /// How often `register` re-reads and retries after losing a race for the next version.
 const MAX_REGISTER_ATTEMPTS: usize = 16;
 
@@ -228,6 +257,8 @@ impl Registry {
             let version = current.as_ref().map_or(1, |c| c.version + 1);
             let resolved = schema.validate(version)?;
             sluice_sql::reshape::check_defaults(&resolved)?;
+            crate::clickhouse::sink::TableOptions::of(&resolved).map_err(Error::InvalidArgument)?;
+            check_retention(&resolved)?;
             if let Some(cur) = &current {
                 if cur.definition == resolved.definition {
                     return Ok((cur.clone(), false));

@@ -140,19 +140,26 @@ impl ChServer {
     }
 
     async fn post(&self, params: &[(&str, &str)], body: Vec<u8>) -> Result<String, String> {
-        let response = self
-            .http
-            .post(format!("{}/", self.url))
-            .query(&[
-                ("database", self.database.as_str()),
-                // What a stock server defaults to (chdb's own default is CSV).
-                ("default_format", "TabSeparated"),
-            ])
-            .query(params)
-            .body(body)
-            .send()
-            .await
-            .map_err(|e| format!("POST {}: {e}", self.url))?;
+        let send = || {
+            self.http
+                .post(format!("{}/", self.url))
+                .query(&[
+                    ("database", self.database.as_str()),
+                    // What a stock server defaults to (chdb's own default is CSV).
+                    ("default_format", "TabSeparated"),
+                ])
+                .query(params)
+                .body(body.clone())
+                .send()
+        };
+        // A pooled keep-alive connection the server closed fails before the request is
+        // taken (the CI flake of local_server_keeps_its_data_across_stop_and_restart):
+        // one more try, on a new connection.
+        let response = match send().await {
+            Err(e) if e.is_request() || e.is_connect() => send().await,
+            other => other,
+        }
+        .map_err(|e| format!("POST {}: {e}", self.url))?;
         let status = response.status();
         let text = response
             .text()

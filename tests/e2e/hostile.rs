@@ -970,6 +970,10 @@ async fn registration_errors_name_table_and_column_and_check_defaults() {
             r#"{"name":"t","columns":[{"name":"time","type":"timestamp"},{"name":"n","type":"decimal(4,2)","default":123456}]}"#,
             "column 'n': default 123456 does not fit type decimal(4,2)",
         ),
+        (
+            r#"{"name":"t","retention":"1 day'; DROP TABLE x; --","columns":[{"name":"time","type":"timestamp"}]}"#,
+            "retention '1 day'; DROP TABLE x; --' is not an interval",
+        ),
     ];
     for (schema, expected) in cases {
         let e = action(&mut client, "register_table", schema)
@@ -1091,4 +1095,90 @@ async fn a_full_disk_is_resource_exhausted_unready_and_recovers_without_restart(
     expect.extend(10_000_000..10_000_100);
     assert_eq!(ids.len(), expect.len(), "every acked row once");
     assert!(ids == expect, "the rows differ from the acked ones");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clickhouse_table_options_are_parsed_and_written_again_never_pasted() {
+    // On main: ClickHouse order_by, partition_by and ttl from a registration were pasted
+    // into CREATE TABLE as they were.
+    let ch = crate::ch::ChServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let server = Sluice::start(
+        dir.path(),
+        &[
+            ("CLICKHOUSE__URL", ch.url.as_str()),
+            ("CLICKHOUSE__DATABASE", ch.database()),
+            ("CLICKHOUSE__LINGER", "50ms"),
+        ],
+    );
+    let mut client = server.flight().await;
+    let with = |key: &str, value: &str| {
+        format!(
+            r#"{{"name":"opts","sinks":["clickhouse"],"columns":[{{"name":"time","type":"timestamp"}},{{"name":"id","type":"int64"}}],"{key}":{}}}"#,
+            serde_json::Value::String(value.into())
+        )
+    };
+    for (key, value, why) in [
+        (
+            "order_by",
+            "time) ENGINE = Log; DROP TABLE x; --",
+            "';' is not accepted",
+        ),
+        (
+            "order_by",
+            "time SETTINGS index_granularity = 1",
+            "unexpected",
+        ),
+        (
+            "partition_by",
+            "sleep(3)",
+            "function 'sleep' is not accepted",
+        ),
+        ("ttl", "time + INTERVAL 1 DAY TO TABLE other", "VOLUME"),
+        ("order_by", "(SELECT 1)", "not a column"),
+    ] {
+        let e = action(&mut client, "register_table", &with(key, value))
+            .await
+            .expect_err(value);
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+        assert!(
+            e.message().contains(key) && e.message().contains(why),
+            "{e}"
+        );
+    }
+    let schema = r#"{"name":"opts","sinks":["clickhouse"],"columns":[{"name":"time","type":"timestamp"},{"name":"id","type":"int64","nullable":false}],
+        "order_by":"(id, time)","partition_by":"toYYYYMMDD(time)","ttl":"toDateTime(time) + INTERVAL 30 DAY DELETE"}"#;
+    action(&mut client, "register_table", schema).await.unwrap();
+    let rows = events_batch(0, 10);
+    let out = put(
+        &mut client,
+        "opts",
+        vec![RecordBatch::try_new(
+            Arc::new(Schema::new(vec![
+                rows.schema().field(0).clone(),
+                Field::new("id", DataType::Int64, false),
+            ])),
+            rows.columns().to_vec(),
+        )
+        .unwrap()],
+    )
+    .await;
+    assert!(out.error.is_none(), "{:?}", out.error);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let r = get_json(&server.url("/readyz")).await;
+    assert_eq!(r["sinks"]["clickhouse"]["state"], "ok", "{r}");
+    wait_sink_caught_up(&server, "clickhouse").await;
+    let ddl = ch
+        .query(&format!(
+            "SELECT create_table_query FROM system.tables WHERE database = '{}' AND name = 'opts'",
+            ch.database()
+        ))
+        .await;
+    assert!(ddl.contains("PARTITION BY toYYYYMMDD(time)"), "{ddl}");
+    assert!(ddl.contains("ORDER BY (id, time)"), "{ddl}");
+    assert!(
+        ddl.contains("TTL (toDateTime(time) + toIntervalDay(30))"),
+        "{ddl}"
+    );
+    assert_eq!(ch.query("SELECT count() FROM opts").await.trim(), "10");
 }

@@ -275,6 +275,23 @@ impl fmt::Debug for ChClient {
 /// (3 s in older servers' configs, 30 s in newer ones) closes them under a request.
 const POOL_IDLE: Duration = Duration::from_secs(2);
 
+/// Sends the request `build` makes; if it fails before the server took it (a pooled
+/// keep-alive connection the server had closed: "error sending request", a reset), once
+/// more on a new connection. For statements and queries, which are idempotent here
+/// (`IF NOT EXISTS`, reads, inserts with a deduplication token); streamed inserts are
+/// retried by the sink instead.
+async fn send_once_more(
+    build: impl Fn() -> reqwest::RequestBuilder,
+) -> Result<reqwest::Response, reqwest::Error> {
+    match build().send().await {
+        Err(e) if e.is_request() || e.is_connect() => {
+            tracing::debug!(error = %e, "ClickHouse request failed before it was taken; trying once more");
+            build().send().await
+        }
+        other => other,
+    }
+}
+
 impl ChClient {
     /// A client for `cfg.url` (required). Credentials in the URL (`http://u:p@host:8123`)
     /// are used when `user`/`password` are left at their defaults.
@@ -365,11 +382,7 @@ impl ChClient {
             .base
             .join("ping")
             .map_err(|e| ChError::permanent(e.to_string()))?;
-        let resp = self
-            .inner
-            .http
-            .get(url)
-            .send()
+        let resp = send_once_more(|| self.inner.http.get(url.clone()))
             .await
             .map_err(|e| ChError::from_reqwest(&self.inner.shown, e))?;
         let status = resp.status();
@@ -586,15 +599,17 @@ impl ChClient {
         use_database: bool,
         settings: &[(&str, &str)],
     ) -> Result<String, ChError> {
-        let mut req = self
-            .request(use_database)
-            .query(&[("wait_end_of_query", "1")])
-            .query(settings);
-        for (name, value) in params {
-            req = req.query(&[(format!("param_{name}"), value)]);
-        }
-        let req = req.body(sql.to_string());
-        self.finish(req.send().await).await
+        let build = || {
+            let mut req = self
+                .request(use_database)
+                .query(&[("wait_end_of_query", "1")])
+                .query(settings);
+            for (name, value) in params {
+                req = req.query(&[(format!("param_{name}"), value)]);
+            }
+            req.body(sql.to_string())
+        };
+        self.finish(send_once_more(build).await).await
     }
 
     /// Turns an answer into its body text or a [`ChError`].

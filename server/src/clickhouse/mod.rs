@@ -6,9 +6,11 @@
 //! ([`native`]) and streams them as `INSERT INTO db.t (cols) FORMAT Native` bodies
 //! ([`client`]), each carrying an `insert_deduplication_token` derived from its WAL range
 //! so that a replay after a crash does not duplicate rows. [`migrate`] applies
-//! `migrations/clickhouse`.
+//! `migrations/clickhouse`. A registration's table options are parsed and checked by
+//! [`expr`], never pasted into DDL.
 
 pub mod client;
+pub mod expr;
 pub mod migrate;
 pub mod native;
 pub mod sink;

@@ -61,8 +61,14 @@ fn sink_err(context: &str, e: &ChError) -> SinkError {
     }
 }
 
-/// The ClickHouse `CREATE TABLE` for a registered table.
-pub fn create_table_sql(database: &str, table: &ResolvedTable, dedup_window: u64) -> String {
+/// The ClickHouse `CREATE TABLE` for a registered table. Its `order_by`, `partition_by`
+/// and `ttl` are parsed and written again ([`super::expr`]), never pasted; an option that
+/// does not parse (registered before the check existed) is an error naming it.
+pub fn create_table_sql(
+    database: &str,
+    table: &ResolvedTable,
+    dedup_window: u64,
+) -> Result<String, String> {
     let q = super::client::quote_ident;
     let cols: Vec<String> = table
         .definition
@@ -73,10 +79,9 @@ pub fn create_table_sql(database: &str, table: &ResolvedTable, dedup_window: u64
             format!("{} {t}", q(&c.name))
         })
         .collect();
-    let d = &table.definition;
-    let order_by = d
+    let options = TableOptions::of(table)?;
+    let order_by = options
         .order_by
-        .clone()
         .unwrap_or_else(|| format!("({})", q(&table.time_column)));
     let mut sql = format!(
         "CREATE TABLE IF NOT EXISTS {}.{} ({}) ENGINE = MergeTree",
@@ -84,17 +89,52 @@ pub fn create_table_sql(database: &str, table: &ResolvedTable, dedup_window: u64
         q(table.name()),
         cols.join(", ")
     );
-    if let Some(p) = &d.partition_by {
+    if let Some(p) = &options.partition_by {
         sql.push_str(&format!(" PARTITION BY {p}"));
     }
     sql.push_str(&format!(" ORDER BY {order_by}"));
-    if let Some(ttl) = &d.ttl {
+    if let Some(ttl) = &options.ttl {
         sql.push_str(&format!(" TTL {ttl}"));
     }
     sql.push_str(&format!(
         " SETTINGS non_replicated_deduplication_window = {dedup_window}"
     ));
-    sql
+    Ok(sql)
+}
+
+/// A table's ClickHouse options, parsed and written again.
+#[derive(Debug, Default)]
+pub struct TableOptions {
+    pub order_by: Option<String>,
+    pub partition_by: Option<String>,
+    pub ttl: Option<String>,
+}
+
+impl TableOptions {
+    /// The options of `table`, or an error naming the option and what is wrong with it.
+    pub fn of(table: &ResolvedTable) -> Result<Self, String> {
+        let columns: Vec<String> = table
+            .definition
+            .columns
+            .iter()
+            .map(|c| c.name.clone())
+            .collect();
+        let d = &table.definition;
+        let check =
+            |key: &str, text: &Option<String>, f: fn(&str, &[String]) -> Result<String, String>| {
+                text.as_deref()
+                    .map(|t| {
+                        f(t, &columns)
+                            .map_err(|e| format!("table '{}': {key} '{t}': {e}", table.name()))
+                    })
+                    .transpose()
+            };
+        Ok(Self {
+            order_by: check("order_by", &d.order_by, super::expr::expression)?,
+            partition_by: check("partition_by", &d.partition_by, super::expr::expression)?,
+            ttl: check("ttl", &d.ttl, super::expr::ttl)?,
+        })
+    }
 }
 
 impl ChWriter {
@@ -129,7 +169,11 @@ impl ChWriter {
             .await
             .map_err(|e| sink_err(&format!("reading the columns of {name}"), &e))?;
         if existing.is_none() {
-            let ddl = create_table_sql(&db, table, self.dedup_window);
+            let ddl =
+                create_table_sql(&db, table, self.dedup_window).map_err(|message| SinkError {
+                    message,
+                    reconnect: false,
+                })?;
             self.client
                 .execute(&ddl)
                 .await
