@@ -4,6 +4,7 @@ mod ch;
 mod ch_native;
 mod clickhouse;
 mod common;
+mod crash_loop;
 mod durability;
 mod hostile;
 mod memory;
