@@ -6,6 +6,8 @@
 #       psql \copy (binary) and pyarrow + ADBC adbc_ingest (bench/pg_bench.py)
 #   bench/run.sh ch [--rows N] [--reps N]               Flight into ClickHouse end to end vs
 #       curl --data-binary of the same rows as a Native file (bench/ch_bench.py)
+#   bench/run.sh bomb [--rows N] [--reps N]             Flight ingest with and without hostile
+#       queries running, and /healthz latency (bench/sql_bomb.py)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -41,6 +43,10 @@ case "${1:-}" in
         "$VENV/bin/python" -c 'import chdb' >/dev/null 2>&1 \
             || "$VENV/bin/pip" install -q --disable-pip-version-check chdb-core
         exec "$VENV/bin/python" bench/ch_bench.py "$@"
+        ;;
+    bomb)
+        shift
+        exec "$VENV/bin/python" bench/sql_bomb.py "$@"
         ;;
     *)
         exec "$VENV/bin/python" bench/flight_bench.py "$@"

@@ -357,14 +357,24 @@ impl Archiver {
         Ok(())
     }
 
-    /// Deletes WAL segments every sink has made durable.
+    /// Deletes WAL segments every sink has made durable, then the registry versions no
+    /// record left in the WAL needs.
     pub fn release_wal(&self) {
         if self.replaying.load(Ordering::Acquire) {
             return;
         }
         let last = self.wal.last_seq();
+        let segments = self.wal.disk_usage().0;
         self.wal
             .set_sink_position(ARCHIVE_SINK, self.buffers.durable_seq(last));
+        if self.wal.disk_usage().0 < segments {
+            let (registry, oldest) = (self.registry.clone(), self.wal.oldest_versions());
+            tokio::spawn(async move {
+                if let Err(e) = registry.compact(&oldest).await {
+                    tracing::warn!(error = %e, "cannot compact the registry");
+                }
+            });
+        }
     }
 
     /// Flushes every table (used by tests and at shutdown when asked).

@@ -157,6 +157,8 @@ struct Segment {
     size: u64,
     /// Bytes before the first record.
     header_len: u64,
+    /// The oldest schema version of each table among its records.
+    versions: std::collections::BTreeMap<Arc<str>, u64>,
 }
 
 /// Recent durable records, decoded, in sequence order without gaps (see
@@ -408,6 +410,11 @@ impl Wal {
                     last_seq: last,
                     size: seg.data_end(),
                     header_len: seg.header_len,
+                    versions: seg
+                        .versions
+                        .iter()
+                        .map(|(t, v)| (Arc::from(t.as_str()), *v))
+                        .collect(),
                 }),
                 (Some(_), Some(_)) => {
                     std::fs::remove_file(&seg.path).map_err(io_err(&seg.path))?;
@@ -611,6 +618,21 @@ impl Wal {
             }
         }
         self.shared.publish_sizes(&segs);
+    }
+
+    /// The oldest schema version of each table that a record still in the WAL was written
+    /// at: older versions can no longer be needed to read a record back.
+    pub fn oldest_versions(&self) -> std::collections::BTreeMap<String, u64> {
+        let segs = self.shared.segments.lock().expect("wal segments");
+        let mut out = std::collections::BTreeMap::new();
+        for s in segs.iter() {
+            for (t, v) in &s.versions {
+                out.entry(t.to_string())
+                    .and_modify(|o: &mut u64| *o = (*o).min(*v))
+                    .or_insert(*v);
+            }
+        }
+        out
     }
 
     /// Number of segment files and their total size.
@@ -921,6 +943,7 @@ impl Writer {
             last_seq: first - 1,
             size: HEADER_V2 as u64,
             header_len: HEADER_V2 as u64,
+            versions: Default::default(),
         });
         shared.publish_sizes(&segs);
         Ok(file)
@@ -1086,6 +1109,9 @@ impl Writer {
             let cur_path = segment_path(&self.opts.dir, self.seg_index_first);
             w!(self.file.append(buf).map_err(io_err(&cur_path)));
             w!(self.file.append(&e.ipc_body).map_err(io_err(&cur_path)));
+            // Noted before the write is durable: a version kept a little longer than
+            // needed costs nothing, one dropped too early would.
+            self.note_version(&e.table, e.version);
             let n = (RECORD_HEADER + payload_len) as u64;
             seg_bytes += n;
             written += n;
@@ -1116,6 +1142,16 @@ impl Writer {
     fn committed_size(&self) -> u64 {
         let segs = self.shared.segments.lock().expect("wal segments");
         segs.back().map_or(HEADER_V2 as u64, |s| s.size)
+    }
+
+    fn note_version(&self, table: &Arc<str>, version: u64) {
+        let mut segs = self.shared.segments.lock().expect("wal segments");
+        if let Some(s) = segs.back_mut() {
+            s.versions
+                .entry(table.clone())
+                .and_modify(|v| *v = (*v).min(version))
+                .or_insert(version);
+        }
     }
 
     fn commit_sizes(&self, added: u64, last_seq: u64) {

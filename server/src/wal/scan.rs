@@ -134,6 +134,8 @@ pub struct SegmentScan {
     /// Why the header is unreadable, if it is.
     pub bad_header: Option<String>,
     pub records: Vec<RecordLoc>,
+    /// The oldest schema version of each table among its intact records.
+    pub versions: std::collections::BTreeMap<String, u64>,
     pub damage: Vec<Damage>,
     pub tail: Tail,
     pub file_len: u64,
@@ -428,6 +430,7 @@ fn scan_segment(path: &Path, name_seq: u64) -> Result<SegmentScan, WalError> {
         id: None,
         bad_header: None,
         records: Vec::new(),
+        versions: Default::default(),
         damage: Vec::new(),
         tail: Tail::Clean,
         file_len,
@@ -493,6 +496,7 @@ fn scan_segment(path: &Path, name_seq: u64) -> Result<SegmentScan, WalError> {
                 let seq = u64::from_le_bytes(payload[0..8].try_into().expect("8 bytes"));
                 let len = (RECORD_HEADER + payload.len()) as u64;
                 seg.records.push(RecordLoc { seq, offset, len });
+                note_version(&mut seg.versions, &payload);
                 offset += len;
             }
             Err(reason) => {
@@ -503,6 +507,28 @@ fn scan_segment(path: &Path, name_seq: u64) -> Result<SegmentScan, WalError> {
         }
     }
     Ok(seg)
+}
+
+/// Keeps the oldest schema version of the payload's table in `versions`.
+fn note_version(versions: &mut std::collections::BTreeMap<String, u64>, payload: &[u8]) {
+    let Some(version) = payload
+        .get(8..16)
+        .map(|b| u64::from_le_bytes(b.try_into().unwrap()))
+    else {
+        return;
+    };
+    let tlen = payload
+        .get(16..18)
+        .map_or(0, |b| u16::from_le_bytes(b.try_into().unwrap()) as usize);
+    if let Some(table) = payload
+        .get(18..18 + tlen)
+        .and_then(|t| std::str::from_utf8(t).ok())
+    {
+        versions
+            .entry(table.to_string())
+            .and_modify(|v| *v = (*v).min(version))
+            .or_insert(version);
+    }
 }
 
 /// Reads as many bytes as there are, up to `buf.len()`, from `at`.
@@ -537,6 +563,7 @@ fn scan_in_memory(
                 offset: from + pos as u64,
                 len: len as u64,
             });
+            note_version(&mut seg.versions, &rest[pos + RECORD_HEADER..pos + len]);
             pos += len;
             reason = None;
             continue;

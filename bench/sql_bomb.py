@@ -1,0 +1,230 @@
+#!/usr/bin/env python3
+"""SQL-bomb benchmark: ingest at full rate while hostile queries run (issue 10).
+
+In one run, against one release binary (fsync on, default settings) and the same
+pre-generated rows (points shape: time us, series_id, value; 64k-row batches):
+
+* **quiet**: one client streams ``--rows`` rows over one DoPut; nothing else runs;
+* **bombs**: the same client streams the same rows while three threads keep running
+  * a cross join of two 100M-row ranges (Flight DoGet, cancelled when the phase ends),
+  * a huge value, ``SELECT cardinality(range(100000000000))`` (HTTP /query), and
+  * a deep expression, ``SELECT 1+1+...+1`` with 950 terms (HTTP /query),
+  one after the other as each ends, each refused or stopped by Sluice's limits.
+
+A thread samples ``/healthz`` every 20 ms in both phases. The phases alternate rep by
+rep (``--reps``, best of each reported). Targets (exit status 1 when missed): ingest
+with bombs at least 0.8 of quiet ingest, ``/healthz`` p99 under 100 ms while the bombs
+run, and the rows acked equal to the rows written and to ``SELECT count(*)`` at the end.
+
+Usage: ``bench/run.sh bomb [--rows N] [--reps N]`` (builds the release binary), or
+``python bench/sql_bomb.py --sluice-bin PATH [--rows N] [--reps N]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.flight as flight
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "clients" / "python"))
+sys.path.insert(0, str(REPO / "bench"))
+from sluice_client import SluiceClient  # noqa: E402
+from flight_bench import Proc, gen_points  # noqa: E402
+
+SCHEMA = {
+    "name": "bomb_points",
+    "columns": [
+        {"name": "time", "type": "timestamp"},
+        {"name": "series_id", "type": "int64"},
+        {"name": "value", "type": "double"},
+    ],
+}
+CROSS_JOIN = "SELECT count(*) FROM range(100000000) a CROSS JOIN range(100000000) b"
+HUGE = "SELECT cardinality(range(100000000000))"
+DEEP = "SELECT " + "+".join(["1"] * 950)
+
+
+def http_post(addr: str, path: str, body: dict, timeout: float = 120.0) -> tuple[int, bytes]:
+    host, port = addr.rsplit(":", 1)
+    c = http.client.HTTPConnection(host, int(port), timeout=timeout)
+    try:
+        c.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+        r = c.getresponse()
+        return r.status, r.read()
+    finally:
+        c.close()
+
+
+class Sampler(threading.Thread):
+    """GET /healthz every 20 ms; keeps the latencies (ms)."""
+
+    def __init__(self, addr: str):
+        super().__init__(daemon=True)
+        host, port = addr.rsplit(":", 1)
+        self.host, self.port = host, int(port)
+        self.stop = threading.Event()
+        self.ms: list[float] = []
+        self.failures = 0
+
+    def run(self):
+        while not self.stop.is_set():
+            t = time.perf_counter()
+            try:
+                c = http.client.HTTPConnection(self.host, self.port, timeout=5)
+                c.request("GET", "/healthz")
+                ok = c.getresponse().status == 200
+                c.close()
+            except OSError:
+                ok = False
+            if ok:
+                self.ms.append((time.perf_counter() - t) * 1000)
+            else:
+                self.failures += 1
+            self.stop.wait(0.02)
+
+
+class Bomber(threading.Thread):
+    """Runs one hostile query again and again until stopped; counts how each ended."""
+
+    def __init__(self, kind: str, grpc: str, http_addr: str):
+        super().__init__(daemon=True)
+        self.kind, self.grpc, self.http = kind, grpc, http_addr
+        self.stop = threading.Event()
+        self.outcomes: dict[str, int] = {}
+
+    def note(self, what: str):
+        self.outcomes[what] = self.outcomes.get(what, 0) + 1
+
+    def run(self):
+        client = flight.FlightClient(f"grpc://{self.grpc}")
+        while not self.stop.is_set():
+            try:
+                if self.kind == "cross_join":
+                    # Cancelled from here when the phase ends: a short deadline per call.
+                    opts = flight.FlightCallOptions(timeout=2.0)
+                    try:
+                        client.do_get(flight.Ticket(CROSS_JOIN.encode()), opts).read_all()
+                        self.note("finished")
+                    except flight.FlightTimedOutError:
+                        self.note("cancelled by the client")
+                    except flight.FlightError as e:
+                        self.note(type(e).__name__)
+                else:
+                    status, _ = http_post(self.http, "/query", {"sql": HUGE if self.kind == "huge" else DEEP})
+                    self.note(f"http {status}")
+            except Exception as e:  # noqa: BLE001 - a bench counts whatever happens
+                self.note(type(e).__name__)
+
+
+def write(grpc: str, batches: list[pa.RecordBatch]) -> tuple[float, int]:
+    client = SluiceClient(f"grpc://{grpc}")
+    t = time.perf_counter()
+    acks = client.write(SCHEMA["name"], batches)
+    secs = time.perf_counter() - t
+    client.close()
+    return secs, sum(a["rows"] for a in acks)
+
+
+def pct(xs: list[float], p: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, default=4_000_000)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--sluice-bin", default=os.environ.get("SLUICE_BIN", str(REPO / "target/release/sluice")))
+    args = ap.parse_args()
+
+    table = gen_points(args.rows)
+    batches = table.to_batches(max_chunksize=65536)
+    with tempfile.TemporaryDirectory(prefix="sluice-bomb.") as tmp:
+        env = dict(os.environ,
+                   SLUICE__SERVER__DATA_DIR=f"{tmp}/data",
+                   SLUICE__SERVER__GRPC_ADDR="127.0.0.1:0",
+                   SLUICE__SERVER__HTTP_ADDR="127.0.0.1:0",
+                   SLUICE__WAL__FSYNC="true",
+                   RUST_LOG="warn")
+        server = Proc([args.sluice_bin, "serve"], env, "SLUICE_READY", f"{tmp}/sluice.log")
+        grpc, http_addr = server.addrs["grpc"], server.addrs["http"]
+        SluiceClient(f"grpc://{grpc}").register_table(SCHEMA)
+        results: dict[str, list[float]] = {"quiet": [], "bombs": []}
+        health: dict[str, list[float]] = {"quiet": [], "bombs": []}
+        failures = {"quiet": 0, "bombs": 0}
+        outcomes: dict[str, dict[str, int]] = {}
+        written = acked = 0
+        for rep in range(args.reps):
+            for phase in ("quiet", "bombs"):
+                sampler = Sampler(http_addr)
+                bombers = [Bomber(k, grpc, http_addr) for k in ("cross_join", "huge", "deep")] \
+                    if phase == "bombs" else []
+                sampler.start()
+                for b in bombers:
+                    b.start()
+                time.sleep(0.5 if bombers else 0.0)
+                secs, rows = write(grpc, batches)
+                written += args.rows
+                acked += rows
+                for b in bombers:
+                    b.stop.set()
+                sampler.stop.set()
+                for b in bombers:
+                    b.join(timeout=10)
+                    for k, v in b.outcomes.items():
+                        outcomes.setdefault(b.kind, {}).setdefault(k, 0)
+                        outcomes[b.kind][k] += v
+                sampler.join()
+                results[phase].append(args.rows / secs)
+                health[phase].extend(sampler.ms)
+                failures[phase] += sampler.failures
+                print(f"rep {rep + 1} {phase:5}: {args.rows / secs / 1e6:6.2f} M rows/s "
+                      f"({secs:.2f} s), /healthz p50 {pct(sampler.ms, 50):.1f} ms "
+                      f"p99 {pct(sampler.ms, 99):.1f} ms max {max(sampler.ms, default=0):.1f} ms",
+                      flush=True)
+        status, body = http_post(http_addr, "/query", {"sql": f"SELECT count(*) AS n FROM {SCHEMA['name']}"})
+        counted = json.loads(body)[0]["n"] if status == 200 else -1
+        server.stop()
+
+    quiet, bombs = max(results["quiet"]), max(results["bombs"])
+    ratio = bombs / quiet
+    p99 = pct(health["bombs"], 99)
+    print()
+    print(f"ingest, quiet (best of {args.reps}):      {quiet / 1e6:.2f} M rows/s")
+    print(f"ingest, with bombs (best of {args.reps}): {bombs / 1e6:.2f} M rows/s  ratio {ratio:.2f} (target >= 0.80)")
+    print(f"ingest, with bombs (median):     {statistics.median(results['bombs']) / 1e6:.2f} M rows/s "
+          f"vs quiet median {statistics.median(results['quiet']) / 1e6:.2f}")
+    for phase in ("quiet", "bombs"):
+        ms = health[phase]
+        print(f"/healthz {phase:5}: n={len(ms)} p50 {pct(ms, 50):.1f} ms  p95 {pct(ms, 95):.1f} ms  "
+              f"p99 {pct(ms, 99):.1f} ms  max {max(ms, default=0):.1f} ms  failures {failures[phase]}")
+    print(f"bombs: {json.dumps(outcomes)}")
+    print(f"rows written {written}, acked {acked}, counted by SQL {counted}")
+    ok = True
+    if ratio < 0.8:
+        print("FAIL: ingest with bombs is below 0.8 of quiet ingest")
+        ok = False
+    if not p99 < 100 or failures["bombs"]:
+        print("FAIL: /healthz p99 is not under 100 ms while the bombs run (or it failed)")
+        ok = False
+    if not (written == acked == counted):
+        print("FAIL: rows written, acked and counted disagree")
+        ok = False
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
