@@ -71,11 +71,11 @@ def free_port() -> int:
 class ThrowawayPostgres:
     """initdb + pg_ctl in a temp dir, as the postgres user when running as root."""
 
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Path, bin_dir: Path | None = None, extra_opts: str = ""):
         versions = sorted(Path("/usr/lib/postgresql").glob("*/bin"))
-        if not versions:
+        if not versions and bin_dir is None:
             raise SystemExit("no PostgreSQL under /usr/lib/postgresql; set SLUICE_BENCH_PG_URL")
-        self.bin = versions[-1]
+        self.bin = bin_dir or versions[-1]
         self.dir = workdir / "pg"
         self.dir.mkdir()
         self.port = free_port()
@@ -87,7 +87,7 @@ class ThrowawayPostgres:
                   "-E", "UTF8", "--no-sync")
         # Durable like a real server (fsync on), sized for bulk loads.
         opts = (f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 "
-                "-c max_wal_size=4GB -c shared_buffers=512MB -c synchronous_commit=on")
+                "-c max_wal_size=4GB -c shared_buffers=512MB -c synchronous_commit=on" + extra_opts)
         self._run("pg_ctl", "-D", str(self.dir / "data"), "-l", str(self.dir / "log"), "-w",
                   "-o", opts, "start")
         self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"

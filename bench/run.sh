@@ -8,6 +8,8 @@
 #       curl --data-binary of the same rows as a Native file (bench/ch_bench.py)
 #   bench/run.sh bomb [--rows N] [--reps N]             Flight ingest with and without hostile
 #       queries running, and /healthz latency (bench/sql_bomb.py)
+#   bench/run.sh tsdb [--rows N] [--reps N]             Flight into a TimescaleDB hypertable vs
+#       a plain table and parallel psql \copy (bench/tsdb_bench.py)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -31,6 +33,11 @@ fi
 
 export SLUICE_BIN="${SLUICE_BIN:-$CARGO_TARGET_DIR/release/sluice}"
 case "${1:-}" in
+    tsdb)
+        shift
+        command -v psql >/dev/null 2>&1 || { echo "psql is needed (apt-get install postgresql-client)" >&2; exit 1; }
+        exec "$VENV/bin/python" bench/tsdb_bench.py "$@"
+        ;;
     pg)
         shift
         "$VENV/bin/python" -c 'import adbc_driver_postgresql' >/dev/null 2>&1 \

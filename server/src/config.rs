@@ -412,9 +412,40 @@ pub struct PostgresConfig {
     /// retention policy).
     #[serde(with = "humantime_serde")]
     pub retention: Duration,
-    /// How often the maintenance task runs (partitions, retention, `metrics_1m`).
+    /// How often the maintenance task runs (partitions, retention, `metrics_1m`; on
+    /// TimescaleDB, watching the store's jobs).
     #[serde(with = "humantime_serde")]
     pub maintenance_interval: Duration,
+    /// Whether a fresh database is set up on TimescaleDB: `auto` when the extension is
+    /// usable (created, or installed and in `shared_preload_libraries`), plain PostgreSQL
+    /// when it is not installed, and an error when it is installed but not preloaded;
+    /// `require` refuses to go on without it; `off` always takes plain PostgreSQL.
+    pub timescaledb: TimescaleMode,
+    /// Who runs TimescaleDB's policy jobs (compression, retention, continuous aggregate
+    /// refresh): `auto` lets the store's scheduler run them and runs a job itself, on the
+    /// job's schedule, while the scheduler's runs of it fail; `sluice` always runs them
+    /// itself; `store` never does (failures are still reported).
+    pub timescaledb_jobs: JobsMode,
+}
+
+/// `postgres.timescaledb`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TimescaleMode {
+    #[default]
+    Auto,
+    Require,
+    Off,
+}
+
+/// `postgres.timescaledb_jobs`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobsMode {
+    #[default]
+    Auto,
+    Sluice,
+    Store,
 }
 
 impl Default for PostgresConfig {
@@ -432,6 +463,8 @@ impl Default for PostgresConfig {
             partition_days_ahead: 3,
             retention: Duration::from_secs(30 * 86400),
             maintenance_interval: Duration::from_secs(60),
+            timescaledb: TimescaleMode::Auto,
+            timescaledb_jobs: JobsMode::Auto,
         }
     }
 }

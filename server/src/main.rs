@@ -257,7 +257,7 @@ async fn migrate_postgres(cfg: &Config, url: &str) -> Result<(), String> {
     let mut client = sluice::postgres::connect(url)
         .await
         .map_err(|e| format!("cannot connect to PostgreSQL at postgres.url: {e}"))?;
-    let report = migrate::migrate(&mut client)
+    let report = migrate::migrate_with(&mut client, cfg.postgres.timescaledb)
         .await
         .map_err(|e| format!("postgres: {e}"))?;
     if !report.timescaledb {

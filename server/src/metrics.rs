@@ -37,6 +37,9 @@ pub struct Metrics {
     pub sink_lag_records: IntGaugeVec,
     pub sink_lag_seconds: IntGaugeVec,
     pub sink_dead_letter_rows: IntCounterVec,
+    pub sink_failed_tables: IntGaugeVec,
+    pub timescaledb_job_failing: IntGaugeVec,
+    pub timescaledb_job_runs: IntCounterVec,
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -218,6 +221,26 @@ impl Metrics {
                 "sluice_sink_dead_letter_rows_total",
                 "Rows the store refused permanently, written to the dead-letter Parquet files",
                 &["sink", "table"],
+            ),
+            sink_failed_tables: gauge_vec(
+                &r,
+                "sluice_sink_failed_tables",
+                "Tables the store refuses for good (their table cannot be created or altered); \
+                 their rows go to the dead-letter files",
+                &["sink"],
+            ),
+            timescaledb_job_failing: gauge_vec(
+                &r,
+                "sluice_timescaledb_job_failing",
+                "1 for a TimescaleDB job whose last run by the store's scheduler failed, with \
+                 the store's error text",
+                &["job_id", "proc_name", "hypertable", "error"],
+            ),
+            timescaledb_job_runs: counter_vec(
+                &r,
+                "sluice_timescaledb_job_runs_total",
+                "TimescaleDB jobs Sluice ran itself (CALL run_job), by outcome",
+                &["proc_name", "outcome"],
             ),
             registry: r,
         }

@@ -34,6 +34,8 @@ struct ServerReadiness {
     memory: Arc<MemoryBudget>,
     buffers: Arc<Buffers>,
     sinks: Vec<Arc<SinkStatus>>,
+    /// TimescaleDB's jobs, where PostgreSQL is configured.
+    jobs: Option<Arc<crate::postgres::jobs::JobsWatch>>,
     wal_disk_budget: u64,
     /// Free space the WAL's disk needs, after a write failed for lack of it, to be ready
     /// again (room for a batch of the largest size, twice).
@@ -74,8 +76,16 @@ impl Readiness for ServerReadiness {
         );
         let mut degraded = false;
         for s in &self.sinks {
-            degraded |= !s.is_up();
+            degraded |= !s.is_up() || s.has_table_errors();
             sinks.insert(s.name.to_string(), s.json(last_seq));
+        }
+        if let Some(jobs) = self.jobs.as_ref().filter(|j| !j.jobs().is_empty()) {
+            degraded |= jobs.degraded();
+            if let Some(serde_json::Value::Object(pg)) =
+                sinks.get_mut(crate::postgres::sink::PG_SINK)
+            {
+                pg.insert("timescaledb_jobs".into(), jobs.json());
+            }
         }
         (
             ready,
@@ -209,6 +219,7 @@ pub async fn run(config: Config, on_ready: impl FnOnce(BoundAddrs)) -> Result<()
 
     let mut sink_statuses = Vec::new();
     let mut sink_tasks = Vec::new();
+    let mut jobs = None;
     let sinks = SinkSpawner {
         wal: wal.clone(),
         wal_id: wal_id.clone(),
@@ -240,11 +251,17 @@ pub async fn run(config: Config, on_ready: impl FnOnce(BoundAddrs)) -> Result<()
         let (status, task) = sinks.spawn(writer, opts, None);
         sink_statuses.push(status);
         sink_tasks.push(task);
-        // Partitions, retention and metrics_1m on plain PostgreSQL (it does nothing where
-        // TimescaleDB runs the policies).
+        // Partitions, retention and metrics_1m on plain PostgreSQL; on TimescaleDB, the
+        // watch over its jobs (run from here where its scheduler fails).
+        let watch = Arc::new(crate::postgres::jobs::JobsWatch::new(
+            config.postgres.timescaledb_jobs,
+            Some(metrics.clone()),
+        ));
+        jobs = Some(watch.clone());
         sink_tasks.push(tokio::spawn(crate::postgres::maintenance::run(
             pg.url.clone(),
             config.postgres.clone(),
+            watch,
             stop_rx.clone(),
         )));
         // Other processes sharing the registry may register tables: pick them up.
@@ -322,6 +339,7 @@ pub async fn run(config: Config, on_ready: impl FnOnce(BoundAddrs)) -> Result<()
             memory,
             buffers,
             sinks: sink_statuses,
+            jobs,
             wal_disk_budget: config.wal.disk_budget.as_u64(),
             wal_disk_room: 2 * config.server.max_message_size.as_u64(),
         }),
@@ -481,7 +499,9 @@ async fn prepare_postgres(url: &str, config: &Config) -> Result<PostgresInfo> {
     })
     .await?;
     if config.postgres.migrate_on_start {
-        let report = crate::postgres::migrate::migrate(&mut client).await?;
+        let report =
+            crate::postgres::migrate::migrate_with(&mut client, config.postgres.timescaledb)
+                .await?;
         tracing::info!(applied = ?report.applied, timescaledb = report.timescaledb, "PostgreSQL migrations");
     }
     // TimescaleDB's path: the extension is on and metrics_points is a hypertable rather

@@ -199,13 +199,18 @@ impl std::fmt::Display for SinkError {
 }
 
 /// What a committed chunk did.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone)]
 pub struct Written {
     pub rows: u64,
     pub bytes: u64,
     pub dead_letter_rows: u64,
     /// The store already had this chunk (committed before a crash): nothing was written.
     pub already_committed: bool,
+    /// The store cannot take this table's rows for good (its table cannot be created or
+    /// altered): the whole chunk went to the dead-letter files. The message names the
+    /// statement and the store's answer; it stays in `/readyz` until a chunk of the table
+    /// is written again.
+    pub table_error: Option<String>,
 }
 
 /// WAL ranges a store already holds, per table (`first..=last` of a committed chunk).
@@ -332,6 +337,8 @@ struct StatusInner {
     since: Instant,
     position: u64,
     oldest_pending: Option<Instant>,
+    /// Tables whose rows the store refuses for good (see [`Written::table_error`]).
+    table_errors: BTreeMap<String, String>,
 }
 
 impl SinkStatus {
@@ -346,6 +353,7 @@ impl SinkStatus {
                 since: Instant::now(),
                 position: 0,
                 oldest_pending: None,
+                table_errors: BTreeMap::new(),
             }),
         }
     }
@@ -378,6 +386,35 @@ impl SinkStatus {
         was_up
     }
 
+    /// Notes (or clears) a table the store refuses; true when the error is new, so it is
+    /// logged once rather than per chunk.
+    fn set_table_error(&self, metrics: &Metrics, table: &str, error: Option<&str>) -> bool {
+        let mut s = self.inner.lock().expect("sink status");
+        let changed = match error {
+            Some(e) => s.table_errors.get(table).map(String::as_str) != Some(e),
+            None => s.table_errors.contains_key(table),
+        };
+        match error {
+            Some(e) => s.table_errors.insert(table.to_string(), e.to_string()),
+            None => s.table_errors.remove(table),
+        };
+        metrics
+            .sink_failed_tables
+            .with_label_values(&[self.name])
+            .set(s.table_errors.len() as i64);
+        changed
+    }
+
+    /// Whether the store refuses some table for good.
+    pub fn has_table_errors(&self) -> bool {
+        !self
+            .inner
+            .lock()
+            .expect("sink status")
+            .table_errors
+            .is_empty()
+    }
+
     /// Whether the sink's last attempt succeeded.
     pub fn is_up(&self) -> bool {
         self.inner.lock().expect("sink status").up
@@ -399,6 +436,7 @@ impl SinkStatus {
             "wal_position": s.position,
             "lag_records": wal_last_seq.saturating_sub(s.position),
             "lag_seconds": s.oldest_pending.map_or(0.0, |o| o.elapsed().as_secs_f64()),
+            "failed_tables": s.table_errors,
         })
     }
 }
@@ -1199,6 +1237,18 @@ impl<W: StoreWriter> SinkRunner<W> {
                         tracing::debug!(sink = name, %table, rows = w.rows, first_seq = chunk.first_seq(),
                             last_seq = chunk.last_seq(), ms = started.elapsed().as_millis() as u64,
                             "chunk written");
+                        let fresh = self.status.set_table_error(
+                            &self.metrics,
+                            &table,
+                            w.table_error.as_deref(),
+                        );
+                        match &w.table_error {
+                            Some(e) if fresh => tracing::error!(sink = name, %table, error = %e,
+                                "the store refuses this table: its rows go to the dead-letter files until it is fixed"),
+                            None if fresh => tracing::info!(sink = name, %table,
+                                "the store takes this table's rows again"),
+                            _ => {}
+                        }
                         if w.already_committed {
                             tracing::info!(sink = name, %table, first_seq = chunk.first_seq(), last_seq = chunk.last_seq(),
                                 "chunk was already committed before a restart; skipped");

@@ -110,9 +110,10 @@ async fn crash_loop_into_the_embedded_default_keeps_every_ack_once() {
     assert_each_acked_once("SQL", &ids, &acked);
 }
 
+crate::pg_test! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn crash_loop_into_postgres_keeps_every_ack_once() {
-    let pg = PgServer::start();
+async fn crash_loop_into_postgres_keeps_every_ack_once(flavor) {
+    let pg = PgServer::start_on(flavor);
     let dir = tempfile::tempdir().unwrap();
     let env = [
         ("POSTGRES__URL", pg.url.as_str()),
@@ -154,4 +155,5 @@ async fn crash_loop_into_postgres_keeps_every_ack_once() {
         .flat_map(|b| b.column(0).as_primitive::<Int64Type>().values().to_vec())
         .collect();
     assert_each_acked_once("SQL (buffer and archive)", &sql, &acked);
+}
 }

@@ -235,11 +235,12 @@ async fn a_missing_middle_segment_is_reported_with_its_records() {
     );
 }
 
+crate::pg_test! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_missing_wal_id_is_restored_and_postgres_gets_no_row_twice() {
+async fn a_missing_wal_id_is_restored_and_postgres_gets_no_row_twice(flavor) {
     // On main: a missing wal/ID was replaced by a new one, and the PostgreSQL sink wrote
     // the rows still in the WAL again under the new id.
-    let pg = PgServer::start();
+    let pg = PgServer::start_on(flavor);
     let dir = tempfile::tempdir().unwrap();
     let env = [
         ("POSTGRES__URL", pg.url.as_str()),
@@ -282,6 +283,7 @@ async fn a_missing_wal_id_is_restored_and_postgres_gets_no_row_twice() {
         .await
         .unwrap();
     assert_eq!((row.get::<_, i64>(0), row.get::<_, i64>(1)), (600, 600));
+}
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -709,13 +711,14 @@ async fn malformed_flight_data_ends_the_call_with_invalid_argument() {
     healthz_latency(&server).await;
 }
 
+crate::pg_test! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sluices_own_names_cannot_be_registered() {
+async fn sluices_own_names_cannot_be_registered(flavor) {
     // On main: a client could register tables named like Sluice's own PostgreSQL tables
     // (forged offset rows made the sink skip another table's writes, one injected
     // registry row made every restart fail), and a table named _deadletter had the
     // dead-letter files deleted at the next start.
-    let pg = PgServer::start();
+    let pg = PgServer::start_on(flavor);
     let dir = tempfile::tempdir().unwrap();
     let server = Sluice::start(dir.path(), &[("POSTGRES__URL", pg.url.as_str())]);
     let mut client = server.flight().await;
@@ -768,6 +771,7 @@ async fn sluices_own_names_cannot_be_registered() {
             "table_registry_versions"
         ]
     );
+}
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,12 +5,80 @@
 //! `/work/shared/INFRA.md` describes) on a free loopback port, stopped and deleted on drop.
 //! Tests that stop PostgreSQL mid-stream ([`PgServer::stop`], [`PgServer::restart`]) need
 //! their own cluster: use [`PgServer::start_local`], which ignores `SLUICE_TEST_PG_URL`.
+//!
+//! Every PostgreSQL test runs on two flavors ([`Flavor`], [`pg_test!`]): Debian's
+//! PostgreSQL, and the same with TimescaleDB from `../shared/timescaledb` (its
+//! `install-tree` lays out a private tree under /tmp; `SLUICE_TEST_TIMESCALEDB_URL`
+//! names a server instead). Where that folder is absent the TimescaleDB variants are
+//! compiled `#[ignore]`d (`server/build.rs`), so they show as ignored, never as passed.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
 use crate::common::free_port;
+
+/// Which PostgreSQL a test runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flavor {
+    Postgres,
+    Timescale,
+}
+
+impl Flavor {
+    fn env_var(self) -> &'static str {
+        match self {
+            Flavor::Postgres => "SLUICE_TEST_PG_URL",
+            Flavor::Timescale => "SLUICE_TEST_TIMESCALEDB_URL",
+        }
+    }
+
+    fn bin(self) -> PathBuf {
+        match self {
+            Flavor::Postgres => bin_dir(),
+            Flavor::Timescale => timescaledb_bin(),
+        }
+    }
+
+    fn options(self) -> &'static str {
+        match self {
+            Flavor::Postgres => "",
+            Flavor::Timescale => {
+                " -c shared_preload_libraries=timescaledb -c timescaledb.telemetry_level=off \
+                 -c max_worker_processes=32 -c timescaledb.max_background_workers=16"
+            }
+        }
+    }
+}
+
+/// Defines a test twice: `name::postgres` and `name::timescaledb` (ignored where
+/// `../shared/timescaledb` is absent). The body gets the [`Flavor`] as `$flavor`.
+#[macro_export]
+macro_rules! pg_test {
+    ($(#[$attr:meta])* async fn $name:ident($flavor:ident) $body:block) => {
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+            use $crate::pg::Flavor;
+
+            async fn body($flavor: Flavor) $body
+
+            $(#[$attr])*
+            async fn postgres() {
+                body(Flavor::Postgres).await
+            }
+
+            $(#[$attr])*
+            #[cfg_attr(
+                not(timescaledb_tests),
+                ignore = "needs ../shared/timescaledb (TimescaleDB for the tests)"
+            )]
+            async fn timescaledb() {
+                body(Flavor::Timescale).await
+            }
+        }
+    };
+}
 
 /// One test's PostgreSQL. `url` is `postgresql://postgres@127.0.0.1:PORT/DB`.
 pub struct PgServer {
@@ -26,21 +94,35 @@ enum Kind {
         dir: tempfile::TempDir,
         bin: PathBuf,
         port: u16,
+        options: &'static str,
     },
 }
 
 impl PgServer {
     /// A fresh database: in `SLUICE_TEST_PG_URL`'s server if set, else in a new cluster.
+    #[allow(dead_code)]
     pub fn start() -> PgServer {
-        match std::env::var("SLUICE_TEST_PG_URL") {
+        Self::start_on(Flavor::Postgres)
+    }
+
+    /// A fresh database of `flavor`: in the server its variable names if set, else in a
+    /// new cluster.
+    pub fn start_on(flavor: Flavor) -> PgServer {
+        match std::env::var(flavor.env_var()) {
             Ok(url) if !url.trim().is_empty() => Self::external(url.trim()),
-            _ => Self::start_local(),
+            _ => Self::start_local_on(flavor),
         }
     }
 
     /// A new cluster of our own (initdb, pg_ctl start), whatever the environment says.
+    #[allow(dead_code)]
     pub fn start_local() -> PgServer {
-        Self::start_cluster(None)
+        Self::start_local_on(Flavor::Postgres)
+    }
+
+    /// A new cluster of `flavor` of our own, whatever the environment says.
+    pub fn start_local_on(flavor: Flavor) -> PgServer {
+        Self::start_cluster(None, flavor)
     }
 
     /// A cluster of our own that takes only TLS over TCP (`ssl = on` with this certificate
@@ -48,11 +130,12 @@ impl PgServer {
     /// in with SCRAM, everyone else is trusted.
     #[allow(dead_code)] // for the TLS tests
     pub fn start_local_tls(cert: &Path, key: &Path) -> PgServer {
-        Self::start_cluster(Some((cert, key)))
+        Self::start_cluster(Some((cert, key)), Flavor::Postgres)
     }
 
-    fn start_cluster(tls: Option<(&Path, &Path)>) -> PgServer {
-        let bin = bin_dir();
+    fn start_cluster(tls: Option<(&Path, &Path)>, flavor: Flavor) -> PgServer {
+        let bin = flavor.bin();
+        let options = flavor.options();
         // Under /tmp: the `postgres` user must reach it (TMPDIR may be private to root),
         // and the socket path must stay short.
         let dir = tempfile::Builder::new()
@@ -100,10 +183,18 @@ impl PgServer {
         // bind: try a few.
         for attempt in 0.. {
             let port = free_port();
-            if pg_ctl_start(&bin, dir.path(), port).status.success() {
+            if pg_ctl_start(&bin, dir.path(), port, options)
+                .status
+                .success()
+            {
                 return PgServer {
                     url: format!("postgresql://postgres@127.0.0.1:{port}/postgres"),
-                    kind: Kind::Local { dir, bin, port },
+                    kind: Kind::Local {
+                        dir,
+                        bin,
+                        port,
+                        options,
+                    },
                 };
             }
             if attempt == 4 {
@@ -138,7 +229,7 @@ impl PgServer {
     /// same port with the same data. Only for clusters of our own.
     #[allow(dead_code)] // for the tests that stop PostgreSQL mid-stream
     pub fn stop(&self) {
-        let (dir, bin, _) = self.local("stop");
+        let (dir, bin, _, _) = self.local("stop");
         pg_ctl_stop(bin, dir, "fast");
     }
 
@@ -146,7 +237,7 @@ impl PgServer {
     /// data directory.
     #[allow(dead_code)] // for the tests that stop PostgreSQL mid-stream
     pub fn restart(&self) {
-        let (dir, bin, port) = self.local("restart");
+        let (dir, bin, port, options) = self.local("restart");
         if pg_ctl(bin, dir)
             .arg("status")
             .output()
@@ -156,7 +247,7 @@ impl PgServer {
         }
         // The port was ours a moment ago; give the kernel a few tries if it lingers.
         for attempt in 0.. {
-            if pg_ctl_start(bin, dir, port).status.success() {
+            if pg_ctl_start(bin, dir, port, options).status.success() {
                 return;
             }
             if attempt == 20 {
@@ -167,9 +258,14 @@ impl PgServer {
         }
     }
 
-    fn local(&self, what: &str) -> (&Path, &Path, u16) {
+    fn local(&self, what: &str) -> (&Path, &Path, u16, &'static str) {
         match &self.kind {
-            Kind::Local { dir, bin, port } => (dir.path(), bin, *port),
+            Kind::Local {
+                dir,
+                bin,
+                port,
+                options,
+            } => (dir.path(), bin, *port, options),
             Kind::External { .. } => panic!(
                 "cannot {what} the PostgreSQL at SLUICE_TEST_PG_URL: use PgServer::start_local()"
             ),
@@ -224,6 +320,21 @@ fn bin_dir() -> PathBuf {
     root.join(newest.to_string()).join("bin")
 }
 
+/// The bindir of a private PostgreSQL tree with TimescaleDB, laid out once by
+/// `../shared/timescaledb/install-tree` under /tmp (the `postgres` user must read it).
+fn timescaledb_bin() -> PathBuf {
+    static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        let Some(dir) = option_env!("SLUICE_TIMESCALEDB_DIR") else {
+            panic!("no TimescaleDB build (../shared/timescaledb): this test should be ignored")
+        };
+        let out =
+            run(Command::new(Path::new(dir).join("install-tree")).arg("/tmp/sluice-timescaledb"));
+        PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+    })
+    .clone()
+}
+
 fn is_root() -> bool {
     Command::new("id")
         .arg("-u")
@@ -248,10 +359,10 @@ fn pg_ctl(bin: &Path, dir: &Path) -> Command {
     cmd
 }
 
-fn pg_ctl_start(bin: &Path, dir: &Path, port: u16) -> Output {
+fn pg_ctl_start(bin: &Path, dir: &Path, port: u16, extra: &str) -> Output {
     let options = format!(
         "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off \
-         -c synchronous_commit=off -c full_page_writes=off",
+         -c synchronous_commit=off -c full_page_writes=off{extra}",
         dir.display()
     );
     pg_ctl(bin, dir)

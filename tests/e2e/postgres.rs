@@ -49,9 +49,10 @@ async fn pg_count(db: &tokio_postgres::Client, sql: &str) -> i64 {
         .unwrap_or(-1)
 }
 
+crate::pg_test! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_type_lands_in_postgres_value_by_value() {
-    let pg = PgServer::start();
+async fn every_type_lands_in_postgres_value_by_value(flavor) {
+    let pg = PgServer::start_on(flavor);
     let dir = tempfile::tempdir().unwrap();
     let server = start_with_pg(dir.path(), &pg, &[]);
     let mut client = server.flight().await;
@@ -208,6 +209,19 @@ async fn every_type_lands_in_postgres_value_by_value() {
         pg_count(&db, "SELECT count(*) FROM alltypes").await == 3
     })
     .await;
+    if flavor == crate::pg::Flavor::Timescale {
+        // Issue 11: a lazily created table became no hypertable and never landed.
+        assert_eq!(
+            pg_count(
+                &db,
+                "SELECT count(*) FROM timescaledb_information.dimensions
+                 WHERE hypertable_name = 'alltypes' AND column_name = 'time'"
+            )
+            .await,
+            1,
+            "alltypes is a hypertable on its time column"
+        );
+    }
     let rows = db
         .query(
             "SELECT time::text, b::text, i::text, l::text, f::text, d::text, s, tms::text,
@@ -285,10 +299,12 @@ async fn every_type_lands_in_postgres_value_by_value() {
         }
     }
 }
+}
 
+crate::pg_test! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn metrics_are_split_into_series_and_points_and_rolled_up() {
-    let pg = PgServer::start();
+async fn metrics_are_split_into_series_and_points_and_rolled_up(flavor) {
+    let pg = PgServer::start_on(flavor);
     let dir = tempfile::tempdir().unwrap();
     let server = start_with_pg(dir.path(), &pg, &[("POSTGRES__MAINTENANCE_INTERVAL", "1s")]);
     let mut client = server.flight().await;
@@ -372,11 +388,43 @@ async fn metrics_are_split_into_series_and_points_and_rolled_up() {
             ),
         ]
     );
-    // metrics_1m: one bucket per series, avg/max/min of the minute.
+    // metrics_1m: one bucket per series, avg/max/min of the minute. Sluice's maintenance
+    // refreshes the plain table; on TimescaleDB the continuous aggregate is refreshed as
+    // its policy would (its scheduled refresh is watched by tests/jobs).
+    if flavor == crate::pg::Flavor::Timescale {
+        db.batch_execute("CALL refresh_continuous_aggregate('metrics_1m', NULL, now() - INTERVAL '1 minute')")
+            .await
+            .unwrap();
+    }
     eventually(Duration::from_secs(30), "metrics_1m refreshed", || async {
         pg_count(&db, "SELECT count(*) FROM metrics_1m").await == 2
     })
     .await;
+    // The same as a direct aggregation over metrics_points.
+    let direct: Vec<(String, String, f64, f64, f64)> = db
+        .query(
+            "SELECT date_bin('1 minute', mp.time, TIMESTAMPTZ '2000-01-01')::text,
+                    ms.metric_name, avg(mp.value), max(mp.value), min(mp.value)
+             FROM metrics_points mp JOIN metric_series ms USING (series_id)
+             GROUP BY 1, 2 ORDER BY 1, 2",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)))
+        .collect();
+    let rolled: Vec<(String, String, f64, f64, f64)> = db
+        .query(
+            "SELECT bucket::text, metric_name, avg_v, max_v, min_v FROM metrics_1m ORDER BY 1, 2",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)))
+        .collect();
+    assert_eq!(rolled, direct);
     let agg = db
         .query(
             "SELECT metric_name, max_v, min_v FROM metrics_1m ORDER BY 1",
@@ -390,10 +438,12 @@ async fn metrics_are_split_into_series_and_points_and_rolled_up() {
         vec![("cpu".into(), 597.0, 0.0), ("mem".into(), 599.0, 1.0)]
     );
 }
+}
 
+crate::pg_test! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn reserved_word_names_are_quoted_and_refused_rows_are_dead_lettered() {
-    let pg = PgServer::start();
+async fn reserved_word_names_are_quoted_and_refused_rows_are_dead_lettered(flavor) {
+    let pg = PgServer::start_on(flavor);
     let db = pg_client(&pg).await;
     // A table that exists already, with a constraint sluice does not know about.
     db.batch_execute(
@@ -486,6 +536,7 @@ async fn reserved_word_names_are_quoted_and_refused_rows_are_dead_lettered() {
         "{m}"
     );
 }
+}
 
 const BATCH: i64 = 500;
 
@@ -512,9 +563,10 @@ async fn assert_pg_exactly_once(db: &tokio_postgres::Client, acked: &[i64]) {
     }
 }
 
+crate::pg_test! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill_9_mid_stream_is_exactly_once_in_postgres() {
-    let pg = PgServer::start();
+async fn kill_9_mid_stream_is_exactly_once_in_postgres(flavor) {
+    let pg = PgServer::start_on(flavor);
     let dir = tempfile::tempdir().unwrap();
     let mut server = start_with_pg(dir.path(), &pg, &[]);
     let mut client = server.flight().await;
@@ -544,10 +596,12 @@ async fn kill_9_mid_stream_is_exactly_once_in_postgres() {
         "PostgreSQL and the WAL (SQL over buffer and archive) agree"
     );
 }
+}
 
+crate::pg_test! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_restart_mid_stream_loses_and_duplicates_nothing() {
-    let pg = PgServer::start_local();
+async fn postgres_restart_mid_stream_loses_and_duplicates_nothing(flavor) {
+    let pg = PgServer::start_local_on(flavor);
     let dir = tempfile::tempdir().unwrap();
     let server = start_with_pg(dir.path(), &pg, &[]);
     let mut client = server.flight().await;
@@ -571,10 +625,12 @@ async fn postgres_restart_mid_stream_loses_and_duplicates_nothing() {
         .unwrap_or(0);
     assert!(retries > 0, "retries are counted: {m}");
 }
+}
 
+crate::pg_test! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn wal_disk_budget_refuses_writes_while_postgres_is_down() {
-    let pg = PgServer::start_local();
+async fn wal_disk_budget_refuses_writes_while_postgres_is_down(flavor) {
+    let pg = PgServer::start_local_on(flavor);
     let dir = tempfile::tempdir().unwrap();
     let server = start_with_pg(
         dir.path(),
@@ -633,6 +689,7 @@ async fn wal_disk_budget_refuses_writes_while_postgres_is_down() {
         acked.len() as i64 * BATCH
     );
 }
+}
 
 async fn public_columns(db: &tokio_postgres::Client) -> Vec<(String, String, String)> {
     db.query(
@@ -669,15 +726,17 @@ fn sluice_migrate_url(url: &str) -> String {
     String::from_utf8_lossy(&out.stdout).to_string()
 }
 
+crate::pg_test! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn migrate_twice_is_a_no_op_and_says_which_path() {
-    let pg = PgServer::start();
+async fn migrate_twice_is_a_no_op_and_says_which_path(flavor) {
+    let pg = PgServer::start_on(flavor);
     let first = sluice_migrate(&pg);
     assert!(first.contains("0001_core"), "{first}");
-    assert!(
-        first.contains("plain PostgreSQL"),
-        "no TimescaleDB here: {first}"
-    );
+    let path = match flavor {
+        crate::pg::Flavor::Postgres => "plain PostgreSQL",
+        crate::pg::Flavor::Timescale => "(TimescaleDB)",
+    };
+    assert!(first.contains(path), "{flavor:?}: {first}");
     let db = pg_client(&pg).await;
     let before = public_columns(&db).await;
     let migrations = pg_count(&db, "SELECT count(*) FROM sluice.schema_migrations").await;
@@ -705,10 +764,12 @@ async fn migrate_twice_is_a_no_op_and_says_which_path() {
         );
     }
 }
+}
 
+crate::pg_test! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_processes_share_the_registry_in_postgres() {
-    let pg = PgServer::start();
+async fn two_processes_share_the_registry_in_postgres(flavor) {
+    let pg = PgServer::start_on(flavor);
     let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let a = start_with_pg(d1.path(), &pg, &[]);
     let b = start_with_pg(d2.path(), &pg, &[]);
@@ -756,6 +817,7 @@ async fn two_processes_share_the_registry_in_postgres() {
     assert!(out.error.is_none(), "{:?}", out.error);
     let schema_b = get_json(&b.url("/schema/shared_0")).await;
     assert_eq!(schema_b["version"], 2, "{schema_b}");
+}
 }
 
 /// Whether `db`'s own connection is encrypted, from the server's side.
@@ -883,4 +945,205 @@ async fn tls_to_postgres_follows_sslmode_and_sslrootcert() {
         plain, 0,
         "every connection, sluice's included, is encrypted"
     );
+}
+
+/// `rows` rows of (time = now, n = first..first+rows).
+fn n_batch(first: i64, rows: i64) -> RecordBatch {
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("time", utc(TimeUnit::Microsecond), false),
+        Field::new("n", DataType::Int64, false),
+    ]));
+    let now = chrono::Utc::now().timestamp_micros();
+    RecordBatch::try_new(
+        schema,
+        vec![
+            Arc::new(
+                TimestampMicrosecondArray::from_iter_values((0..rows).map(|i| now + i))
+                    .with_timezone("UTC"),
+            ),
+            Arc::new(Int64Array::from_iter_values(first..first + rows)),
+        ],
+    )
+    .unwrap()
+}
+
+crate::pg_test! {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_the_store_refuses_is_dead_lettered_and_the_others_keep_landing(flavor) {
+    // Issue 11: a permanent DDL failure for one table stalled the sink's WAL position
+    // (and so every table's WAL release) with retries forever.
+    let pg = PgServer::start_on(flavor);
+    let db = pg_client(&pg).await;
+    // `typeclash`: CREATE TABLE fails (a type of that name is in the way); `clash`: the
+    // table exists with n as text.
+    db.batch_execute(
+        "CREATE TYPE typeclash AS (a int);
+         CREATE TABLE clash (time timestamptz NOT NULL, n text);",
+    )
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_with_pg(dir.path(), &pg, &[]);
+    let mut client = server.flight().await;
+    for (name, extra) in [
+        ("fine", r#","retention":"7 days""#),
+        ("clash", ""),
+        ("typeclash", ""),
+    ] {
+        let schema = format!(
+            r#"{{"name":"{name}","sinks":["postgres"]{extra},"columns":[
+                {{"name":"time","type":"timestamp"}},{{"name":"n","type":"int64","nullable":false}}]}}"#
+        );
+        action(&mut client, "register_table", &schema).await.unwrap();
+    }
+    for round in 0..3 {
+        for t in ["fine", "clash", "typeclash"] {
+            put(&mut client, t, vec![n_batch(round * 10, 10)]).await;
+        }
+    }
+    eventually(Duration::from_secs(30), "fine's rows in PostgreSQL", || async {
+        pg_count(&db, "SELECT count(*) FROM fine").await == 30
+    })
+    .await;
+    // The refused tables' rows are in the dead-letter files with the statement and
+    // PostgreSQL's message, and the sink's WAL position reached the end.
+    let readyz = server.url("/readyz");
+    eventually(Duration::from_secs(30), "the sink caught up", || async {
+        let r = get_json(&readyz).await;
+        r["sinks"]["postgres"]["lag_records"] == 0
+    })
+    .await;
+    let r = get_json(&readyz).await;
+    let failed = &r["sinks"]["postgres"]["failed_tables"];
+    let typeclash = failed["typeclash"].as_str().unwrap_or_default();
+    // The composite type has a relation of its name: the statement that fails is the
+    // ALTER TABLE adding the registered columns.
+    assert!(
+        typeclash.contains("`ALTER TABLE \"typeclash\" ADD COLUMN")
+            && typeclash.contains("failed: 42809: \"typeclash\" is a composite type"),
+        "{r}"
+    );
+    let clash = failed["clash"].as_str().unwrap_or_default();
+    assert!(clash.contains("column 'n' is text in PostgreSQL"), "{r}");
+    assert_eq!(r["degraded"], true, "{r}");
+    assert!(failed.get("fine").is_none(), "{r}");
+    for t in ["clash", "typeclash"] {
+        let dead = dead_letter_rows(dir.path(), "postgres", t, "n");
+        let mut ns: Vec<i64> = dead.iter().map(|d| d.0).collect();
+        ns.sort();
+        assert_eq!(ns, (0..30).collect::<Vec<_>>(), "{t}");
+        assert!(dead.iter().all(|(_, e)| e.contains(failed[t].as_str().unwrap())), "{dead:?}");
+    }
+    let metrics = reqwest::get(server.url("/metrics")).await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("sluice_sink_failed_tables{sink=\"postgres\"} 2"), "{metrics}");
+    if flavor == crate::pg::Flavor::Timescale {
+        // A hypertable on its time column, with the registry's retention.
+        assert_eq!(
+            pg_count(
+                &db,
+                "SELECT count(*) FROM timescaledb_information.jobs
+                 WHERE hypertable_name = 'fine' AND proc_name = 'policy_retention'
+                   AND config->>'drop_after' = '7 days'"
+            )
+            .await,
+            1
+        );
+    }
+
+    // Once the obstacle is gone, the next rows land and the table's error clears.
+    db.batch_execute("DROP TYPE typeclash").await.unwrap();
+    put(&mut client, "typeclash", vec![n_batch(100, 5)]).await;
+    eventually(Duration::from_secs(30), "typeclash's new rows", || async {
+        pg_count(&db, "SELECT count(*) FROM typeclash").await == 5
+    })
+    .await;
+    let r = get_json(&readyz).await;
+    assert!(r["sinks"]["postgres"]["failed_tables"].get("typeclash").is_none(), "{r}");
+    assert!(r["sinks"]["postgres"]["failed_tables"].get("clash").is_some(), "{r}");
+}
+}
+
+/// `rows` points of metric `name` (labels `{"h":"a"}`), `value = first + i`, at `time_us
+/// + i` microseconds.
+fn metric_points(name: &str, time_us: i64, first: i64, rows: i64) -> RecordBatch {
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("time", utc(TimeUnit::Microsecond), false),
+        Field::new("metric_name", DataType::Utf8, false),
+        Field::new("labels", DataType::Utf8, true),
+        Field::new("value", DataType::Float64, false),
+    ]));
+    RecordBatch::try_new(
+        schema,
+        vec![
+            Arc::new(
+                TimestampMicrosecondArray::from_iter_values((0..rows).map(|i| time_us + i))
+                    .with_timezone("UTC"),
+            ),
+            Arc::new(StringArray::from_iter_values((0..rows).map(|_| name))),
+            Arc::new(StringArray::from_iter_values(
+                (0..rows).map(|_| r#"{"h":"a"}"#),
+            )),
+            Arc::new(Float64Array::from_iter_values(
+                (first..first + rows).map(|v| v as f64),
+            )),
+        ],
+    )
+    .unwrap()
+}
+
+crate::pg_test! {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_rows_land_in_old_and_compressed_chunks(flavor) {
+    let pg = PgServer::start_on(flavor);
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_with_pg(dir.path(), &pg, &[]);
+    let mut client = server.flight().await;
+    let db = pg_client(&pg).await;
+    // 20 days ago: past the seed's compress_after (7 days), inside its retention (30).
+    let old = chrono::Utc::now().timestamp_micros() - 20 * 86_400_000_000;
+    put(&mut client, "metrics", vec![metric_points("cpu", old, 0, 1000)]).await;
+    eventually(Duration::from_secs(30), "the first points", || async {
+        pg_count(&db, "SELECT count(*) FROM metrics_points").await == 1000
+    })
+    .await;
+    if flavor == crate::pg::Flavor::Timescale {
+        let compressed = pg_count(
+            &db,
+            "SELECT count(*) FROM (SELECT compress_chunk(c)
+             FROM show_chunks('metrics_points', older_than => INTERVAL '7 days') c) x",
+        )
+        .await;
+        assert_eq!(compressed, 1, "the old chunk is compressed");
+    }
+    // Late rows for the same hour, in the same (compressed) chunk.
+    put(&mut client, "metrics", vec![metric_points("cpu", old + 500, 1000, 500)]).await;
+    eventually(Duration::from_secs(30), "the late points", || async {
+        pg_count(&db, "SELECT count(*) FROM metrics_points").await == 1500
+    })
+    .await;
+    let row = db
+        .query_one(
+            "SELECT count(DISTINCT value)::int8, sum(value)::float8,
+                    min(time) = TIMESTAMPTZ 'epoch' + $1::int8 * INTERVAL '1 microsecond'
+             FROM metrics_points",
+            &[&old],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, i64>(0), 1500);
+    assert_eq!(row.get::<_, f64>(1), (0..1500).sum::<i64>() as f64);
+    assert!(row.get::<_, bool>(2));
+    if flavor == crate::pg::Flavor::Timescale {
+        assert_eq!(
+            pg_count(
+                &db,
+                "SELECT count(*) FROM timescaledb_information.chunks
+                 WHERE hypertable_name = 'metrics_points' AND is_compressed"
+            )
+            .await,
+            1,
+            "the chunk is still compressed"
+        );
+    }
+}
 }

@@ -1,4 +1,5 @@
-//! Upkeep of the plain-PostgreSQL fallback: what TimescaleDB's policies do on the other path.
+//! Upkeep of the plain-PostgreSQL fallback: what TimescaleDB's policies do on the other
+//! path (where [`super::jobs`] watches the policies' jobs instead).
 //!
 //! # What flows in and out
 //! In: a connection, [`PostgresConfig`] and the current time. Out: DDL and a refresh on
@@ -366,6 +367,7 @@ async fn refresh_metrics_1m(client: &Client, layout: &Layout, now: DateTime<Utc>
 pub async fn run(
     url: String,
     cfg: PostgresConfig,
+    jobs: std::sync::Arc<super::jobs::JobsWatch>,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut interval =
@@ -397,6 +399,19 @@ pub async fn run(
             r = run_once(c, &cfg, Utc::now()) => r,
             _ = shutdown.changed() => break,
         };
+        if matches!(&round, Ok(r) if r.skipped) {
+            // TimescaleDB's path: its jobs keep the policies; watch them.
+            let watched = tokio::select! {
+                r = jobs.round(c, Utc::now()) => r,
+                _ = shutdown.changed() => break,
+            };
+            if let Err(e) = watched {
+                tracing::warn!(error = %e, "watching TimescaleDB's jobs failed; retrying next round");
+                if matches!(e, Error::Unavailable(_)) {
+                    client = None;
+                }
+            }
+        }
         match round {
             Ok(r) if r.skipped => {}
             Ok(r) => tracing::debug!(
@@ -420,6 +435,13 @@ pub async fn run(
 mod tests {
     use super::super::migrate::{migrate, testing::TestDb};
     use super::*;
+
+    fn watch() -> std::sync::Arc<super::super::jobs::JobsWatch> {
+        std::sync::Arc::new(super::super::jobs::JobsWatch::new(
+            crate::config::JobsMode::Auto,
+            None,
+        ))
+    }
 
     fn at(s: &str) -> DateTime<Utc> {
         DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
@@ -718,7 +740,7 @@ mod tests {
             ..Default::default()
         };
         let (tx, rx) = tokio::sync::watch::channel(false);
-        let task = tokio::spawn(run(db.url.clone(), cfg.clone(), rx));
+        let task = tokio::spawn(run(db.url.clone(), cfg.clone(), watch(), rx));
         let ahead = partition_name(Utc::now().date_naive() + chrono::Duration::days(3));
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         while !partitions(&client).await.contains(&ahead) {
@@ -735,7 +757,12 @@ mod tests {
             .unwrap();
 
         let (tx, rx) = tokio::sync::watch::channel(false);
-        let task = tokio::spawn(run("postgresql://postgres@127.0.0.1:1/x".into(), cfg, rx));
+        let task = tokio::spawn(run(
+            "postgresql://postgres@127.0.0.1:1/x".into(),
+            cfg,
+            watch(),
+            rx,
+        ));
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert!(!task.is_finished());
         drop(tx);

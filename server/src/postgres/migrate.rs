@@ -12,9 +12,16 @@
 //! - `NNNN_name.timescale.sql` runs when the database is on the TimescaleDB path;
 //! - `NNNN_name.plain.sql` runs when it is on the plain PostgreSQL path.
 //!
-//! A fresh database takes the TimescaleDB path when the extension is available
-//! (`pg_available_extensions`); `CREATE EXTENSION IF NOT EXISTS timescaledb` then runs
-//! first. Once a variant has been applied the path is fixed: a database set up on plain
+//! A fresh database takes the TimescaleDB path when the extension can really be used:
+//! already created in the database, or installed (`pg_available_extensions`) and loaded
+//! by `shared_preload_libraries` (being installed is not enough: `CREATE EXTENSION`
+//! fails otherwise, which would stop a migration half-way). `postgres.timescaledb`
+//! ([`TimescaleMode`]) says what happens when it cannot: `auto` takes plain PostgreSQL
+//! when the extension is not installed and stops with a message naming
+//! `shared_preload_libraries` when it is installed but not preloaded (the operator
+//! meant to use it), `require` always stops, `off` takes plain PostgreSQL whatever is
+//! installed. `CREATE EXTENSION IF NOT EXISTS timescaledb` runs first on that path.
+//! Once a variant has been applied the path is fixed: a database set up on plain
 //! PostgreSQL stays on it even if TimescaleDB is installed later, because the later
 //! files of either path expect the tables the earlier ones of the same path made.
 //!
@@ -27,6 +34,8 @@
 //! take turns, and the second finds nothing left to do.
 
 use std::fmt;
+
+pub use crate::config::TimescaleMode;
 
 use tokio_postgres::error::SqlState;
 use tokio_postgres::Client;
@@ -166,11 +175,16 @@ const UNLOCK_SQL: &str =
 /// today and tomorrow so rows can land right away; the maintenance task
 /// ([`super::maintenance::run_once`]) creates the rest ahead.
 pub async fn migrate(client: &mut Client) -> Result<MigrationReport> {
+    migrate_with(client, TimescaleMode::Auto).await
+}
+
+/// [`migrate`] with the choice of `postgres.timescaledb`.
+pub async fn migrate_with(client: &mut Client, mode: TimescaleMode) -> Result<MigrationReport> {
     client
         .batch_execute(LOCK_SQL)
         .await
         .map_err(|e| pg_error("cannot take the migration lock", e))?;
-    let result = migrate_locked(client).await;
+    let result = migrate_locked(client, mode).await;
     let unlocked = client.batch_execute(UNLOCK_SQL).await;
     let report = result?;
     // A failed unlock after a successful run only matters if the connection is kept, and
@@ -181,7 +195,7 @@ pub async fn migrate(client: &mut Client) -> Result<MigrationReport> {
     Ok(report)
 }
 
-async fn migrate_locked(client: &mut Client) -> Result<MigrationReport> {
+async fn migrate_locked(client: &mut Client, mode: TimescaleMode) -> Result<MigrationReport> {
     // The bookkeeping of migrations lives in the `sluice` schema (0005_sluice_schema.sql
     // moves the rest); one made in the current schema by an earlier sluice moves there,
     // one of another tool's (Rails, golang-migrate name theirs the same) stays.
@@ -219,38 +233,67 @@ async fn migrate_locked(client: &mut Client) -> Result<MigrationReport> {
         .map_err(|e| pg_error("cannot read schema_migrations", e))?;
     let applied: Vec<(i32, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
 
-    let available = client
-        .query_one(
-            "SELECT EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb')",
-            &[],
-        )
-        .await
-        .map_err(|e| pg_error("cannot list available extensions", e))?
-        .get::<_, bool>(0);
     let decided = applied.iter().find_map(|(_, v)| match v.as_str() {
         "timescale" => Some(true),
         "plain" => Some(false),
         _ => None,
     });
-    let timescaledb = decided.unwrap_or(available);
-    if decided == Some(false) && available {
+    let usable = timescaledb_usability(client).await?;
+    let timescaledb = match (decided, mode) {
+        (Some(true), TimescaleMode::Off) => {
+            return Err(Error::FailedPrecondition(
+                "this database was set up on TimescaleDB (a database keeps its path), but \
+                 postgres.timescaledb is \"off\": set it to \"auto\""
+                    .into(),
+            ))
+        }
+        (Some(false), TimescaleMode::Require) => {
+            return Err(Error::FailedPrecondition(
+                "this database was set up on plain PostgreSQL (a database keeps its path), \
+                 but postgres.timescaledb is \"require\": migrate a new database, or set it \
+                 to \"auto\""
+                    .into(),
+            ))
+        }
+        (Some(d), _) => d,
+        (None, TimescaleMode::Off) => false,
+        (None, TimescaleMode::Auto) if usable == Usability::NotInstalled => false,
+        (None, _) => true,
+    };
+    if decided == Some(false) && usable == Usability::Usable {
         tracing::info!(
             "TimescaleDB is available but this database was set up on plain PostgreSQL; it stays there"
         );
     }
     if timescaledb {
-        if !available {
-            return Err(Error::FailedPrecondition(
-                "this database was migrated with TimescaleDB, but the timescaledb extension is no longer available on the server".into(),
-            ));
+        match usable {
+            Usability::Usable => {}
+            Usability::NotInstalled => {
+                return Err(Error::FailedPrecondition(if decided == Some(true) {
+                    "this database was migrated with TimescaleDB, but the timescaledb \
+                     extension is no longer available on the server"
+                        .into()
+                } else {
+                    "postgres.timescaledb is \"require\" but the timescaledb extension is \
+                     not installed on the server (pg_available_extensions)"
+                        .into()
+                }))
+            }
+            Usability::NotPreloaded => {
+                return Err(Error::FailedPrecondition(
+                    "the timescaledb extension is installed but not loaded: add timescaledb \
+                     to shared_preload_libraries in postgresql.conf and restart PostgreSQL, \
+                     or set postgres.timescaledb = \"off\" to use plain PostgreSQL"
+                        .into(),
+                ))
+            }
         }
         client
             .batch_execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
             .await
             .map_err(|e| {
                 Error::FailedPrecondition(format!(
-                    "TimescaleDB is available but CREATE EXTENSION timescaledb failed: {} \
-                     (it must be in shared_preload_libraries)",
+                    "CREATE EXTENSION timescaledb failed: {}",
                     describe(&e)
                 ))
             })?;
@@ -327,6 +370,67 @@ fn split_statements(sql: &str) -> Vec<String> {
             .any(|l| !l.trim().is_empty() && !l.trim_start().starts_with("--"))
     });
     out
+}
+
+/// Whether TimescaleDB can be used in a database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Usability {
+    /// Created in the database, or installed and preloaded.
+    Usable,
+    /// Not in `pg_available_extensions`.
+    NotInstalled,
+    /// Installed, but not in `shared_preload_libraries`.
+    NotPreloaded,
+}
+
+/// Finds out whether TimescaleDB can be used here: `SHOW shared_preload_libraries`, or,
+/// where this role may not read it, a `CREATE EXTENSION` tried in a transaction that is
+/// rolled back.
+pub async fn timescaledb_usability(client: &mut Client) -> Result<Usability> {
+    let row = client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb'),
+                    EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'timescaledb')",
+            &[],
+        )
+        .await
+        .map_err(|e| pg_error("cannot list available extensions", e))?;
+    let (available, created): (bool, bool) = (row.get(0), row.get(1));
+    if !available && !created {
+        return Ok(Usability::NotInstalled);
+    }
+    match client
+        .query_one("SELECT current_setting('shared_preload_libraries')", &[])
+        .await
+    {
+        Ok(row) => {
+            let libs: String = row.get(0);
+            let preloaded = libs.split(',').any(|l| {
+                let l = l.trim().trim_matches('"');
+                l.rsplit('/').next() == Some("timescaledb")
+            });
+            Ok(if preloaded {
+                Usability::Usable
+            } else {
+                Usability::NotPreloaded
+            })
+        }
+        Err(_) if created => Ok(Usability::Usable),
+        Err(_) => {
+            let tx = client
+                .transaction()
+                .await
+                .map_err(|e| pg_error("begin", e))?;
+            let tried = tx
+                .batch_execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
+                .await;
+            let _ = tx.rollback().await;
+            Ok(match tried {
+                Ok(()) => Usability::Usable,
+                Err(_) => Usability::NotPreloaded,
+            })
+        }
+    }
 }
 
 /// Whether the timescaledb extension is installed in this database (`pg_extension`).
@@ -419,23 +523,92 @@ pub(crate) mod testing {
 
     const BIN: &str = "/usr/lib/postgresql/15/bin";
 
+    /// Which PostgreSQL a test runs on: Debian's, or the same with TimescaleDB
+    /// (`../shared/timescaledb`, laid out by its `install-tree`; the tests on it are
+    /// `#[ignore]`d where that folder is absent, see `server/build.rs`).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub(crate) enum Flavor {
+        Postgres,
+        Timescale,
+        /// TimescaleDB installed but not in `shared_preload_libraries`.
+        TimescaleNotPreloaded,
+    }
+
+    impl Flavor {
+        /// `SLUICE_TEST_PG_URL` / `SLUICE_TEST_TIMESCALEDB_URL`: a server to use instead
+        /// of a cluster of our own.
+        fn env_url(self) -> Option<String> {
+            let var = match self {
+                Flavor::Postgres => "SLUICE_TEST_PG_URL",
+                Flavor::Timescale => "SLUICE_TEST_TIMESCALEDB_URL",
+                Flavor::TimescaleNotPreloaded => return None,
+            };
+            std::env::var(var).ok().filter(|u| !u.trim().is_empty())
+        }
+
+        fn bin(self) -> PathBuf {
+            match self {
+                Flavor::Postgres => PathBuf::from(BIN),
+                _ => timescaledb_bin(),
+            }
+        }
+
+        fn options(self) -> &'static str {
+            match self {
+                // Each test database gets a job scheduler of its own: room for many.
+                Flavor::Timescale => {
+                    " -c shared_preload_libraries=timescaledb -c timescaledb.telemetry_level=off \
+                     -c max_worker_processes=64 -c timescaledb.max_background_workers=48"
+                }
+                _ => "",
+            }
+        }
+    }
+
+    /// The bindir of a private PostgreSQL tree with TimescaleDB (made once per machine by
+    /// `install-tree`, under /tmp so that the `postgres` user can read it).
+    pub(crate) fn timescaledb_bin() -> PathBuf {
+        static BIN_DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+        BIN_DIR
+            .get_or_init(|| {
+                let Some(dir) = option_env!("SLUICE_TIMESCALEDB_DIR") else {
+                    panic!(
+                        "no TimescaleDB build (../shared/timescaledb): this test should be ignored"
+                    )
+                };
+                let out = Command::new(Path::new(dir).join("install-tree"))
+                    .arg("/tmp/sluice-timescaledb")
+                    .output()
+                    .expect("run install-tree");
+                assert!(
+                    out.status.success(),
+                    "install-tree failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+            })
+            .clone()
+    }
+
     struct Cluster {
         dir: tempfile::TempDir,
         port: u16,
+        bin: PathBuf,
     }
 
     impl Cluster {
-        fn start() -> Cluster {
+        fn start(flavor: Flavor) -> Cluster {
+            let bin = flavor.bin();
             let dir = tempfile::Builder::new()
                 .prefix("sluice-pg-")
-                .tempdir()
+                .tempdir_in("/tmp")
                 .expect("temp dir");
             let as_root = is_root();
             if as_root {
                 run(Command::new("chown").arg("postgres:").arg(dir.path()));
             }
             let data = dir.path().join("data");
-            run(pg_cmd(as_root, "initdb").arg("-D").arg(&data).args([
+            run(pg_cmd(as_root, &bin, "initdb").arg("-D").arg(&data).args([
                 "-U",
                 "postgres",
                 "-A",
@@ -449,16 +622,17 @@ pub(crate) mod testing {
                 .expect("free port")
                 .port();
             let opts = format!(
-                "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
-                dir.path().display()
+                "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off{}",
+                dir.path().display(),
+                flavor.options()
             );
-            run(pg_cmd(as_root, "pg_ctl")
+            run(pg_cmd(as_root, &bin, "pg_ctl")
                 .arg("-D")
                 .arg(&data)
                 .arg("-l")
                 .arg(dir.path().join("server.log"))
                 .args(["-w", "-o", &opts, "start"]));
-            Cluster { dir, port }
+            Cluster { dir, port, bin }
         }
 
         fn data(&self) -> PathBuf {
@@ -468,7 +642,7 @@ pub(crate) mod testing {
 
     impl Drop for Cluster {
         fn drop(&mut self) {
-            let _ = pg_cmd(is_root(), "pg_ctl")
+            let _ = pg_cmd(is_root(), &self.bin, "pg_ctl")
                 .arg("-D")
                 .arg(self.data())
                 .args(["-m", "immediate", "-w", "stop"])
@@ -481,8 +655,8 @@ pub(crate) mod testing {
         unsafe { libc::geteuid() == 0 }
     }
 
-    fn pg_cmd(as_root: bool, tool: &str) -> Command {
-        let bin = Path::new(BIN).join(tool);
+    fn pg_cmd(as_root: bool, bin: &Path, tool: &str) -> Command {
+        let bin = bin.join(tool);
         if as_root {
             let mut c = Command::new("runuser");
             c.args(["-u", "postgres", "--"]).arg(bin);
@@ -504,7 +678,9 @@ pub(crate) mod testing {
         );
     }
 
-    static CLUSTER: Mutex<Weak<Cluster>> = Mutex::new(Weak::new());
+    /// One shared cluster per flavor, stopped when its last test is done.
+    static CLUSTERS: Mutex<[Weak<Cluster>; 3]> =
+        Mutex::new([Weak::new(), Weak::new(), Weak::new()]);
 
     /// A database of its own for one test; dropped (and the cluster stopped, if this was
     /// its last user) when this goes away.
@@ -516,16 +692,23 @@ pub(crate) mod testing {
     }
 
     impl TestDb {
+        /// A database on Debian's PostgreSQL.
         pub(crate) async fn new() -> TestDb {
-            let (admin_url, cluster) = match std::env::var("SLUICE_TEST_PG_URL") {
-                Ok(url) if !url.is_empty() => (url, None),
-                _ => {
-                    let cluster = tokio::task::spawn_blocking(|| {
-                        let mut slot = CLUSTER.lock().unwrap();
+            Self::on(Flavor::Postgres).await
+        }
+
+        /// A database on the given flavor of PostgreSQL.
+        pub(crate) async fn on(flavor: Flavor) -> TestDb {
+            let (admin_url, cluster) = match flavor.env_url() {
+                Some(url) => (url, None),
+                None => {
+                    let cluster = tokio::task::spawn_blocking(move || {
+                        let mut slots = CLUSTERS.lock().unwrap();
+                        let slot = &mut slots[flavor as usize];
                         if let Some(c) = slot.upgrade() {
                             return c;
                         }
-                        let c = Arc::new(Cluster::start());
+                        let c = Arc::new(Cluster::start(flavor));
                         *slot = Arc::downgrade(&c);
                         c
                     })
@@ -558,6 +741,36 @@ pub(crate) mod testing {
             crate::postgres::connect(&self.url).await.unwrap()
         }
     }
+
+    /// Defines a test twice, on PostgreSQL and on TimescaleDB: `name::postgres` and
+    /// `name::timescaledb` (ignored where `../shared/timescaledb` is absent). The body
+    /// gets the flavor as `$flavor` and makes its database with `TestDb::on($flavor)`.
+    macro_rules! pg_test {
+        ($(#[$attr:meta])* async fn $name:ident($flavor:ident) $body:block) => {
+            mod $name {
+                #[allow(unused_imports)]
+                use super::*;
+                use $crate::postgres::migrate::testing::Flavor;
+
+                async fn body($flavor: Flavor) $body
+
+                $(#[$attr])*
+                async fn postgres() {
+                    body(Flavor::Postgres).await
+                }
+
+                $(#[$attr])*
+                #[cfg_attr(
+                    not(timescaledb_tests),
+                    ignore = "needs ../shared/timescaledb (TimescaleDB for the tests)"
+                )]
+                async fn timescaledb() {
+                    body(Flavor::Timescale).await
+                }
+            }
+        };
+    }
+    pub(crate) use pg_test;
 
     /// A key=value connection string for a parsed config (enough for tests).
     fn config_url(cfg: &tokio_postgres::Config) -> String {
@@ -608,7 +821,7 @@ pub(crate) mod testing {
 
 #[cfg(test)]
 mod tests {
-    use super::testing::TestDb;
+    use super::testing::{pg_test, Flavor, TestDb};
     use super::*;
 
     #[test]
@@ -720,9 +933,12 @@ mod tests {
             .collect()
     }
 
+    pg_test! {
     #[tokio::test]
-    async fn plain_path_applies_once_and_rows_land() {
-        let db = TestDb::new().await;
+    async fn each_path_applies_once_and_rows_land(flavor) {
+        let db = TestDb::on(flavor).await;
+        let ts = flavor == Flavor::Timescale;
+        let variant = if ts { "timescale" } else { "plain" };
         let mut client = db.client().await;
         let available = client
             .query_one(
@@ -732,16 +948,13 @@ mod tests {
             .await
             .unwrap()
             .get::<_, bool>(0);
-        assert!(
-            !available,
-            "these tests expect a PostgreSQL without TimescaleDB"
-        );
+        assert_eq!(available, ts, "TimescaleDB is installed only in its flavor");
 
         let report = migrate(&mut client).await.unwrap();
         assert_eq!(
             report,
             MigrationReport {
-                timescaledb: false,
+                timescaledb: ts,
                 applied: vec![
                     "0001_core".into(),
                     "0002_metrics".into(),
@@ -752,7 +965,7 @@ mod tests {
                 already: 0
             }
         );
-        assert!(!timescaledb_enabled(&client).await.unwrap());
+        assert_eq!(timescaledb_enabled(&client).await.unwrap(), ts);
 
         // A second run (and a concurrent pair) changes nothing.
         let again = migrate(&mut client).await.unwrap();
@@ -779,9 +992,9 @@ mod tests {
             recorded,
             vec![
                 (1, "core".into(), "always".into()),
-                (2, "metrics".into(), "plain".into()),
-                (3, "metrics_1m".into(), "plain".into()),
-                (4, "metrics_1m_policy".into(), "plain".into()),
+                (2, "metrics".into(), variant.into()),
+                (3, "metrics_1m".into(), variant.into()),
+                (4, "metrics_1m_policy".into(), variant.into()),
                 (5, "sluice_schema".into(), "always".into()),
             ]
         );
@@ -866,7 +1079,52 @@ mod tests {
             .await
             .unwrap()
             .get(0);
-        assert_eq!(kind, "p", "metrics_points is range-partitioned");
+        if ts {
+            assert_eq!(kind, "r", "metrics_points is a hypertable");
+            let hypertables: Vec<String> = client
+                .query(
+                    "SELECT hypertable_name::text FROM timescaledb_information.hypertables
+                     ORDER BY 1",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            assert_eq!(hypertables, ["metrics_events", "metrics_points"]);
+            let policies: Vec<(String, String)> = client
+                .query(
+                    "SELECT proc_name::text, coalesce(hypertable_name::text, '')
+                     FROM timescaledb_information.jobs WHERE proc_name LIKE 'policy_%'
+                       AND proc_name NOT IN ('policy_job_stat_history_retention', 'policy_telemetry')
+                     ORDER BY 1",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| (r.get(0), r.get(1)))
+                .collect();
+            let names: Vec<&str> = policies.iter().map(|p| p.0.as_str()).collect();
+            assert_eq!(
+                names,
+                ["policy_compression", "policy_refresh_continuous_aggregate", "policy_retention"],
+                "{policies:?}"
+            );
+            let cagg: i64 = client
+                .query_one(
+                    "SELECT count(*) FROM timescaledb_information.continuous_aggregates
+                     WHERE view_name = 'metrics_1m'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            assert_eq!(cagg, 1, "metrics_1m is a continuous aggregate");
+        } else {
+            assert_eq!(kind, "p", "metrics_points is range-partitioned");
+        }
 
         // Today's partition exists, so a point lands right after migrating; the label
         // set's uniqueness holds.
@@ -891,12 +1149,14 @@ mod tests {
             .unwrap_err();
         assert_eq!(fk.code(), Some(&SqlState::FOREIGN_KEY_VIOLATION));
     }
+    }
 
+    pg_test! {
     #[tokio::test]
-    async fn an_earlier_sluices_tables_move_into_the_sluice_schema_with_their_rows() {
+    async fn an_earlier_sluices_tables_move_into_the_sluice_schema_with_their_rows(flavor) {
         // A database set up before the sluice schema existed: its bookkeeping tables are
         // in the current schema, with rows; another tool's schema_migrations would stay.
-        let db = TestDb::new().await;
+        let db = TestDb::on(flavor).await;
         let mut client = db.client().await;
         let core = MIGRATIONS.iter().find(|m| m.version == 1).unwrap();
         client
@@ -935,10 +1195,12 @@ mod tests {
             0
         );
     }
+    }
 
+    pg_test! {
     #[tokio::test]
-    async fn another_tools_schema_migrations_is_left_alone() {
-        let db = TestDb::new().await;
+    async fn another_tools_schema_migrations_is_left_alone(flavor) {
+        let db = TestDb::on(flavor).await;
         let mut client = db.client().await;
         client
             .batch_execute(
@@ -955,10 +1217,12 @@ mod tests {
             .get(0);
         assert_eq!(theirs, "20240101000000");
     }
+    }
 
+    pg_test! {
     #[tokio::test]
-    async fn a_failing_migration_leaves_nothing_behind_and_errors_are_classified() {
-        let db = TestDb::new().await;
+    async fn a_failing_migration_leaves_nothing_behind_and_errors_are_classified(flavor) {
+        let db = TestDb::on(flavor).await;
         let mut client = db.client().await;
         // A table in the way with the wrong shape: 0002's index on series_id fails, so
         // version 2 must not be recorded and nothing of it may remain.
@@ -967,10 +1231,12 @@ mod tests {
             .await
             .unwrap();
         let e = migrate(&mut client).await.unwrap_err();
-        assert!(
-            e.to_string().contains("migration 0002_metrics.plain.sql"),
-            "{e}"
-        );
+        let file = if flavor == Flavor::Timescale {
+            "migration 0002_metrics.timescale.sql"
+        } else {
+            "migration 0002_metrics.plain.sql"
+        };
+        assert!(e.to_string().contains(file), "{e}");
         let versions: Vec<i32> = client
             .query("SELECT version FROM sluice.schema_migrations", &[])
             .await
@@ -1011,6 +1277,93 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(connect_error("x", closed), Error::Unavailable(_)));
+    }
+    }
+
+    /// Migrates a fresh database of `flavor` with `mode`: the path taken, or the error.
+    async fn path_with(flavor: Flavor, mode: TimescaleMode) -> std::result::Result<bool, String> {
+        let db = TestDb::on(flavor).await;
+        let mut client = db.client().await;
+        migrate_with(&mut client, mode)
+            .await
+            .map(|r| r.timescaledb)
+            .map_err(|e| e.to_string())
+    }
+
+    #[tokio::test]
+    async fn postgres_timescaledb_decides_the_path_on_plain_postgres() {
+        assert_eq!(
+            path_with(Flavor::Postgres, TimescaleMode::Auto).await,
+            Ok(false)
+        );
+        assert_eq!(
+            path_with(Flavor::Postgres, TimescaleMode::Off).await,
+            Ok(false)
+        );
+        let e = path_with(Flavor::Postgres, TimescaleMode::Require)
+            .await
+            .unwrap_err();
+        assert!(
+            e.contains("\"require\"") && e.contains("not installed"),
+            "{e}"
+        );
+    }
+
+    #[tokio::test]
+    #[cfg_attr(not(timescaledb_tests), ignore = "needs ../shared/timescaledb")]
+    async fn postgres_timescaledb_decides_the_path_on_timescaledb() {
+        assert_eq!(
+            path_with(Flavor::Timescale, TimescaleMode::Auto).await,
+            Ok(true)
+        );
+        assert_eq!(
+            path_with(Flavor::Timescale, TimescaleMode::Require).await,
+            Ok(true)
+        );
+        assert_eq!(
+            path_with(Flavor::Timescale, TimescaleMode::Off).await,
+            Ok(false)
+        );
+        // A database keeps its path: `off` does not pull one off TimescaleDB.
+        let db = TestDb::on(Flavor::Timescale).await;
+        let mut client = db.client().await;
+        migrate_with(&mut client, TimescaleMode::Auto)
+            .await
+            .unwrap();
+        let e = migrate_with(&mut client, TimescaleMode::Off)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("set up on TimescaleDB"), "{e}");
+    }
+
+    #[tokio::test]
+    #[cfg_attr(not(timescaledb_tests), ignore = "needs ../shared/timescaledb")]
+    async fn installed_but_not_preloaded_timescaledb_is_named_not_half_migrated() {
+        // Issue 11: choosing the path from pg_available_extensions alone failed in the
+        // middle of a migration.
+        for mode in [TimescaleMode::Auto, TimescaleMode::Require] {
+            let e = path_with(Flavor::TimescaleNotPreloaded, mode)
+                .await
+                .unwrap_err();
+            assert!(
+                e.contains("shared_preload_libraries") && e.contains("postgres.timescaledb"),
+                "{mode:?}: {e}"
+            );
+        }
+        let db = TestDb::on(Flavor::TimescaleNotPreloaded).await;
+        let mut client = db.client().await;
+        let _ = migrate_with(&mut client, TimescaleMode::Auto).await;
+        let versions: i64 = client
+            .query_one("SELECT count(*) FROM sluice.schema_migrations", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(versions, 0, "nothing was applied before the refusal");
+        // The operator allows plain PostgreSQL.
+        let report = migrate_with(&mut client, TimescaleMode::Off).await.unwrap();
+        assert!(!report.timescaledb);
+        assert_eq!(report.applied.len(), 5);
     }
 
     #[test]

@@ -12,6 +12,7 @@
 //! registry in `table_registry`.
 
 pub mod copy;
+pub mod jobs;
 pub mod maintenance;
 pub mod migrate;
 pub mod registry;

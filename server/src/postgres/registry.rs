@@ -199,7 +199,10 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
 
-    use super::super::migrate::{migrate, testing::TestDb};
+    use super::super::migrate::{
+        migrate,
+        testing::{pg_test, TestDb},
+    };
     use super::*;
     use crate::registry::Registry;
 
@@ -283,9 +286,10 @@ mod tests {
         out
     }
 
+    pg_test! {
     #[tokio::test]
-    async fn versions_persist_across_reopen() {
-        let db = TestDb::new().await;
+    async fn versions_persist_across_reopen(flavor) {
+        let db = TestDb::on(flavor).await;
         migrated(&db).await;
         let reg = registry(&db).await;
         assert!(
@@ -351,10 +355,12 @@ mod tests {
         assert!(store.append(&gap).await.is_err(), "a gap is refused");
         assert_eq!(stored_versions(&db).await["cpu"], 2);
     }
+    }
 
+    pg_test! {
     #[tokio::test]
-    async fn a_store_without_migrations_says_so() {
-        let db = TestDb::new().await;
+    async fn a_store_without_migrations_says_so(flavor) {
+        let db = TestDb::on(flavor).await;
         let store = PgRegistryStore::connect(&db.url).await.unwrap();
         let e = store.load().await.unwrap_err();
         assert!(
@@ -367,10 +373,12 @@ mod tests {
             .unwrap();
         assert!(matches!(e, Error::Unavailable(_)), "{e}");
     }
+    }
 
+    pg_test! {
     #[tokio::test]
-    async fn two_processes_register_concurrently_without_duplicates_or_gaps() {
-        let db = TestDb::new().await;
+    async fn two_processes_register_concurrently_without_duplicates_or_gaps(flavor) {
+        let db = TestDb::on(flavor).await;
         migrated(&db).await;
         // Both open at once on an empty registry: both register the seeds.
         let conflicts = Arc::new(AtomicUsize::new(0));
@@ -439,5 +447,6 @@ mod tests {
                 table("shared", v as usize - 1)
             );
         }
+    }
     }
 }

@@ -95,6 +95,47 @@ fn pg_err(context: &str, e: &tokio_postgres::Error) -> SinkError {
     }
 }
 
+/// Why a table could not be made ready for a chunk.
+enum DdlError {
+    /// Passing (connection, restart, lock, deadlock): retry the chunk.
+    Retry(SinkError),
+    /// It will fail again the same way (a refused statement, a column of another type):
+    /// the chunk goes to the dead-letter files with this message.
+    Permanent(String),
+}
+
+impl From<SinkError> for DdlError {
+    fn from(e: SinkError) -> Self {
+        DdlError::Retry(e)
+    }
+}
+
+/// Whether an error may pass by itself: no server answer at all (the connection), or a
+/// class that is about the server's state rather than the statement (08 connection, 40
+/// rollback/deadlock, 53 resources, 57 shutdown/cancel, 58 system, 55P03 lock timeout).
+fn is_transient(e: &tokio_postgres::Error) -> bool {
+    let Some(code) = e.code() else { return true };
+    let c = code.code();
+    ["08", "40", "53", "57", "58", "XX"]
+        .iter()
+        .any(|class| c.starts_with(class))
+        || c == "55P03"
+        || e.is_closed()
+}
+
+/// A failed DDL statement: retried when the error may pass, otherwise permanent with the
+/// statement and the server's message.
+fn ddl_err(context: &str, statement: &str, e: &tokio_postgres::Error) -> DdlError {
+    if is_transient(e) {
+        DdlError::Retry(pg_err(context, e))
+    } else {
+        DdlError::Permanent(format!(
+            "{context}: `{statement}` failed: {}",
+            data_message(e)
+        ))
+    }
+}
+
 /// Whether an error is about the data (it will fail again the same way) rather than the
 /// server or the connection. Those rows are dead-lettered; anything else is retried.
 fn is_data_error(e: &tokio_postgres::Error) -> bool {
@@ -181,7 +222,7 @@ impl PgWriter {
         &self,
         client: &mut Client,
         table: &ResolvedTable,
-    ) -> Result<(), SinkError> {
+    ) -> Result<(), DdlError> {
         let name = table.name();
         if name == METRICS_TABLE {
             return Ok(());
@@ -193,7 +234,7 @@ impl PgWriter {
         let tx = client
             .transaction()
             .await
-            .map_err(|e| pg_err("begin", &e))?;
+            .map_err(|e| DdlError::Retry(pg_err("begin", &e)))?;
         tx.execute(
             "SELECT pg_advisory_xact_lock(hashtext('sluice.table.' || $1))",
             &[&name],
@@ -231,30 +272,50 @@ impl PgWriter {
             let ddl = format!("CREATE TABLE IF NOT EXISTS {qname} ({})", cols.join(", "));
             tx.batch_execute(&ddl)
                 .await
-                .map_err(|e| pg_err(&format!("creating table {name}"), &e))?;
+                .map_err(|e| ddl_err(&format!("creating table {name}"), &ddl, &e))?;
             if timescale {
-                tx.execute(
-                    "SELECT create_hypertable($1::regclass, $2::name, if_not_exists => TRUE)",
-                    &[&qname, &table.time_column],
-                )
-                .await
-                .map_err(|e| pg_err(&format!("making {name} a hypertable"), &e))?;
+                // The text goes through `::text::regclass`: a parameter the server types
+                // as regclass cannot be bound from a Rust string.
+                let hyper = "SELECT create_hypertable($1::text::regclass, $2::text::name, \
+                             if_not_exists => TRUE)";
+                tx.execute(hyper, &[&qname, &table.time_column])
+                    .await
+                    .map_err(|e| {
+                        ddl_err(
+                            &format!("making {name} a hypertable"),
+                            &format!(
+                                "SELECT create_hypertable('{qname}', '{}', if_not_exists => TRUE)",
+                                table.time_column
+                            ),
+                            &e,
+                        )
+                    })?;
                 if let Some(r) = &table.definition.retention {
                     tx.execute(
-                        "SELECT add_retention_policy($1::regclass, $2::text::interval, if_not_exists => TRUE)",
+                        "SELECT add_retention_policy($1::text::regclass, $2::text::interval, \
+                         if_not_exists => TRUE)",
                         &[&qname, r],
                     )
                     .await
-                    .map_err(|e| pg_err(&format!("retention policy of {name}"), &e))?;
+                    .map_err(|e| {
+                        ddl_err(
+                            &format!("retention policy of {name}"),
+                            &format!(
+                                "SELECT add_retention_policy('{qname}', INTERVAL '{r}', if_not_exists => TRUE)"
+                            ),
+                            &e,
+                        )
+                    })?;
                 }
             } else {
                 let idx = quote_ident(&format!("{name}_{}_idx", table.time_column));
-                tx.batch_execute(&format!(
+                let sql = format!(
                     "CREATE INDEX IF NOT EXISTS {idx} ON {qname} ({} DESC)",
                     quote_ident(&table.time_column)
-                ))
-                .await
-                .map_err(|e| pg_err(&format!("indexing {name}"), &e))?;
+                );
+                tx.batch_execute(&sql)
+                    .await
+                    .map_err(|e| ddl_err(&format!("indexing {name}"), &sql, &e))?;
             }
             tracing::info!(
                 table = name,
@@ -270,26 +331,25 @@ impl PgWriter {
                 let want = PgType::from_column_type(&c.column_type);
                 match have.get(c.name.as_str()) {
                     None => {
-                        tx.batch_execute(&format!(
+                        let sql = format!(
                             "ALTER TABLE {qname} ADD COLUMN IF NOT EXISTS {} {}",
                             quote_ident(&c.name),
                             want.sql_name()
-                        ))
-                        .await
-                        .map_err(|e| pg_err(&format!("adding column {} to {name}", c.name), &e))?;
+                        );
+                        tx.batch_execute(&sql).await.map_err(|e| {
+                            ddl_err(&format!("adding column {} to {name}", c.name), &sql, &e)
+                        })?;
                     }
                     Some(actual) if !types_match(&want, actual) => {
-                        // Not a passing problem: keep retrying so the operator sees it in
-                        // /readyz, rather than dead-lettering the whole table.
-                        return Err(SinkError {
-                            message: format!(
-                                "table '{name}' column '{}' is {actual} in PostgreSQL but {} ({}) in the registry; alter one of them",
-                                c.name,
-                                c.column_type.name(),
-                                format_type_name(&want)
-                            ),
-                            reconnect: false,
-                        });
+                        // It will not pass by itself: the rows go to the dead-letter files
+                        // (and /readyz says why) until one of the two is altered, rather
+                        // than holding every other table's WAL release back.
+                        return Err(DdlError::Permanent(format!(
+                            "table '{name}' column '{}' is {actual} in PostgreSQL but {} ({}) in the registry; alter one of them",
+                            c.name,
+                            c.column_type.name(),
+                            format_type_name(&want)
+                        )));
                     }
                     Some(_) => {}
                 }
@@ -523,6 +583,78 @@ impl PgWriter {
     }
 }
 
+impl PgWriter {
+    /// Claims the chunk's WAL range in `sluice_sink_offsets` inside `tx`; false when it
+    /// was claimed (committed) before.
+    async fn claim(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+        chunk: &Chunk,
+    ) -> Result<bool, SinkError> {
+        let claimed = tx
+            .query_opt(
+                "INSERT INTO sluice.sluice_sink_offsets (wal_id, table_name, first_seq, last_seq, rows)
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING RETURNING 1",
+                &[
+                    &self.wal_id,
+                    &chunk.table.name(),
+                    &(chunk.first_seq() as i64),
+                    &(chunk.last_seq() as i64),
+                    &(chunk.rows as i64),
+                ],
+            )
+            .await
+            .map_err(|e| pg_err("claiming the WAL range in sluice_sink_offsets", &e))?;
+        Ok(claimed.is_some())
+    }
+
+    /// The table cannot take rows for good: the whole chunk goes to the dead-letter files
+    /// with `message`, committed with its WAL range (so a replay does not write it twice),
+    /// and the WAL moves on for every other table.
+    async fn dead_letter_chunk(
+        &self,
+        conn: &mut Client,
+        chunk: &Chunk,
+        message: String,
+    ) -> Result<Written, SinkError> {
+        let tx = conn.transaction().await.map_err(|e| pg_err("begin", &e))?;
+        if !self.claim(&tx, chunk).await? {
+            tx.rollback().await.map_err(|e| pg_err("rollback", &e))?;
+            return Ok(Written {
+                already_committed: true,
+                table_error: Some(message),
+                ..Default::default()
+            });
+        }
+        let refused: Vec<Refused> = chunk
+            .parts
+            .iter()
+            .map(|p| Refused {
+                seq: p.seq,
+                rows: p.batch.clone(),
+                error: message.clone(),
+            })
+            .collect();
+        let table = chunk.table.name();
+        let dead_letter_rows = self
+            .dead_letter
+            .record(
+                PG_SINK,
+                table,
+                chunk.first_seq(),
+                chunk.last_seq(),
+                &refused,
+            )
+            .await?;
+        tx.commit().await.map_err(|e| pg_err("commit", &e))?;
+        Ok(Written {
+            dead_letter_rows,
+            table_error: Some(message),
+            ..Default::default()
+        })
+    }
+}
+
 /// Classifies a COPY failure: `Ok(message)` is a data error (bisect), `Err` any other.
 fn copy_failure(e: tokio_postgres::Error) -> Result<String, SinkError> {
     if is_data_error(&e) {
@@ -618,7 +750,13 @@ impl StoreWriter for PgWriter {
     }
 
     async fn write(&self, conn: &mut Client, chunk: &Chunk) -> Result<Written, SinkError> {
-        self.ensure_table(conn, &chunk.table).await?;
+        match self.ensure_table(conn, &chunk.table).await {
+            Ok(()) => {}
+            Err(DdlError::Retry(e)) => return Err(e),
+            Err(DdlError::Permanent(message)) => {
+                return self.dead_letter_chunk(conn, chunk, message).await
+            }
+        }
         let (prepared, mut refused) = self.prepare(conn, chunk).await?;
         let table = chunk.table.name();
         let (first, last) = (chunk.first_seq(), chunk.last_seq());
@@ -629,22 +767,7 @@ impl StoreWriter for PgWriter {
             cols.join(", ")
         );
         let tx = conn.transaction().await.map_err(|e| pg_err("begin", &e))?;
-        let rows_total: u64 = chunk.rows as u64;
-        let claimed = tx
-            .query_opt(
-                "INSERT INTO sluice.sluice_sink_offsets (wal_id, table_name, first_seq, last_seq, rows)
-                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING RETURNING 1",
-                &[
-                    &self.wal_id,
-                    &table,
-                    &(first as i64),
-                    &(last as i64),
-                    &(rows_total as i64),
-                ],
-            )
-            .await
-            .map_err(|e| pg_err("claiming the WAL range in sluice_sink_offsets", &e))?;
-        if claimed.is_none() {
+        if !self.claim(&tx, chunk).await? {
             tx.rollback().await.map_err(|e| pg_err("rollback", &e))?;
             return Ok(Written {
                 already_committed: true,
