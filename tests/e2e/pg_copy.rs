@@ -25,7 +25,7 @@ use serde_json::{json, Value};
 use sluice::postgres::copy::{encode_batch, pg_type_for_field, PgType, HEADER, TRAILER};
 use sluice::postgres::quote_ident;
 
-use crate::pg::PgServer;
+use crate::pg::{Flavor, PgServer};
 
 /// Microseconds since 1970 of 4714-11-26 BC, two days after PostgreSQL's first timestamp.
 const MIN_UNIX_MICROS: i64 = -210_866_803_200_000_000 + 2 * DAY_MICROS;
@@ -670,7 +670,20 @@ fn runtime() -> tokio::runtime::Runtime {
 
 #[test]
 fn random_batches_round_trip_through_binary_copy() {
-    let pg = PgServer::start();
+    random_round_trips(Flavor::Postgres);
+}
+
+#[test]
+#[cfg_attr(
+    not(timescaledb_tests),
+    ignore = "needs ../shared/timescaledb (TimescaleDB for the tests)"
+)]
+fn random_batches_round_trip_through_binary_copy_on_timescaledb() {
+    random_round_trips(Flavor::Timescale);
+}
+
+fn random_round_trips(flavor: Flavor) {
+    let pg = PgServer::start_on(flavor);
     let rt = runtime();
     let client = rt.block_on(pg.client());
     let tables = AtomicUsize::new(0);
@@ -689,6 +702,19 @@ fn random_batches_round_trip_through_binary_copy() {
 
 #[test]
 fn hand_built_batch_of_every_type() {
+    hand_built_batch(Flavor::Postgres);
+}
+
+#[test]
+#[cfg_attr(
+    not(timescaledb_tests),
+    ignore = "needs ../shared/timescaledb (TimescaleDB for the tests)"
+)]
+fn hand_built_batch_of_every_type_on_timescaledb() {
+    hand_built_batch(Flavor::Timescale);
+}
+
+fn hand_built_batch(flavor: Flavor) {
     let max38 = 10i128.pow(38) - 1;
     let row = Row {
         b: Some(true),
@@ -750,7 +776,7 @@ fn hand_built_batch_of_every_type() {
         n38: vec![Some(max38), Some(-max38)],
         slice: (0, 2),
     };
-    let pg = PgServer::start();
+    let pg = PgServer::start_on(flavor);
     let rt = runtime();
     rt.block_on(async {
         let client = pg.client().await;

@@ -392,6 +392,28 @@ async fn metrics_are_split_into_series_and_points_and_rolled_up(flavor) {
     // refreshes the plain table; on TimescaleDB the continuous aggregate is refreshed as
     // its policy would (its scheduled refresh is watched by tests/jobs).
     if flavor == crate::pg::Flavor::Timescale {
+        // Sluice watches the store's jobs: the seed's three policies are in /readyz, each
+        // either run by the store's scheduler or, where that fails (PostgreSQL 15.20),
+        // run by sluice, with the store's error text.
+        let readyz = server.url("/readyz");
+        eventually(Duration::from_secs(60), "the seed's jobs watched and handled", || async {
+            let r = get_json(&readyz).await;
+            let jobs = r["sinks"]["postgres"]["timescaledb_jobs"]["jobs"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            let policies = ["policy_compression", "policy_retention", "policy_refresh_continuous_aggregate"];
+            let seen = policies.iter().all(|p| jobs.iter().any(|j| j["proc_name"] == *p));
+            let handled = jobs.iter().all(|j| {
+                j["sluice_error"].is_null()
+                    && (j["store_last_run"] != "Failed"
+                        || (j["sluice_runs"].as_u64() >= Some(1) && j["store_error"].is_string()))
+            });
+            seen && handled && jobs.iter().any(|j| !j["store_last_run"].is_null())
+        })
+        .await;
+        let metrics = reqwest::get(server.url("/metrics")).await.unwrap().text().await.unwrap();
+        assert!(metrics.contains("sluice_timescaledb_job_failing{"), "{metrics}");
         db.batch_execute("CALL refresh_continuous_aggregate('metrics_1m', NULL, now() - INTERVAL '1 minute')")
             .await
             .unwrap();

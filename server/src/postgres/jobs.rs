@@ -323,6 +323,17 @@ mod tests {
         (db, client)
     }
 
+    /// (bucket, avg, max, min) rows of `sql`.
+    async fn buckets(client: &Client, sql: &str) -> Vec<(String, f64, f64, f64)> {
+        client
+            .query(sql, &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+            .collect()
+    }
+
     async fn count(client: &Client, sql: &str) -> i64 {
         client.query_one(sql, &[]).await.unwrap().get(0)
     }
@@ -477,31 +488,21 @@ mod tests {
                 >= 1
         );
         // metrics_1m matches a direct aggregation over metrics_points in its window.
-        let direct: Vec<(String, f64, f64, f64)> = client
-            .query(
-                "SELECT time_bucket('1 minute', mp.time)::text, avg(mp.value), max(mp.value),
-                        min(mp.value)
-                 FROM metrics_points mp
-                 WHERE mp.time >= now() - INTERVAL '2 hours'
-                 GROUP BY 1 ORDER BY 1",
-                &[],
-            )
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
-            .collect();
-        let aggregate: Vec<(String, f64, f64, f64)> = client
-            .query(
-                "SELECT bucket::text, avg_v, max_v, min_v FROM metrics_1m
-                 WHERE bucket >= now() - INTERVAL '2 hours' ORDER BY 1",
-                &[],
-            )
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
-            .collect();
+        let direct = buckets(
+            &client,
+            "SELECT time_bucket('1 minute', mp.time)::text, avg(mp.value), max(mp.value),
+                    min(mp.value)
+             FROM metrics_points mp
+             WHERE mp.time >= now() - INTERVAL '2 hours'
+             GROUP BY 1 ORDER BY 1",
+        )
+        .await;
+        let aggregate = buckets(
+            &client,
+            "SELECT bucket::text, avg_v, max_v, min_v FROM metrics_1m
+             WHERE bucket >= now() - INTERVAL '2 hours' ORDER BY 1",
+        )
+        .await;
         assert_eq!(direct.len(), 1);
         assert_eq!(aggregate, direct);
         assert!(!watch.degraded());
