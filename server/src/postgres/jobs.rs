@@ -89,6 +89,27 @@ pub struct JobsWatch {
     metrics: Option<std::sync::Arc<Metrics>>,
 }
 
+/// The jobs, their scheduler's last outcome and (`with_errors`) its newest error text.
+fn jobs_sql(with_errors: bool) -> String {
+    let error = if with_errors {
+        "(SELECT e.err_message || ' (' || coalesce(e.sqlerrcode, '?') || ')'
+            FROM timescaledb_information.job_errors e
+           WHERE e.job_id = j.job_id
+           ORDER BY e.finish_time DESC NULLS LAST LIMIT 1)"
+    } else {
+        "NULL::text"
+    };
+    format!(
+        "SELECT j.job_id, j.proc_name::text, j.hypertable_name::text,
+                extract(epoch FROM j.schedule_interval)::float8,
+                s.last_run_status::text, coalesce(s.total_failures, 0)::int8, {error}
+         FROM timescaledb_information.jobs j
+         LEFT JOIN timescaledb_information.job_stats s ON s.job_id = j.job_id
+         WHERE j.scheduled AND j.proc_name <> 'policy_telemetry'
+         ORDER BY j.job_id"
+    )
+}
+
 /// Whether a database has TimescaleDB's job views.
 async fn has_jobs(client: &Client) -> Result<bool> {
     Ok(client
@@ -138,23 +159,16 @@ impl JobsWatch {
         if !has_jobs(client).await? {
             return Ok(JobsReport::default());
         }
-        let rows = client
-            .query(
-                "SELECT j.job_id, j.proc_name::text, j.hypertable_name::text,
-                        extract(epoch FROM j.schedule_interval)::float8,
-                        s.last_run_status::text, coalesce(s.total_failures, 0)::int8,
-                        (SELECT e.err_message || ' (' || coalesce(e.sqlerrcode, '?') || ')'
-                           FROM timescaledb_information.job_errors e
-                          WHERE e.job_id = j.job_id
-                          ORDER BY e.finish_time DESC NULLS LAST LIMIT 1)
-                 FROM timescaledb_information.jobs j
-                 LEFT JOIN timescaledb_information.job_stats s ON s.job_id = j.job_id
-                 WHERE j.scheduled AND j.proc_name <> 'policy_telemetry'
-                 ORDER BY j.job_id",
-                &[],
-            )
-            .await
-            .map_err(|e| pg_error("cannot read TimescaleDB's jobs", e))?;
+        // job_errors may be closed to this role: then the jobs without the error text.
+        let rows = match client.query(&jobs_sql(true), &[]).await {
+            Err(e)
+                if e.code() == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) =>
+            {
+                client.query(&jobs_sql(false), &[]).await
+            }
+            other => other,
+        }
+        .map_err(|e| pg_error("cannot read TimescaleDB's jobs", e))?;
         let mut report = JobsReport::default();
         let mut due = Vec::new();
         {
