@@ -15,7 +15,7 @@ measured ``--reps`` times, alternating, tables truncated before every measuremen
    ``postgres.timescaledb = "off"`` (a plain table with a time index);
 3. **psql x N -> hypertable**: the same rows as N binary COPY files (N = ``pool_size``,
    the parallelism sluice uses), loaded by N ``psql \\copy ... FROM ... (FORMAT binary)``
-   at once into the hypertable.
+   at once into the hypertable; and, for reference, **psql x 1**: one file, one stream.
 
 Counts are checked after every measurement. Target (exit status 1 when missed): sluice
 into the hypertable at least 0.8 x the parallel psql load (the store's own limit here).
@@ -131,6 +131,10 @@ def main() -> int:
             psql(urls["hypertable"], f"\\copy (SELECT time, series_id, value FROM {TABLE} "
                  f"ORDER BY time, series_id OFFSET {k * per} LIMIT {per}) TO '{f}' WITH (FORMAT binary)")
             files.append(f)
+        whole = workdir / "all.bin"
+        # COPY TO of a hypertable reads only its (empty) parent: copy a query.
+        psql(urls["hypertable"], f"\\copy (SELECT time, series_id, value FROM {TABLE}) "
+             f"TO '{whole}' WITH (FORMAT binary)")
 
         def check(side: str, url: str) -> None:
             n = int(psql(url, f"SELECT count(*) FROM {TABLE}"))
@@ -162,6 +166,15 @@ def main() -> int:
             el = time.perf_counter() - start
             check("psql", url)
             side = f"psql x {args.pool_size} -> hypertable"
+            times.setdefault(side, []).append(el)
+            print(f"  rep {rep} {side:<22} {el:7.3f} s {args.rows / el / 1e6:6.2f} M rows/s",
+                  flush=True)
+            psql(url, f"TRUNCATE {TABLE}")
+            start = time.perf_counter()
+            psql(url, f"\\copy {TABLE} FROM '{whole}' WITH (FORMAT binary)")
+            el = time.perf_counter() - start
+            check("psql x 1", url)
+            side = "psql x 1 -> hypertable"
             times.setdefault(side, []).append(el)
             print(f"  rep {rep} {side:<22} {el:7.3f} s {args.rows / el / 1e6:6.2f} M rows/s",
                   flush=True)
