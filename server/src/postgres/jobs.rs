@@ -20,7 +20,8 @@
 //!    `job_errors` row) but telemetry.
 //! 2. Notes which ones the store's scheduler last ran with a failure.
 //! 3. Runs, with `CALL run_job(id)` (simple protocol: the procedures commit inside), each
-//!    job that is due by its own `schedule_interval` since Sluice last ran it: in `auto`
+//!    job that is due by its own `schedule_interval` since Sluice last ran it (a minute
+//!    after a run of Sluice's failed): in `auto`
 //!    the jobs whose last scheduled run failed, in `sluice` every job, in `store` none. A
 //!    session advisory lock per job keeps several Sluice processes from running one job
 //!    at once. A run by Sluice does not change `job_stats` (TimescaleDB records only its
@@ -37,6 +38,9 @@ use super::migrate::{describe, pg_error};
 use crate::config::JobsMode;
 use crate::error::Result;
 use crate::metrics::Metrics;
+
+/// How soon a job Sluice ran and saw fail is run again.
+const RETRY_FAILED_RUN: Duration = Duration::from_secs(60);
 
 /// One TimescaleDB job as the last round saw it.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -203,8 +207,15 @@ impl JobsWatch {
                     JobsMode::Sluice => true,
                     JobsMode::Auto => state.store_failing(),
                 };
+                // A run of Sluice's that failed is tried again within a minute, not only
+                // after the job's whole interval (a day for retention).
+                let wait = if state.sluice_error.is_some() {
+                    interval.min(RETRY_FAILED_RUN)
+                } else {
+                    interval
+                };
                 let is_due = state.sluice_last_run.is_none_or(|t| {
-                    now.signed_duration_since(t).to_std().unwrap_or_default() >= interval
+                    now.signed_duration_since(t).to_std().unwrap_or_default() >= wait
                 });
                 if wanted && is_due {
                     due.push(job_id);
@@ -253,14 +264,20 @@ impl JobsWatch {
                 &[&job_id],
             )
             .await;
-        let error = match result {
-            Ok(_) => None,
-            Err(e) if e.is_closed() => return Err(pg_error("CALL run_job", e)),
-            Err(e) => Some(describe(&e)),
-        };
         if let Err(e) = unlocked {
             return Err(pg_error("cannot unlock a TimescaleDB job", e));
         }
+        let error = match result {
+            Ok(_) => None,
+            Err(e) if e.is_closed() => return Err(pg_error("CALL run_job", e)),
+            // The store's scheduler runs it right now (a concurrent refresh, a lock):
+            // not a failure; due again next round.
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) => {
+                tracing::debug!(job_id, error = %describe(&e), "TimescaleDB job busy; next round");
+                return Ok(None);
+            }
+            Err(e) => Some(describe(&e)),
+        };
         let mut jobs = self.jobs.lock().expect("jobs");
         if let Some(state) = jobs.get_mut(&job_id) {
             let outcome = if error.is_some() { "error" } else { "ok" };
@@ -352,6 +369,28 @@ mod tests {
         client.query_one(sql, &[]).await.unwrap().get(0)
     }
 
+    /// Waits until the store's scheduler has tried every job once (its first runs start
+    /// right after a job is made), so that a run from the test does not meet one of its.
+    async fn scheduler_tried_every_job(client: &Client) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(90);
+        while count(
+            client,
+            "SELECT count(*) FROM timescaledb_information.jobs j
+             LEFT JOIN timescaledb_information.job_stats s ON s.job_id = j.job_id
+             WHERE j.scheduled AND j.proc_name <> 'policy_telemetry'
+               AND (s.last_run_status IS NULL OR s.job_status = 'Running')",
+        )
+        .await
+            > 0
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the scheduler did not run the jobs"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     #[tokio::test]
     #[cfg_attr(not(timescaledb_tests), ignore = "needs ../shared/timescaledb")]
     async fn failing_jobs_are_reported_with_the_stores_error_and_run_by_sluice() {
@@ -369,23 +408,7 @@ mod tests {
             .unwrap();
         // The store's scheduler tries each (it fails fail_always, and on PostgreSQL 15.20
         // every job).
-        let deadline = std::time::Instant::now() + Duration::from_secs(90);
-        while count(
-            &client,
-            "SELECT count(*) FROM timescaledb_information.jobs j
-             LEFT JOIN timescaledb_information.job_stats s ON s.job_id = j.job_id
-             WHERE j.scheduled AND j.proc_name <> 'policy_telemetry'
-               AND s.last_run_status IS NULL",
-        )
-        .await
-            > 0
-        {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the scheduler did not run the jobs"
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        scheduler_tried_every_job(&client).await;
         let metrics = Arc::new(Metrics::new());
         let watch = JobsWatch::new(JobsMode::Auto, Some(metrics.clone()));
         let now = Utc::now();
@@ -433,7 +456,7 @@ mod tests {
         let json = watch.json().to_string();
         assert!(json.contains("fail_always always fails"), "{json}");
 
-        // Not due again before its schedule interval; due after it.
+        // Not due again at once.
         let again = watch
             .round(&client, now + chrono::Duration::seconds(30))
             .await
@@ -441,6 +464,15 @@ mod tests {
         assert!(
             !again.ran.iter().any(|(id, _)| *id == mine.job_id),
             "{again:?}"
+        );
+        // Its run from sluice failed: tried again a minute later, not an hour later.
+        let retried = watch
+            .round(&client, now + chrono::Duration::seconds(90))
+            .await
+            .unwrap();
+        assert!(
+            retried.ran.iter().any(|(id, _)| *id == mine.job_id),
+            "{retried:?}"
         );
         let later = watch
             .round(&client, now + chrono::Duration::hours(2))
@@ -476,6 +508,7 @@ mod tests {
             )
             .await
             .unwrap();
+        scheduler_tried_every_job(&client).await;
         let watch = JobsWatch::new(JobsMode::Sluice, None);
         let report = watch.round(&client, Utc::now()).await.unwrap();
         assert!(report.ran.iter().all(|(_, e)| e.is_none()), "{report:?}");
