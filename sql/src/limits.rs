@@ -75,7 +75,15 @@ fn too_big(what: String) -> QueryError {
     QueryError::InvalidArgument(what)
 }
 
-/// Refuses SQL longer than `max_sql_bytes`, before it is parsed.
+/// Most function calls nested in one another that the SQL text may hold. The SQL parser
+/// tries some function names (`length`, `coalesce`, ...) as another construct first and
+/// parses their arguments again when that fails, so each level doubles the parse time:
+/// 16 levels of `length(` took a second, 30 would take hours, all inside one synchronous
+/// call that no deadline can stop. Real queries nest a handful.
+pub const MAX_FUNCTION_NESTING: usize = 12;
+
+/// Refuses SQL longer than `max_sql_bytes`, or nesting function calls deeper than
+/// [`MAX_FUNCTION_NESTING`], before it is parsed.
 pub fn check_text(sql: &str, limits: &QueryLimits) -> Result<(), QueryError> {
     if sql.len() > limits.max_sql_bytes {
         return Err(too_big(format!(
@@ -84,7 +92,128 @@ pub fn check_text(sql: &str, limits: &QueryLimits) -> Result<(), QueryError> {
             limits.max_sql_bytes
         )));
     }
+    let deepest = function_nesting(sql);
+    if deepest > MAX_FUNCTION_NESTING {
+        return Err(too_big(format!(
+            "the query nests function calls {deepest} deep; at most {MAX_FUNCTION_NESTING} \
+             are accepted (each level doubles the time the SQL parser takes)"
+        )));
+    }
     Ok(())
+}
+
+/// Keywords a parenthesis follows without being a call.
+const NOT_CALLS: &[&str] = &[
+    "SELECT",
+    "WHERE",
+    "AND",
+    "OR",
+    "NOT",
+    "IN",
+    "ON",
+    "FROM",
+    "AS",
+    "THEN",
+    "ELSE",
+    "WHEN",
+    "BY",
+    "HAVING",
+    "JOIN",
+    "VALUES",
+    "USING",
+    "OVER",
+    "WITH",
+    "UNION",
+    "ALL",
+    "EXCEPT",
+    "INTERSECT",
+    "LATERAL",
+    "IS",
+    "CASE",
+    "DISTINCT",
+    "RETURN",
+    "EXISTS",
+];
+
+/// The identifier right before the end of `text` (white space skipped), or empty.
+fn last_word(text: &[u8]) -> &[u8] {
+    let end = text
+        .iter()
+        .rposition(|c| !c.is_ascii_whitespace())
+        .map_or(0, |p| p + 1);
+    let start = text[..end]
+        .iter()
+        .rposition(|c| !(c.is_ascii_alphanumeric() || *c == b'_'))
+        .map_or(0, |p| p + 1);
+    &text[start..end]
+}
+
+/// The deepest nesting of function calls in `sql`: parentheses that follow a word,
+/// counted outside string literals, quoted identifiers and comments. A scan of the text,
+/// without recursion.
+fn function_nesting(sql: &str) -> usize {
+    let bytes = sql.as_bytes();
+    // For each open parenthesis: whether it opened a function call.
+    let mut open: Vec<bool> = Vec::new();
+    let (mut calls, mut deepest) = (0usize, 0usize);
+    let mut i = 0;
+    // The last byte that was not white space, outside literals and comments.
+    let mut last: u8 = b' ';
+    while i < bytes.len() {
+        let c = bytes[i];
+        match c {
+            b'\'' | b'"' | b'`' => {
+                // Skip to the closing quote (a doubled quote stays inside).
+                i += 1;
+                while i < bytes.len() {
+                    if bytes[i] == c {
+                        if bytes.get(i + 1) == Some(&c) {
+                            i += 2;
+                            continue;
+                        }
+                        break;
+                    }
+                    i += 1;
+                }
+                last = c;
+            }
+            b'-' if bytes.get(i + 1) == Some(&b'-') => {
+                while i < bytes.len() && bytes[i] != b'\n' {
+                    i += 1;
+                }
+            }
+            b'/' if bytes.get(i + 1) == Some(&b'*') => {
+                i += 2;
+                while i + 1 < bytes.len() && !(bytes[i] == b'*' && bytes[i + 1] == b'/') {
+                    i += 1;
+                }
+                i += 1;
+            }
+            b'(' => {
+                let word = last_word(&bytes[..i]);
+                let call = (last.is_ascii_alphanumeric() || matches!(last, b'_' | b'"' | b'`'))
+                    && !NOT_CALLS
+                        .iter()
+                        .any(|k| k.as_bytes().eq_ignore_ascii_case(word));
+                open.push(call);
+                if call {
+                    calls += 1;
+                    deepest = deepest.max(calls);
+                }
+                last = c;
+            }
+            b')' => {
+                if open.pop() == Some(true) {
+                    calls -= 1;
+                }
+                last = c;
+            }
+            c if c.is_ascii_whitespace() => {}
+            _ => last = c,
+        }
+        i += 1;
+    }
+    deepest
 }
 
 /// Measures nesting while the statement is walked; stops the walk at the first limit.
@@ -1045,5 +1174,48 @@ impl futures::Stream for GuardStream {
 impl datafusion::physical_plan::RecordBatchStream for GuardStream {
     fn schema(&self) -> arrow::datatypes::SchemaRef {
         self.inner.schema()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn function_nesting_counts_calls_not_parentheses_strings_or_comments() {
+        assert_eq!(function_nesting("SELECT 1"), 0);
+        assert_eq!(function_nesting("SELECT ((((1))))"), 0);
+        assert_eq!(
+            function_nesting("SELECT 1 WHERE x IN (SELECT y FROM (SELECT 1) AS t) AND (z)"),
+            0
+        );
+        assert_eq!(
+            function_nesting("SELECT length(concat(CAST(x AS VARCHAR), 'x'))"),
+            3
+        );
+        assert_eq!(function_nesting("SELECT f(1), g(h(2))"), 2);
+        assert_eq!(
+            function_nesting("SELECT 'length(length(' || x -- abs(abs(\n"),
+            0
+        );
+        assert_eq!(
+            function_nesting("SELECT /* f(f( */ \"q\"(\"a\"\"(\"(1))"),
+            2
+        );
+        assert_eq!(function_nesting("SELECT count (x)"), 1);
+        // Unbalanced text is the parser's to refuse, not a panic here.
+        assert_eq!(function_nesting("SELECT f(g(("), 2);
+        assert_eq!(function_nesting("SELECT ))) f(1"), 1);
+    }
+
+    #[test]
+    fn deeply_nested_calls_are_refused_before_the_parser_backtracks() {
+        // Issue 10's class (a short query freezing a query thread): 30 levels of
+        // length( would keep the parser busy for hours.
+        let nest = |n: usize| format!("SELECT {}1{}", "length(".repeat(n), ")".repeat(n));
+        let limits = QueryLimits::default();
+        assert!(check_text(&nest(MAX_FUNCTION_NESTING), &limits).is_ok());
+        let e = check_text(&nest(30), &limits).unwrap_err().to_string();
+        assert!(e.contains("nests function calls 30 deep"), "{e}");
     }
 }

@@ -1235,8 +1235,20 @@ mod tests {
             assert!(e.to_string().contains("query.max_depth"), "{e}");
             let e = run(engine.clone(), chain(depth + 1, "SELECT 1", " UNION ALL ")).unwrap_err();
             assert!(e.to_string().contains("query.max_depth"), "{e}");
-            let e = run(engine, format!("SELECT {}", chain(200_000, "1", ","))).unwrap_err();
+            let e = run(
+                engine.clone(),
+                format!("SELECT {}", chain(200_000, "1", ",")),
+            )
+            .unwrap_err();
             assert!(e.to_string().contains("query.max_sql_bytes"), "{e}");
+            // Nested calls of names the parser backtracks on: each level doubled the
+            // parse time (a generated case of this test kept a thread busy for minutes).
+            let nest = |n: usize| format!("SELECT {}1{}", "coalesce(".repeat(n), ")".repeat(n));
+            let max = crate::limits::MAX_FUNCTION_NESTING;
+            assert_eq!(run(engine.clone(), nest(max)).unwrap(), 1);
+            let e = run(engine, nest(max + 1)).unwrap_err();
+            assert!(matches!(e, QueryError::InvalidArgument(_)), "{e}");
+            assert!(e.to_string().contains("nests function calls"), "{e}");
         }
     }
 }
