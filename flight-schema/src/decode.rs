@@ -94,6 +94,13 @@ impl PutDecoder {
                             .map(|b| b.iter().map(|b| (b.offset(), b.length()))),
                         body.len(),
                     )?;
+                    if data.compression().is_some() {
+                        check_decompressed(
+                            data.buffers()
+                                .map(|b| b.iter().map(|b| (b.offset(), b.length()))),
+                            &body,
+                        )?;
+                    }
                 }
                 arrow::ipc::reader::read_dictionary(
                     &Buffer::from(body),
@@ -118,6 +125,13 @@ impl PutDecoder {
                         .map(|b| b.iter().map(|b| (b.offset(), b.length()))),
                     body.len(),
                 )?;
+                if rb.compression().is_some() {
+                    check_decompressed(
+                        rb.buffers()
+                            .map(|b| b.iter().map(|b| (b.offset(), b.length()))),
+                        &body,
+                    )?;
+                }
                 check_lengths(
                     rb.length(),
                     rb.nodes().map(|n| n.iter().map(|n| n.length())),
@@ -173,6 +187,43 @@ fn check_lengths(
     Ok(())
 }
 
+/// Most bytes the compressed buffers of one message may say they hold once decompressed.
+pub const MAX_DECOMPRESSED: i64 = 1 << 30;
+
+/// A compressed buffer starts with its decompressed length (little-endian i64; -1: stored
+/// as it is). arrow's reader allocates that much before decompressing, so a message that
+/// claims terabytes would abort the process (an allocation failure is no panic to catch).
+/// Call after [`check_buffers`].
+fn check_decompressed(
+    buffers: Option<impl Iterator<Item = (i64, i64)>>,
+    body: &[u8],
+) -> Result<(), String> {
+    let mut total: i64 = 0;
+    for (i, (offset, length)) in buffers.into_iter().flatten().enumerate() {
+        if length == 0 {
+            continue;
+        }
+        let start = offset as usize;
+        let Some(prefix) = body.get(start..start + 8).filter(|_| length >= 8) else {
+            return Err(format!(
+                "compressed buffer {i} is {length} bytes long, too short for its length prefix"
+            ));
+        };
+        let n = i64::from_le_bytes(prefix.try_into().expect("8 bytes"));
+        if n == -1 {
+            continue;
+        }
+        total = total.saturating_add(n);
+        if n < 0 || total > MAX_DECOMPRESSED {
+            return Err(format!(
+                "compressed buffer {i} claims {n} bytes once decompressed; a message may hold \
+                 at most {MAX_DECOMPRESSED} bytes decompressed"
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Every buffer a message header names must lie within its body: arrow's reader would
 /// panic slicing past the end.
 fn check_buffers(
@@ -199,7 +250,10 @@ mod tests {
 
     /// The messages of a stream of `batch`: schema, then the batch.
     pub(crate) fn messages(batch: &RecordBatch) -> Vec<(Bytes, Bytes)> {
-        let options = IpcWriteOptions::default();
+        messages_with(batch, IpcWriteOptions::default())
+    }
+
+    fn messages_with(batch: &RecordBatch, options: IpcWriteOptions) -> Vec<(Bytes, Bytes)> {
         let gen = IpcDataGenerator::default();
         let mut tracker = DictionaryTracker::new(false);
         let schema =
@@ -230,6 +284,46 @@ mod tests {
             ],
         )
         .unwrap()
+    }
+
+    #[test]
+    fn a_compressed_buffer_claiming_terabytes_is_refused_not_allocated() {
+        // Found by the fuzzer: arrow's reader allocates a compressed buffer's claimed
+        // length first, and a failed allocation aborts the process.
+        let options = IpcWriteOptions::default()
+            .try_with_compression(Some(arrow::ipc::CompressionType::LZ4_FRAME))
+            .unwrap();
+        let batch = sample();
+        let mut msgs = messages_with(&batch, options);
+        // Compressed and intact: decoded.
+        let mut d = PutDecoder::default();
+        let got: Vec<RecordBatch> = msgs
+            .iter()
+            .filter_map(|(h, b)| d.decode(h.clone(), b.clone()).unwrap())
+            .map(|x| x.batch)
+            .collect();
+        assert_eq!(got, vec![batch]);
+        // The first compressed buffer now claims 4 TiB.
+        let (header, body) = msgs.pop().unwrap();
+        let offset = {
+            let message = arrow::ipc::root_as_message(&header).unwrap();
+            let rb = message.header_as_record_batch().unwrap();
+            let b = rb
+                .buffers()
+                .unwrap()
+                .iter()
+                .find(|b| b.length() >= 8)
+                .unwrap();
+            b.offset() as usize
+        };
+        let mut body = body.to_vec();
+        body[offset..offset + 8].copy_from_slice(&(1i64 << 42).to_le_bytes());
+        let mut d = PutDecoder::default();
+        for (h, b) in msgs {
+            d.decode(h, b).unwrap();
+        }
+        let e = d.decode(header, Bytes::from(body)).unwrap_err();
+        assert!(e.contains("once decompressed"), "{e}");
     }
 
     #[test]
