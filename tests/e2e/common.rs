@@ -555,3 +555,22 @@ pub fn test_certificates(dir: &Path, san: &str) -> (PathBuf, PathBuf) {
     }
     (dir.join("cert.pem"), dir.join("key.pem"))
 }
+
+/// Every id of every acked batch (`batch * rows..(batch + 1) * rows`) is in `ids`, and no
+/// id is there twice.
+pub fn assert_each_acked_once(what: &str, ids: &[i64], acked_batches: &[i64], rows: i64) {
+    let mut counts: std::collections::HashMap<i64, u32> = std::collections::HashMap::new();
+    for id in ids {
+        *counts.entry(*id).or_default() += 1;
+    }
+    let dups: Vec<_> = counts.iter().filter(|(_, c)| **c > 1).take(5).collect();
+    assert!(dups.is_empty(), "{what}: duplicated ids {dups:?}");
+    for b in acked_batches {
+        for id in b * rows..(b + 1) * rows {
+            assert!(
+                counts.contains_key(&id),
+                "{what}: acked id {id} (batch {b}) is missing"
+            );
+        }
+    }
+}
