@@ -1,15 +1,23 @@
 #!/usr/bin/env bash
 # Benchmarks: build the release binary, then
-#   bench/run.sh [--rows N] [--reps N] [--limit-only]   Flight ingest into the embedded
-#       default vs a discarding pyarrow Flight server (bench/flight_bench.py)
-#   bench/run.sh pg [--rows N] [--reps N]               Flight into PostgreSQL end to end vs
-#       psql \copy (binary) and pyarrow + ADBC adbc_ingest (bench/pg_bench.py)
-#   bench/run.sh ch [--rows N] [--reps N]               Flight into ClickHouse end to end vs
-#       curl --data-binary of the same rows as a Native file (bench/ch_bench.py)
+#   bench/run.sh [flight] [--rows N] [--reps N] [--limit-only]   Flight ingest into the
+#       embedded default vs a discarding pyarrow Flight server (bench/flight_bench.py)
+#   bench/run.sh pg [--rows N] [--reps N] [--pool-size N]   Flight into PostgreSQL end to
+#       end (default settings, and a tuned WAL) vs N parallel psql \copy (binary) streams,
+#       N = sluice's postgres.pool_size (default 4), plus the 1-stream figure, and pyarrow +
+#       ADBC adbc_ingest, N streams and 1 (bench/pg_bench.py)
+#   bench/run.sh ch [--rows N] [--reps N]               Flight into ClickHouse end to end, with
+#       clickhouse.compression lz4 (the default) and none, vs curl --data-binary of the same
+#       rows as a Native file (bench/ch_bench.py)
 #   bench/run.sh bomb [--rows N] [--reps N]             Flight ingest with and without hostile
 #       queries running, and /healthz latency (bench/sql_bomb.py)
-#   bench/run.sh tsdb [--rows N] [--reps N]             Flight into a TimescaleDB hypertable vs
-#       a plain table and parallel psql \copy (bench/tsdb_bench.py)
+#   bench/run.sh tsdb [--rows N] [--reps N] [--pool-size N]   Flight into a TimescaleDB
+#       hypertable vs a plain table and N parallel psql \copy, and 1 (bench/tsdb_bench.py)
+#   bench/run.sh all [--rows N] [--reps N]              every bench above in turn, stopping
+#       at the first that fails
+# A bench exits non-zero when its target is missed, when a row count read back differs from
+# the rows sent, or when something it needs is missing; so does this script (set -e, and
+# the bench's own exit status otherwise).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -32,30 +40,64 @@ fi
     || "$VENV/bin/pip" install -q --disable-pip-version-check pyarrow
 
 export SLUICE_BIN="${SLUICE_BIN:-$CARGO_TARGET_DIR/release/sluice}"
+[ -x "$SLUICE_BIN" ] || { echo "no sluice binary at $SLUICE_BIN" >&2; exit 1; }
+
+need_psql() {
+    command -v psql >/dev/null 2>&1 || { echo "psql is needed (apt-get install postgresql-client)" >&2; exit 1; }
+}
+
+# Runs one bench; its exit status is this function's (and, under set -e, the script's).
+bench() {
+    local which="$1"
+    shift
+    case "$which" in
+        flight)
+            "$VENV/bin/python" bench/flight_bench.py "$@"
+            ;;
+        tsdb)
+            need_psql
+            "$VENV/bin/python" bench/tsdb_bench.py "$@"
+            ;;
+        pg)
+            "$VENV/bin/python" -c 'import adbc_driver_postgresql' >/dev/null 2>&1 \
+                || "$VENV/bin/pip" install -q --disable-pip-version-check adbc-driver-postgresql adbc-driver-manager
+            need_psql
+            "$VENV/bin/python" bench/pg_bench.py "$@"
+            ;;
+        ch)
+            "$VENV/bin/python" -c 'import chdb' >/dev/null 2>&1 \
+                || "$VENV/bin/pip" install -q --disable-pip-version-check chdb-core
+            command -v curl >/dev/null 2>&1 || { echo "curl is needed (apt-get install curl)" >&2; exit 1; }
+            "$VENV/bin/python" bench/ch_bench.py "$@"
+            ;;
+        bomb)
+            "$VENV/bin/python" bench/sql_bomb.py "$@"
+            ;;
+    esac
+}
+
 case "${1:-}" in
-    tsdb)
+    flight|pg|ch|bomb|tsdb)
+        which="$1"
         shift
-        command -v psql >/dev/null 2>&1 || { echo "psql is needed (apt-get install postgresql-client)" >&2; exit 1; }
-        exec "$VENV/bin/python" bench/tsdb_bench.py "$@"
+        bench "$which" "$@"
         ;;
-    pg)
+    all)
         shift
-        "$VENV/bin/python" -c 'import adbc_driver_postgresql' >/dev/null 2>&1 \
-            || "$VENV/bin/pip" install -q --disable-pip-version-check adbc-driver-postgresql adbc-driver-manager
-        command -v psql >/dev/null 2>&1 || { echo "psql is needed (apt-get install postgresql-client)" >&2; exit 1; }
-        exec "$VENV/bin/python" bench/pg_bench.py "$@"
+        for which in flight pg ch bomb tsdb; do
+            echo "==> bench $which" >&2
+            if ! bench "$which" "$@"; then
+                echo "==> bench $which FAILED; stopping" >&2
+                exit 1
+            fi
+        done
+        echo "==> every bench met its targets" >&2
         ;;
-    ch)
-        shift
-        "$VENV/bin/python" -c 'import chdb' >/dev/null 2>&1 \
-            || "$VENV/bin/pip" install -q --disable-pip-version-check chdb-core
-        exec "$VENV/bin/python" bench/ch_bench.py "$@"
-        ;;
-    bomb)
-        shift
-        exec "$VENV/bin/python" bench/sql_bomb.py "$@"
+    ""|-*)
+        bench flight "$@"
         ;;
     *)
-        exec "$VENV/bin/python" bench/flight_bench.py "$@"
+        echo "unknown bench '$1' (flight, pg, ch, bomb, tsdb, all)" >&2
+        exit 2
         ;;
 esac

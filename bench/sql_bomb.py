@@ -16,7 +16,10 @@ both phases. Every measurement starts a fresh server in a fresh data directory; 
 alternate rep by rep, and which goes first too (``--reps``, best and median of each
 reported). Targets (exit status 1 when missed): ingest
 with bombs at least 0.8 of quiet ingest, ``/healthz`` p99 under 100 ms while the bombs
-run, and the rows acked equal to the rows written and to ``SELECT count(*)`` at the end.
+run (and no failed probe), and in every measurement the rows acked equal to the rows
+written and to ``SELECT count(*)`` (a failed count query counts as a mismatch). A missing
+binary or any error in a measurement also exits 1; the settings sluice ran with are
+printed, each marked default or tuned.
 
 Usage: ``bench/run.sh bomb [--rows N] [--reps N]`` (builds the release binary), or
 ``python bench/sql_bomb.py --sluice-bin PATH [--rows N] [--reps N]``.
@@ -43,7 +46,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "clients" / "python"))
 sys.path.insert(0, str(REPO / "bench"))
 from sluice_client import SluiceClient  # noqa: E402
-from flight_bench import Proc, gen_points  # noqa: E402
+from flight_bench import Proc, describe_settings, gen_points, require_file  # noqa: E402
 
 SCHEMA = {
     "name": "bomb_points",
@@ -151,6 +154,10 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--sluice-bin", default=os.environ.get("SLUICE_BIN", str(REPO / "target/release/sluice")))
     args = ap.parse_args()
+    if args.rows < 1 or args.reps < 1:
+        ap.error("--rows and --reps must be at least 1")
+    require_file(args.sluice_bin, "sluice binary",
+                 "build it: cargo build --release -p sluice, or --sluice-bin")
 
     table = gen_points(args.rows)
     batches = table.to_batches(max_chunksize=65536)
@@ -159,6 +166,8 @@ def main() -> int:
     failures = {"quiet": 0, "bombs": 0}
     outcomes: dict[str, dict[str, int]] = {}
     written = acked = counted = 0
+    mismatches: list[str] = []
+    settings = None
     mp = multiprocessing.get_context("spawn")
     for rep in range(args.reps):
         # Alternate which phase goes first; each measurement gets a fresh server and data
@@ -171,36 +180,59 @@ def main() -> int:
                            SLUICE__SERVER__HTTP_ADDR="127.0.0.1:0",
                            SLUICE__WAL__FSYNC="true",
                            RUST_LOG="warn")
+                settings = describe_settings(env)
                 server = Proc([args.sluice_bin, "serve"], env, "SLUICE_READY", f"{tmp}/sluice.log")
-                grpc, http_addr = server.addrs["grpc"], server.addrs["http"]
-                SluiceClient(f"grpc://{grpc}").register_table(SCHEMA)
-                sampler = Sampler(http_addr)
+                sampler = None
                 stop, out = mp.Event(), mp.Queue()
-                bombers = [mp.Process(target=bomb, args=(k, grpc, http_addr, stop, out))
-                           for k in ("cross_join", "huge", "deep")] if phase == "bombs" else []
-                sampler.start()
-                for b in bombers:
-                    b.start()
-                # The bombs are running before the first batch (a spawned process needs
-                # a moment to import pyarrow).
-                time.sleep(2.0 if bombers else 0.0)
-                secs, rows = write(grpc, batches)
-                written += args.rows
-                acked += rows
-                stop.set()
-                sampler.stop.set()
-                for _ in bombers:
-                    kind, got = out.get(timeout=30)
-                    for k, v in got.items():
-                        outcomes.setdefault(kind, {}).setdefault(k, 0)
-                        outcomes[kind][k] += v
-                for b in bombers:
-                    b.join(timeout=10)
-                sampler.join()
-                status, body = http_post(http_addr, "/query",
-                                         {"sql": f"SELECT count(*) AS n FROM {SCHEMA['name']}"})
-                counted += json.loads(body)[0]["n"] if status == 200 else -1
-                server.stop()
+                bombers: list = []
+                try:
+                    grpc, http_addr = server.addrs["grpc"], server.addrs["http"]
+                    SluiceClient(f"grpc://{grpc}").register_table(SCHEMA)
+                    sampler = Sampler(http_addr)
+                    if phase == "bombs":
+                        bombers = [mp.Process(target=bomb, args=(k, grpc, http_addr, stop, out),
+                                              daemon=True)
+                                   for k in ("cross_join", "huge", "deep")]
+                    sampler.start()
+                    for b in bombers:
+                        b.start()
+                    # The bombs are running before the first batch (a spawned process needs
+                    # a moment to import pyarrow).
+                    time.sleep(2.0 if bombers else 0.0)
+                    secs, rows = write(grpc, batches)
+                    written += args.rows
+                    acked += rows
+                    stop.set()
+                    sampler.stop.set()
+                    for _ in bombers:
+                        kind, got = out.get(timeout=30)
+                        for k, v in got.items():
+                            outcomes.setdefault(kind, {}).setdefault(k, 0)
+                            outcomes[kind][k] += v
+                    for b in bombers:
+                        b.join(timeout=10)
+                    sampler.join()
+                    status, body = http_post(http_addr, "/query",
+                                             {"sql": f"SELECT count(*) AS n FROM {SCHEMA['name']}"})
+                    n = json.loads(body)[0]["n"] if status == 200 else -1
+                    counted += n
+                    if not rows == n == args.rows:
+                        mismatches.append(f"rep {rep + 1} {phase}: written {args.rows}, "
+                                          f"acked {rows}, counted {n} (HTTP {status})")
+                except BaseException:
+                    print(f"--- sluice log (tail) ---\n{server.tail()}", file=sys.stderr)
+                    raise
+                finally:
+                    # Stop everything this measurement started, also when it failed (a
+                    # bomb process left running would keep the bench from exiting).
+                    stop.set()
+                    if sampler is not None:
+                        sampler.stop.set()
+                    for b in bombers:
+                        if b.is_alive():
+                            b.terminate()
+                            b.join()
+                    server.stop()
             results[phase].append(args.rows / secs)
             health[phase].extend(sampler.ms)
             failures[phase] += sampler.failures
@@ -223,6 +255,7 @@ def main() -> int:
               f"p99 {pct(ms, 99):.1f} ms  max {max(ms, default=0):.1f} ms  failures {failures[phase]}")
     print(f"bombs: {json.dumps(outcomes)}")
     print(f"rows written {written}, acked {acked}, counted by SQL {counted}")
+    print(f"sluice settings: {settings}")
     ok = True
     if ratio < 0.8:
         print("FAIL: ingest with bombs is below 0.8 of quiet ingest")
@@ -230,7 +263,9 @@ def main() -> int:
     if not p99 < 100 or failures["bombs"]:
         print("FAIL: /healthz p99 is not under 100 ms while the bombs run (or it failed)")
         ok = False
-    if not (written == acked == counted):
+    if mismatches or not (written == acked == counted):
+        for m in mismatches:
+            print(f"FAIL: row count mismatch: {m}")
         print("FAIL: rows written, acked and counted disagree")
         ok = False
     return 0 if ok else 1
