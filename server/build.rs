@@ -1,4 +1,5 @@
-//! Finds the TimescaleDB build the tests run a second PostgreSQL flavor on.
+//! Finds the TimescaleDB build the tests run a second PostgreSQL flavor on (the build
+//! script of every crate whose tests run on PostgreSQL).
 //!
 //! `../shared/timescaledb` beside the project (or `SLUICE_TIMESCALEDB_DIR`) holds a
 //! TimescaleDB build and its `install-tree` script. When it is there, the TimescaleDB
@@ -14,8 +15,18 @@ fn main() {
     println!("cargo::rerun-if-changed=build.rs");
     let dir = match std::env::var_os("SLUICE_TIMESCALEDB_DIR") {
         Some(d) if !d.is_empty() => PathBuf::from(d),
-        _ => PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets it"))
-            .join("../../shared/timescaledb"),
+        _ => {
+            // Beside the workspace root (the folder holding Cargo.lock): this script is
+            // shared by the crates whose tests run on PostgreSQL, at different depths.
+            let manifest =
+                PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets it"));
+            let root = manifest
+                .ancestors()
+                .find(|d| d.join("Cargo.lock").is_file())
+                .unwrap_or(&manifest)
+                .to_path_buf();
+            root.join("../shared/timescaledb")
+        }
     };
     if dir.join("install-tree").is_file() {
         let dir = dir.canonicalize().unwrap_or(dir);

@@ -41,6 +41,15 @@ pub struct PutDecoder {
 }
 
 impl PutDecoder {
+    /// A decoder that already knows the schema (its stream's schema message was read
+    /// before, or the schema is known otherwise, as for the WAL's records).
+    pub fn with_schema(schema: SchemaRef) -> Self {
+        Self {
+            schema: Some(schema),
+            dictionaries: HashMap::new(),
+        }
+    }
+
     /// The batch a message carries, or `None` for schema, dictionary and empty messages.
     /// A malformed message is an error naming the problem; nothing panics.
     pub fn decode(&mut self, header: Bytes, body: Bytes) -> Result<Option<Decoded>, String> {

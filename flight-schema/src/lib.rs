@@ -30,6 +30,24 @@ pub use table::{
 };
 pub use types::ColumnType;
 
+/// Bytes of data a batch holds: the lengths (not capacities) of its buffers, validity
+/// bitmaps and children included, so a batch whose arrays slice one shared message is not
+/// counted once per column; plus a small fixed overhead. The one measure of a batch's size that the memory budget, the
+/// recent buffer, the WAL's in-memory feed and the sinks' chunk targets share.
+pub fn data_size(batch: &arrow::record_batch::RecordBatch) -> usize {
+    fn of(d: &arrow::array::ArrayData) -> usize {
+        d.buffers().iter().map(|b| b.len()).sum::<usize>()
+            + d.nulls().map_or(0, |n| n.buffer().len())
+            + d.child_data().iter().map(of).sum::<usize>()
+    }
+    batch
+        .columns()
+        .iter()
+        .map(|c| of(&c.to_data()))
+        .sum::<usize>()
+        + 64
+}
+
 /// Errors in a table definition or in a proposed schema change.
 ///
 /// Every variant is a user error (the definition is wrong); none is retryable.

@@ -6,104 +6,21 @@
 //! environment, the variable.
 
 use std::collections::BTreeSet;
-use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub use sluice_core::ByteSize;
+pub use sluice_frontends::query::QueryConfig;
+pub use sluice_sinks::config::{
+    ArchiveConfig, BufferConfig, ClickHouseConfig, HttpCompression, JobsMode, PostgresConfig,
+    TimescaleMode,
+};
+
 /// Environment prefix of config overrides.
 pub const ENV_PREFIX: &str = "SLUICE__";
-
-/// A byte size: an integer, or a string such as `"64MiB"`, `"1GB"`, `"512k"`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub struct ByteSize(pub u64);
-
-impl ByteSize {
-    pub const fn mib(n: u64) -> Self {
-        ByteSize(n * 1024 * 1024)
-    }
-    pub const fn gib(n: u64) -> Self {
-        ByteSize(n * 1024 * 1024 * 1024)
-    }
-    pub fn as_u64(self) -> u64 {
-        self.0
-    }
-    pub fn as_usize(self) -> usize {
-        self.0 as usize
-    }
-
-    /// Parses `123`, `64MiB`, `64MB`, `1g`, `512 KiB` (binary units for k/m/g/t).
-    pub fn parse(s: &str) -> Result<Self, String> {
-        let s = s.trim();
-        let split = s
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .unwrap_or(s.len());
-        let (num, unit) = s.split_at(split);
-        let num: f64 = num
-            .parse()
-            .map_err(|_| format!("'{s}' is not a size (examples: 1048576, \"64MiB\", \"1GiB\")"))?;
-        let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-            "" | "b" => 1,
-            "k" | "kb" | "kib" => 1 << 10,
-            "m" | "mb" | "mib" => 1 << 20,
-            "g" | "gb" | "gib" => 1 << 30,
-            "t" | "tb" | "tib" => 1 << 40,
-            u => {
-                return Err(format!(
-                    "unknown size unit '{u}' in '{s}' (use B, KiB, MiB, GiB, TiB)"
-                ))
-            }
-        };
-        Ok(ByteSize((num * mult as f64) as u64))
-    }
-}
-
-impl fmt::Display for ByteSize {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let b = self.0;
-        if b >= 1 << 30 && b.is_multiple_of(1 << 30) {
-            write!(f, "{}GiB", b >> 30)
-        } else if b >= 1 << 20 && b.is_multiple_of(1 << 20) {
-            write!(f, "{}MiB", b >> 20)
-        } else if b >= 1 << 10 && b.is_multiple_of(1 << 10) {
-            write!(f, "{}KiB", b >> 10)
-        } else {
-            write!(f, "{b}B")
-        }
-    }
-}
-
-impl Serialize for ByteSize {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&self.to_string())
-    }
-}
-
-impl<'de> Deserialize<'de> for ByteSize {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl serde::de::Visitor<'_> for V {
-            type Value = ByteSize;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a size in bytes or a string like \"64MiB\"")
-            }
-            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<ByteSize, E> {
-                Ok(ByteSize(v))
-            }
-            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<ByteSize, E> {
-                u64::try_from(v)
-                    .map(ByteSize)
-                    .map_err(|_| E::custom("a size cannot be negative"))
-            }
-            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<ByteSize, E> {
-                ByteSize::parse(v).map_err(E::custom)
-            }
-        }
-        d.deserialize_any(V)
-    }
-}
 
 /// The whole configuration.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -117,70 +34,6 @@ pub struct Config {
     pub postgres: PostgresConfig,
     pub clickhouse: ClickHouseConfig,
     pub query: QueryConfig,
-}
-
-/// `[query]`: where SQL runs (threads of its own, apart from ingest) and what one query
-/// may take.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct QueryConfig {
-    /// Worker threads that plan and run queries, apart from ingest's. 0: half the cores,
-    /// at least 1.
-    pub threads: usize,
-    /// Stack of each query thread: planning recurses once per level of nesting.
-    pub stack_size: ByteSize,
-    /// CPU priority of the query threads, as `nice` (0 to 19): the higher, the more CPU
-    /// goes to ingest while a query runs.
-    pub nice: i32,
-    /// A query still running after this is stopped (planning included).
-    #[serde(with = "humantime_serde")]
-    pub timeout: Duration,
-    /// Queries that run at once; more wait for a slot (up to `timeout`).
-    pub max_concurrent: usize,
-    /// Most memory one query's sorts, joins and aggregates may hold, and the largest value
-    /// one function may compute; past it the query ends with a message naming this key
-    /// (sorts spill to disk first).
-    pub memory_limit: ByteSize,
-    /// Most memory all running queries may hold together.
-    pub total_memory: ByteSize,
-    /// Longest SQL text accepted.
-    pub max_sql_bytes: ByteSize,
-    /// Deepest nesting of expressions, subqueries and `UNION`s accepted (`a + b + c`
-    /// nests one level per term).
-    pub max_depth: usize,
-    /// Most expression nodes in one statement.
-    pub max_nodes: usize,
-    /// Most spill files of all queries together on the local disk (sorts and aggregates
-    /// past their memory limit), in the system's temporary directory.
-    pub max_spill: ByteSize,
-}
-
-impl Default for QueryConfig {
-    fn default() -> Self {
-        Self {
-            threads: 0,
-            stack_size: ByteSize::mib(64),
-            nice: 10,
-            timeout: Duration::from_secs(60),
-            max_concurrent: 4,
-            memory_limit: ByteSize::mib(256),
-            total_memory: ByteSize::mib(512),
-            max_sql_bytes: ByteSize(256 * 1024),
-            max_depth: 128,
-            max_nodes: 100_000,
-            max_spill: ByteSize::gib(1),
-        }
-    }
-}
-
-impl QueryConfig {
-    /// Worker threads: `threads`, or half the cores (at least 1).
-    pub fn worker_threads(&self) -> usize {
-        if self.threads > 0 {
-            return self.threads;
-        }
-        std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
-    }
 }
 
 /// `[server]`: listeners and data directory.
@@ -327,222 +180,6 @@ impl Default for MemoryConfig {
     }
 }
 
-/// `[buffer]`: the recent in-memory buffer per table, flushed to the archive when any
-/// bound is reached.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct BufferConfig {
-    /// Rows kept per table before a flush.
-    pub max_rows: u64,
-    /// Bytes (Arrow memory) kept per table before a flush; about the size of an archive file
-    /// before compression.
-    pub max_bytes: ByteSize,
-    /// Age of the oldest buffered row that forces a flush.
-    #[serde(with = "humantime_serde")]
-    pub max_age: Duration,
-}
-
-impl Default for BufferConfig {
-    fn default() -> Self {
-        Self {
-            max_rows: 4_000_000,
-            max_bytes: ByteSize::mib(256),
-            max_age: Duration::from_secs(300),
-        }
-    }
-}
-
-/// `[archive]`: Parquet files on object storage.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct ArchiveConfig {
-    /// An object_store URL (`file:///abs/path`, `s3://bucket/prefix`, ...); default: the
-    /// `archive` folder in the data directory. S3 credentials come from the usual
-    /// `AWS_*` environment variables.
-    pub url: Option<String>,
-    /// zstd level of the Parquet files.
-    pub zstd_level: i32,
-    /// Rows per Parquet row group.
-    pub row_group_rows: usize,
-    /// Testing aid: slow archive writes down to this many bytes per second.
-    pub throttle_bytes_per_sec: Option<ByteSize>,
-}
-
-impl Default for ArchiveConfig {
-    fn default() -> Self {
-        Self {
-            url: None,
-            zstd_level: 3,
-            row_group_rows: 1_048_576,
-            throttle_bytes_per_sec: None,
-        }
-    }
-}
-
-/// `[postgres]`: the PostgreSQL/TimescaleDB sink and registry (used when `url` is set).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct PostgresConfig {
-    /// `postgresql://user:pass@host:port/db`. When set, tables routed to `postgres` are
-    /// written there and the schema registry lives in its `table_registry` table.
-    pub url: Option<String>,
-    /// Connections to keep; each runs one COPY at a time, so this is also the number of
-    /// COPY streams in parallel.
-    pub pool_size: usize,
-    /// A table's rows are coalesced into one COPY of about this many rows...
-    pub batch_rows: usize,
-    /// ...or this many bytes of Arrow data, whichever comes first...
-    pub batch_bytes: ByteSize,
-    /// ...or whatever has arrived after this long.
-    #[serde(with = "humantime_serde")]
-    pub linger: Duration,
-    /// Label sets whose `metric_series` id is cached in memory.
-    pub series_cache_size: usize,
-    /// Apply `migrations/postgres` on start (what `sluice migrate` does).
-    pub migrate_on_start: bool,
-    /// First wait after a failed COPY; doubles per failure up to `retry_max`.
-    #[serde(with = "humantime_serde")]
-    pub retry_initial: Duration,
-    #[serde(with = "humantime_serde")]
-    pub retry_max: Duration,
-    /// Plain PostgreSQL (no TimescaleDB): daily partitions of `metrics_points` are created
-    /// this many days ahead.
-    pub partition_days_ahead: u32,
-    /// Plain PostgreSQL: partitions wholly older than this are dropped (the seed's
-    /// retention policy).
-    #[serde(with = "humantime_serde")]
-    pub retention: Duration,
-    /// How often the maintenance task runs (partitions, retention, `metrics_1m`; on
-    /// TimescaleDB, watching the store's jobs).
-    #[serde(with = "humantime_serde")]
-    pub maintenance_interval: Duration,
-    /// Whether a fresh database is set up on TimescaleDB: `auto` when the extension is
-    /// usable (created, or installed and in `shared_preload_libraries`), plain PostgreSQL
-    /// when it is not installed, and an error when it is installed but not preloaded;
-    /// `require` refuses to go on without it; `off` always takes plain PostgreSQL.
-    pub timescaledb: TimescaleMode,
-    /// Who runs TimescaleDB's policy jobs (compression, retention, continuous aggregate
-    /// refresh): `auto` lets the store's scheduler run them and runs a job itself, on the
-    /// job's schedule, while the scheduler's runs of it fail; `sluice` always runs them
-    /// itself; `store` never does (failures are still reported).
-    pub timescaledb_jobs: JobsMode,
-}
-
-/// `postgres.timescaledb`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum TimescaleMode {
-    #[default]
-    Auto,
-    Require,
-    Off,
-}
-
-/// `postgres.timescaledb_jobs`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum JobsMode {
-    #[default]
-    Auto,
-    Sluice,
-    Store,
-}
-
-impl Default for PostgresConfig {
-    fn default() -> Self {
-        Self {
-            url: None,
-            pool_size: 4,
-            batch_rows: 200_000,
-            batch_bytes: ByteSize::mib(16),
-            linger: Duration::from_millis(200),
-            series_cache_size: 100_000,
-            migrate_on_start: true,
-            retry_initial: Duration::from_millis(200),
-            retry_max: Duration::from_secs(30),
-            partition_days_ahead: 3,
-            retention: Duration::from_secs(30 * 86400),
-            maintenance_interval: Duration::from_secs(60),
-            timescaledb: TimescaleMode::Auto,
-            timescaledb_jobs: JobsMode::Auto,
-        }
-    }
-}
-
-/// `[clickhouse]`: the ClickHouse sink (used when `url` is set).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct ClickHouseConfig {
-    /// HTTP endpoint, e.g. `http://localhost:8123`. When set, tables routed to
-    /// `clickhouse` are inserted there in Native format.
-    pub url: Option<String>,
-    pub database: String,
-    pub user: String,
-    pub password: String,
-    /// Inserts in flight at once (each on its own HTTP connection).
-    pub pool_size: usize,
-    /// A table's rows are coalesced into one INSERT of about this many rows...
-    pub batch_rows: usize,
-    /// ...or this many bytes of Arrow data, whichever comes first...
-    pub batch_bytes: ByteSize,
-    /// ...or whatever has arrived after this long. An insert is streamed while its rows
-    /// arrive, so waiting costs no throughput; an insert that is part of a burst (it holds
-    /// a quarter of the targets, or the previous one filled up) is also finished once no
-    /// rows came for a fifth of this.
-    #[serde(with = "humantime_serde")]
-    pub linger: Duration,
-    /// Compression of INSERT bodies: `none`, `lz4` or `zstd`. `none` is the cheapest on a
-    /// fast local network; compression pays off across slower links.
-    pub compression: HttpCompression,
-    /// Apply `migrations/clickhouse` on start (what `sluice migrate` does).
-    pub migrate_on_start: bool,
-    /// `non_replicated_deduplication_window` of tables sluice creates: how many recent
-    /// inserts ClickHouse remembers to drop a replayed one.
-    pub dedup_window: u64,
-    /// First wait after a failed INSERT; doubles per failure up to `retry_max`.
-    #[serde(with = "humantime_serde")]
-    pub retry_initial: Duration,
-    #[serde(with = "humantime_serde")]
-    pub retry_max: Duration,
-    /// Timeout of one HTTP request (an INSERT of one chunk, a DDL statement).
-    #[serde(with = "humantime_serde")]
-    pub request_timeout: Duration,
-    /// For an `https://` url: a PEM file of CA certificates to trust besides the
-    /// system's (a private CA or a self-signed server certificate).
-    pub tls_ca_file: Option<std::path::PathBuf>,
-}
-
-/// Compression of HTTP request bodies.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum HttpCompression {
-    None,
-    Lz4,
-    Zstd,
-}
-
-impl Default for ClickHouseConfig {
-    fn default() -> Self {
-        Self {
-            url: None,
-            database: "default".into(),
-            user: "default".into(),
-            password: String::new(),
-            pool_size: 4,
-            batch_rows: 500_000,
-            batch_bytes: ByteSize::mib(64),
-            linger: Duration::from_millis(500),
-            compression: HttpCompression::Lz4,
-            migrate_on_start: true,
-            dedup_window: 1000,
-            retry_initial: Duration::from_millis(200),
-            retry_max: Duration::from_secs(30),
-            request_timeout: Duration::from_secs(300),
-            tls_ca_file: None,
-        }
-    }
-}
-
 /// A configuration error, naming the key (and the variable or file it came from).
 #[derive(Debug, thiserror::Error)]
 #[error("invalid configuration: {0}")]
@@ -679,7 +316,7 @@ impl Config {
             }
         }
         if let Some(url) = &self.postgres.url {
-            if let Err(message) = crate::postgres::check_url(url) {
+            if let Err(message) = sluice_sinks::postgres::check_url(url) {
                 return err("postgres.url", message);
             }
         }

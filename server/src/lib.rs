@@ -1,48 +1,38 @@
 //! # Sluice server
 //!
 //! Takes observability data in columnar form (Arrow) and lands it, without loss, in the
-//! stores people query. This crate is the `sluice` binary's library: listeners, the
-//! ingest pipeline, the WAL, sinks and config.
+//! stores people query. This crate is the `sluice` binary: it wires the crates under
+//! `server/` together, holds the configuration and the allocator. `ARCHITECTURE.md` at the
+//! root walks one batch through them.
 //!
-//! # Layout
-//! Dependencies point one way: protocol front ends → the [`pipeline::Ingest`] trait →
-//! WAL, buffer and sinks.
-//! - [`flight`], [`http`]: protocol front ends. They translate requests and call
-//!   [`state::AppState`]; they never talk to a store.
-//! - [`pipeline`]: registry lookup, reshape (`sluice-sql`), memory budget, WAL append.
-//! - [`wal`]: group-committed, fsynced Arrow IPC segments; replay; release.
-//! - [`buffer`]: the recent buffer per table and the memory budget.
-//! - [`archive`]: the Parquet archive sink (object_store).
-//! - [`postgres`]: the PostgreSQL/TimescaleDB sink (binary COPY), migrations, maintenance
-//!   and the PostgreSQL registry store.
-//! - [`clickhouse`]: the ClickHouse sink (Native format over HTTP) and migrations.
-//! - [`migration`]: what the stores' migration runners share.
-//! - [`sink`]: what store sinks share: WAL tailing, chunks, workers, retries, positions.
-//! - [`query`]: where SQL runs: its own runtime, limits, results streamed.
-//! - [`registry`]: registered tables and versions, behind a store trait.
-//! - [`config`], [`metrics`], [`error`]: configuration, Prometheus metrics, errors.
-//! - [`listen`]: accepting connections, with a shared limit and idle/header/body timeouts.
-//! - [`edge`]: what every request passes first: panics caught, decode errors classified.
+//! # Crates
+//! Dependencies point one way: front ends → ingest → WAL; sinks → WAL; everything may
+//! use `sluice-core`; nothing points back up (checked by `scripts/check-deps`).
+//! - `sluice-frontends` (`server/frontends`): Flight and HTTP; they hand batches to the
+//!   [`pipeline::Ingest`] trait and never see a store.
+//! - `sluice-ingest` (`server/ingest`): registry lookup, reshape, memory budget, WAL append.
+//! - `sluice-wal` (`server/wal`): group-committed, fsynced Arrow IPC segments; replay;
+//!   tailing; sink positions; release.
+//! - `sluice-sinks` (`server/sinks`): PostgreSQL/TimescaleDB, ClickHouse, the Parquet
+//!   archive, and the runner they share.
+//! - `sluice-core` (`server/core`): registry, recent buffer and memory budget, metrics,
+//!   the client-facing error.
+//!
+//! # This crate
+//! - [`config`]: the configuration file, its sections and validation.
 //! - [`server`]: start-up, WAL replay, serving, graceful shutdown.
+//! - [`allocator`]: jemalloc and the purge of freed memory.
+//!
+//! The other crates' modules are re-exported under their old names so the binary, the
+//! end-to-end tests and tools reach them by one path.
 
 pub mod allocator;
-pub mod archive;
-pub mod buffer;
-pub mod clickhouse;
 pub mod config;
-pub mod edge;
-pub mod error;
-pub mod flight;
-pub mod http;
-pub mod listen;
-pub mod metrics;
-pub mod migration;
-pub mod pipeline;
-pub mod postgres;
-pub mod query;
-pub mod registry;
 pub mod server;
-pub mod sink;
-pub mod state;
-pub mod wal;
-pub mod wal_io;
+
+pub use sluice_core::{buffer, error, metrics, registry};
+pub use sluice_frontends::{edge, flight, http, listen, query, state};
+pub use sluice_ingest as pipeline;
+pub use sluice_sinks::{archive, clickhouse, migration, postgres, runner as sink};
+pub use sluice_wal as wal;
+pub use sluice_wal::io as wal_io;

@@ -164,7 +164,7 @@ fn main() -> std::process::ExitCode {
 
 /// `sluice wal check|repair`.
 async fn wal_command(cfg: &Config, action: &WalCommand) -> Result<std::process::ExitCode, String> {
-    use sluice::wal::scan;
+    use sluice_wal::scan;
     let data_dir = &cfg.server.data_dir;
     let _lock = sluice::server::DataDirLock::acquire(data_dir, "wal").map_err(|e| e.to_string())?;
     let dir = data_dir.join("wal");
@@ -209,8 +209,8 @@ async fn wal_command(cfg: &Config, action: &WalCommand) -> Result<std::process::
             Ok(std::process::ExitCode::from(1))
         }
         WalCommand::Repair { new_id, .. } => {
-            let (store, _) =
-                sluice::archive::open_store(&cfg.archive, data_dir).map_err(|e| e.to_string())?;
+            let (store, _) = sluice_sinks::archive::open_store(&cfg.archive, data_dir)
+                .map_err(|e| e.to_string())?;
             let floor = sluice::server::wal_floor(cfg, store.as_ref(), &dir)
                 .await
                 .map_err(|e| e.to_string())?;
@@ -235,14 +235,14 @@ async fn migrate(cfg: &Config) -> Result<(), String> {
         migrate_postgres(cfg, url).await?;
     }
     if cfg.clickhouse.url.is_some() {
-        let client = sluice::clickhouse::client::ChClient::new(&cfg.clickhouse)
+        let client = sluice_sinks::clickhouse::client::ChClient::new(&cfg.clickhouse)
             .map_err(|e| format!("clickhouse: {e}"))?;
-        let report = sluice::clickhouse::migrate::migrate(&client)
+        let report = sluice_sinks::clickhouse::migrate::migrate(&client)
             .await
             .map_err(|e| format!("clickhouse: {e}"))?;
         println!("clickhouse: {report}");
         let window = cfg.clickhouse.dedup_window;
-        for table in sluice::clickhouse::migrate::set_dedup_window(&client, window)
+        for table in sluice_sinks::clickhouse::migrate::set_dedup_window(&client, window)
             .await
             .map_err(|e| format!("clickhouse: {e}"))?
         {
@@ -253,8 +253,8 @@ async fn migrate(cfg: &Config) -> Result<(), String> {
 }
 
 async fn migrate_postgres(cfg: &Config, url: &str) -> Result<(), String> {
-    use sluice::postgres::{maintenance, migrate};
-    let mut client = sluice::postgres::connect(url)
+    use sluice_sinks::postgres::{maintenance, migrate};
+    let mut client = sluice_sinks::postgres::connect(url)
         .await
         .map_err(|e| format!("cannot connect to PostgreSQL at postgres.url: {e}"))?;
     let report = migrate::migrate_with(&mut client, cfg.postgres.timescaledb)

@@ -8,25 +8,26 @@
 //! writer syncs and exits. Buffered rows stay in the WAL and are replayed on next start.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use arrow_flight::flight_service_server::FlightServiceServer;
 use sluice_sql::query::QueryEngine;
 use tokio::net::TcpListener;
 
-use crate::archive::{self, Archiver};
-use crate::buffer::{Buffers, MemoryBudget};
 use crate::config::Config;
-use crate::error::{Error, Result};
-use crate::flight::FlightFrontEnd;
-use crate::metrics::Metrics;
-use crate::pipeline::Pipeline;
-use crate::postgres::sink::{PgWriter, PG_SINK};
-use crate::registry::{FileRegistryStore, Registry};
-use crate::sink::{DeadLetter, PlanJournal, SinkOptions, SinkRunner, SinkStatus, StoreWriter};
-use crate::state::{AppState, Readiness};
-use crate::wal::{Wal, WalOptions};
+use sluice_core::buffer::{Buffers, MemoryBudget};
+use sluice_core::error::{Error, Result};
+use sluice_core::metrics::Metrics;
+use sluice_core::registry::{FileRegistryStore, Registry};
+use sluice_frontends::flight::FlightFrontEnd;
+use sluice_frontends::state::{AppState, Readiness};
+use sluice_ingest::Pipeline;
+use sluice_sinks::archive::{self, Archiver};
+use sluice_sinks::postgres::sink::{PgWriter, PG_SINK};
+use sluice_sinks::runner::{
+    DeadLetter, PlanJournal, SinkOptions, SinkRunner, SinkStatus, StoreWriter,
+};
+use sluice_wal::{Wal, WalOptions};
 
 struct ServerReadiness {
     archiver: Arc<Archiver>,
@@ -35,7 +36,7 @@ struct ServerReadiness {
     buffers: Arc<Buffers>,
     sinks: Vec<Arc<SinkStatus>>,
     /// TimescaleDB's jobs, where PostgreSQL is configured.
-    jobs: Option<Arc<crate::postgres::jobs::JobsWatch>>,
+    jobs: Option<Arc<sluice_sinks::postgres::jobs::JobsWatch>>,
     wal_disk_budget: u64,
     /// Free space the WAL's disk needs, after a write failed for lack of it, to be ready
     /// again (room for a batch of the largest size, twice).
@@ -45,7 +46,7 @@ struct ServerReadiness {
 impl Readiness for ServerReadiness {
     fn readiness(&self) -> (bool, serde_json::Value) {
         let (segments, bytes) = self.wal.disk_usage();
-        let last_error = self.archiver.last_error.lock().expect("error lock").clone();
+        let last_error = self.archiver.last_error();
         let (mut rows, mut oldest) = (0u64, 0u64);
         for t in self.buffers.table_names() {
             let state = self.buffers.table(&t);
@@ -82,7 +83,7 @@ impl Readiness for ServerReadiness {
         if let Some(jobs) = self.jobs.as_ref().filter(|j| !j.jobs().is_empty()) {
             degraded |= jobs.degraded();
             if let Some(serde_json::Value::Object(pg)) =
-                sinks.get_mut(crate::postgres::sink::PG_SINK)
+                sinks.get_mut(sluice_sinks::postgres::sink::PG_SINK)
             {
                 pg.insert("timescaledb_jobs".into(), jobs.json());
             }
@@ -144,11 +145,19 @@ pub async fn run(config: Config, on_ready: impl FnOnce(BoundAddrs)) -> Result<()
         Some(_) => Some(prepare_clickhouse(&config).await?),
         None => None,
     };
-    let registry_store: Box<dyn crate::registry::RegistryStore> = match &postgres {
-        Some(pg) => Box::new(crate::postgres::registry::PgRegistryStore::connect(&pg.url).await?),
+    let registry_store: Box<dyn sluice_core::registry::RegistryStore> = match &postgres {
+        Some(pg) => {
+            Box::new(sluice_sinks::postgres::registry::PgRegistryStore::connect(&pg.url).await?)
+        }
         None => Box::new(FileRegistryStore::open(&data_dir)?),
     };
-    let registry = Arc::new(Registry::open(registry_store).await?);
+    let mut registry = Registry::open(registry_store).await?;
+    // Checked whether or not ClickHouse is configured: a table registered now may be
+    // routed there once it is.
+    registry.add_check(Box::new(|t| {
+        sluice_sinks::clickhouse::sink::TableOptions::of(t).map(|_| ())
+    }));
+    let registry = Arc::new(registry);
     let (store, store_url) = archive::open_store(&config.archive, &data_dir)?;
     let buffers = Arc::new(Buffers::new(registry.clone(), metrics.clone()));
     let memory = Arc::new(MemoryBudget::new(
@@ -165,7 +174,7 @@ pub async fn run(config: Config, on_ready: impl FnOnce(BoundAddrs)) -> Result<()
     };
     let floor = wal_floor(&config, store.as_ref(), &data_dir.join("wal")).await?;
     let wal = {
-        let m = metrics.clone();
+        let m = metrics.wal.clone();
         tokio::task::spawn_blocking(move || Wal::open(wal_opts, m, floor))
             .await
             .map_err(Error::internal)??
@@ -182,21 +191,21 @@ pub async fn run(config: Config, on_ready: impl FnOnce(BoundAddrs)) -> Result<()
     }
     if clickhouse.is_some() {
         sinks_configured.push(flight_schema::SinkKind::Clickhouse);
-        wal.register_sink(crate::clickhouse::sink::CH_SINK, start);
+        wal.register_sink(sluice_sinks::clickhouse::sink::CH_SINK, start);
     }
-    let archiver = Arc::new(Archiver {
-        store: store.clone(),
-        buffers: buffers.clone(),
-        registry: registry.clone(),
-        wal: wal.clone(),
-        metrics: metrics.clone(),
-        cfg: config.archive.clone(),
-        limits: config.buffer.clone(),
-        memory: memory.clone(),
-        replaying: AtomicBool::new(true),
-        last_error: Default::default(),
-        sinks: sinks_configured.clone(),
-    });
+    let archiver = Arc::new(Archiver::new(
+        archive::ArchiveParts {
+            store: store.clone(),
+            buffers: buffers.clone(),
+            registry: registry.clone(),
+            wal: wal.clone(),
+            metrics: metrics.clone(),
+            memory: memory.clone(),
+        },
+        config.archive.clone(),
+        config.buffer.clone(),
+        sinks_configured.clone(),
+    ));
     archiver.recover().await?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let archiver_task = tokio::spawn(archiver.clone().run(stop_rx.clone()));
@@ -214,7 +223,7 @@ pub async fn run(config: Config, on_ready: impl FnOnce(BoundAddrs)) -> Result<()
     ));
 
     replay(&wal, &registry, &buffers, &memory).await?;
-    archiver.replaying.store(false, Ordering::Release);
+    archiver.replay_done();
     archiver.release_wal();
 
     let mut sink_statuses = Vec::new();
@@ -253,12 +262,12 @@ pub async fn run(config: Config, on_ready: impl FnOnce(BoundAddrs)) -> Result<()
         sink_tasks.push(task);
         // Partitions, retention and metrics_1m on plain PostgreSQL; on TimescaleDB, the
         // watch over its jobs (run from here where its scheduler fails).
-        let watch = Arc::new(crate::postgres::jobs::JobsWatch::new(
+        let watch = Arc::new(sluice_sinks::postgres::jobs::JobsWatch::new(
             config.postgres.timescaledb_jobs,
             Some(metrics.clone()),
         ));
         jobs = Some(watch.clone());
-        sink_tasks.push(tokio::spawn(crate::postgres::maintenance::run(
+        sink_tasks.push(tokio::spawn(sluice_sinks::postgres::maintenance::run(
             pg.url.clone(),
             config.postgres.clone(),
             watch,
@@ -280,7 +289,7 @@ pub async fn run(config: Config, on_ready: impl FnOnce(BoundAddrs)) -> Result<()
     }
 
     if let Some(client) = &clickhouse {
-        let writer = crate::clickhouse::sink::ChWriter::new(
+        let writer = sluice_sinks::clickhouse::sink::ChWriter::new(
             client.clone(),
             wal_id.clone(),
             DeadLetter {
@@ -317,17 +326,23 @@ pub async fn run(config: Config, on_ready: impl FnOnce(BoundAddrs)) -> Result<()
         datafusion::prelude::SessionConfig::new(),
         limits,
     ));
-    let query = Arc::new(crate::query::QueryService::new(engine, &config.query)?);
-    let pipeline = Arc::new(Pipeline {
-        registry: registry.clone(),
-        buffers: buffers.clone(),
-        memory: memory.clone(),
-        wal: wal.clone(),
-        wal_compression: config.wal.compression.ipc(),
-        metrics: metrics.clone(),
-        sinks: sinks_configured.clone(),
-        wal_disk_budget: Some(config.wal.disk_budget.as_u64()),
-    });
+    let query = Arc::new(sluice_frontends::query::QueryService::new(
+        engine,
+        &config.query,
+    )?);
+    let pipeline = Arc::new(
+        Pipeline::builder(
+            registry.clone(),
+            buffers.clone(),
+            memory.clone(),
+            wal.clone(),
+            metrics.clone(),
+        )
+        .wal_compression(config.wal.compression.ipc())
+        .sinks(sinks_configured.clone())
+        .wal_disk_budget(Some(config.wal.disk_budget.as_u64()))
+        .build(),
+    );
     let state = Arc::new(AppState {
         ingest: pipeline,
         registry,
@@ -357,8 +372,10 @@ pub async fn run(config: Config, on_ready: impl FnOnce(BoundAddrs)) -> Result<()
     let flight = FlightServiceServer::new(FlightFrontEnd::new(state.clone()))
         .max_decoding_message_size(max_msg)
         .max_encoding_message_size(usize::MAX);
-    let conns =
-        crate::listen::Connections::new(config.server.max_connections, config.server.idle_timeout);
+    let conns = sluice_frontends::listen::Connections::new(
+        config.server.max_connections,
+        config.server.idle_timeout,
+    );
     tracing::info!(
         max_connections = conns.max,
         "accepting at most this many connections, HTTP and gRPC together"
@@ -371,18 +388,18 @@ pub async fn run(config: Config, on_ready: impl FnOnce(BoundAddrs)) -> Result<()
             .tcp_nodelay(true)
             // Let clients send big HTTP/2 DATA frames: fewer frames per batch.
             .max_frame_size(Some(1 << 20))
-            .layer(crate::edge::GrpcEdgeLayer)
+            .layer(sluice_frontends::edge::GrpcEdgeLayer)
             .add_service(flight)
             .serve_with_incoming_shutdown(conns.clone().incoming(grpc_listener), async move {
                 let _ = grpc_shutdown.recv().await;
             }),
     );
     let mut http_shutdown = shutdown_tx.subscribe();
-    let http = tokio::spawn(crate::listen::serve_http(
+    let http = tokio::spawn(sluice_frontends::listen::serve_http(
         http_listener,
-        crate::http::router(state.clone()),
+        sluice_frontends::http::router(state.clone()),
         conns,
-        crate::listen::HttpTimeouts {
+        sluice_frontends::listen::HttpTimeouts {
             header: config.server.header_timeout,
             body: config.server.body_timeout,
         },
@@ -495,12 +512,12 @@ struct PostgresInfo {
 /// `postgres.migrate_on_start` is set, and finds out whether TimescaleDB is there.
 async fn prepare_postgres(url: &str, config: &Config) -> Result<PostgresInfo> {
     let mut client = wait_for("PostgreSQL", "postgres.url", || {
-        crate::postgres::connect(url)
+        sluice_sinks::postgres::connect(url)
     })
     .await?;
     if config.postgres.migrate_on_start {
         let report =
-            crate::postgres::migrate::migrate_with(&mut client, config.postgres.timescaledb)
+            sluice_sinks::postgres::migrate::migrate_with(&mut client, config.postgres.timescaledb)
                 .await?;
         tracing::info!(applied = ?report.applied, timescaledb = report.timescaledb, "PostgreSQL migrations");
     }
@@ -515,8 +532,10 @@ async fn prepare_postgres(url: &str, config: &Config) -> Result<PostgresInfo> {
         .await
         .map_err(|e| Error::Unavailable(format!("PostgreSQL: {e}")))?
         .is_some();
-    let timescale = !partitioned && crate::postgres::migrate::timescaledb_enabled(&client).await?;
-    crate::postgres::maintenance::run_once(&client, &config.postgres, chrono::Utc::now()).await?;
+    let timescale =
+        !partitioned && sluice_sinks::postgres::migrate::timescaledb_enabled(&client).await?;
+    sluice_sinks::postgres::maintenance::run_once(&client, &config.postgres, chrono::Utc::now())
+        .await?;
     tracing::info!(timescale, "PostgreSQL sink enabled");
     Ok(PostgresInfo {
         url: url.to_string(),
@@ -526,15 +545,18 @@ async fn prepare_postgres(url: &str, config: &Config) -> Result<PostgresInfo> {
 
 /// Reaches ClickHouse (waiting up to 30 s for it) and applies the migrations when
 /// `clickhouse.migrate_on_start` is set.
-async fn prepare_clickhouse(config: &Config) -> Result<crate::clickhouse::client::ChClient> {
-    let client = crate::clickhouse::client::ChClient::new(&config.clickhouse)
+async fn prepare_clickhouse(config: &Config) -> Result<sluice_sinks::clickhouse::client::ChClient> {
+    let client = sluice_sinks::clickhouse::client::ChClient::new(&config.clickhouse)
         .map_err(|e| Error::InvalidArgument(format!("clickhouse: {e}")))?;
     wait_for("ClickHouse", "clickhouse.url", || client.ping()).await?;
     if config.clickhouse.migrate_on_start {
-        let report = crate::clickhouse::migrate::migrate(&client).await?;
+        let report = sluice_sinks::clickhouse::migrate::migrate(&client).await?;
         tracing::info!(applied = ?report.applied, "ClickHouse migrations");
-        crate::clickhouse::migrate::set_dedup_window(&client, config.clickhouse.dedup_window)
-            .await?;
+        sluice_sinks::clickhouse::migrate::set_dedup_window(
+            &client,
+            config.clickhouse.dedup_window,
+        )
+        .await?;
     }
     tracing::info!("ClickHouse sink enabled");
     Ok(client)
@@ -549,11 +571,11 @@ pub async fn wal_floor(
     wal_dir: &std::path::Path,
 ) -> Result<u64> {
     let mut floor = archive::archived_floor(store).await?;
-    let Some(id) = crate::wal::scan::peek_id(wal_dir) else {
+    let Some(id) = sluice_wal::scan::peek_id(wal_dir) else {
         return Ok(floor);
     };
     if let Some(url) = &config.postgres.url {
-        let client = crate::postgres::connect(url).await.map_err(|e| {
+        let client = sluice_sinks::postgres::connect(url).await.map_err(|e| {
             Error::Unavailable(format!("cannot connect to PostgreSQL at postgres.url: {e}"))
         })?;
         // A database not migrated yet has no offsets.
@@ -566,7 +588,7 @@ pub async fn wal_floor(
             .map_err(|e| Error::Unavailable(format!("PostgreSQL: {e}")))?
             .is_some();
         if has_offsets {
-            floor = floor.max(crate::postgres::sink::highest_committed(&client, &id).await?);
+            floor = floor.max(sluice_sinks::postgres::sink::highest_committed(&client, &id).await?);
         }
     }
     if config.clickhouse.url.is_some() {
@@ -668,7 +690,7 @@ async fn replay(
         let batch = record.decode(table.arrow_schema.clone()).map_err(|e| {
             Error::Internal(format!("WAL record {} cannot be decoded: {e}", record.seq))
         })?;
-        let bytes = crate::buffer::data_size(&batch);
+        let bytes = sluice_core::buffer::data_size(&batch);
         let charge = memory.charge(bytes).await;
         rows += batch.num_rows() as u64;
         buffers.push(&record.table, record.seq, batch, bytes as u64, charge);

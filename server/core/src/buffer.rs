@@ -64,21 +64,7 @@ impl MemoryCharge {
     }
 }
 
-/// Bytes of data a batch holds: the lengths (not capacities) of its buffers, so a batch
-/// whose arrays slice one shared message is not counted once per column.
-pub fn data_size(batch: &RecordBatch) -> usize {
-    fn of(d: &arrow::array::ArrayData) -> usize {
-        d.buffers().iter().map(|b| b.len()).sum::<usize>()
-            + d.nulls().map_or(0, |n| n.buffer().len())
-            + d.child_data().iter().map(of).sum::<usize>()
-    }
-    batch
-        .columns()
-        .iter()
-        .map(|c| of(&c.to_data()))
-        .sum::<usize>()
-        + 64
-}
+pub use flight_schema::data_size;
 
 impl MemoryBudget {
     pub fn new(bytes: u64, metrics: Arc<Metrics>) -> Self {

@@ -1,12 +1,10 @@
-//! The server's error type and its one mapping to gRPC statuses and HTTP responses.
+//! The error type the rooms share, classified by what the caller should do about it; the
+//! front ends map it to gRPC statuses and HTTP responses in one place each
+//! (`sluice_frontends::edge`).
 //!
 //! Every error is classified by what the caller should do about it: fix the input
 //! (`InvalidArgument`, `NotFound`, `FailedPrecondition`), slow down (`ResourceExhausted`),
 //! retry later (`Unavailable`), or report a bug (`Internal`).
-
-use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
-use axum::Json;
 
 /// Errors surfaced to clients.
 #[derive(Debug, thiserror::Error)]
@@ -19,8 +17,8 @@ pub enum Error {
     FailedPrecondition(String),
     #[error("{0}")]
     ResourceExhausted(String),
-    /// A query went past one of its limits (`[query]`): RESOURCE_EXHAUSTED over gRPC, 400
-    /// over HTTP (the same query fails again).
+    /// A query went past one of its limits (`[query]`): INVALID_ARGUMENT over gRPC, 400
+    /// over HTTP (the same query fails again; not worth a retry).
     #[error("{0}")]
     LimitExceeded(String),
     /// A query ran out of time (`query.timeout`): DEADLINE_EXCEEDED, 504.
@@ -84,62 +82,18 @@ impl From<sluice_sql::query::QueryError> for Error {
     }
 }
 
-impl From<crate::wal::WalError> for Error {
-    fn from(e: crate::wal::WalError) -> Self {
+impl From<sluice_wal::WalError> for Error {
+    fn from(e: sluice_wal::WalError) -> Self {
         match e {
-            crate::wal::WalError::Closed => {
+            sluice_wal::WalError::Closed => {
                 Error::Unavailable("the server is shutting down".to_string())
             }
             e if e.is_disk_full() => Error::InsufficientStorage(format!(
                 "the disk holding the WAL is full, so the batch was not stored; writes are \
                  taken again as soon as space is freed ({e})"
             )),
-            crate::wal::WalError::Damaged(m) => Error::FailedPrecondition(m),
+            sluice_wal::WalError::Damaged(m) => Error::FailedPrecondition(m),
             other => Error::Internal(other.to_string()),
         }
-    }
-}
-
-impl From<Error> for tonic::Status {
-    fn from(e: Error) -> Self {
-        match e {
-            Error::InvalidArgument(m) => tonic::Status::invalid_argument(m),
-            Error::NotFound(m) => tonic::Status::not_found(m),
-            Error::FailedPrecondition(m) => tonic::Status::failed_precondition(m),
-            Error::ResourceExhausted(m)
-            | Error::InsufficientStorage(m)
-            | Error::LimitExceeded(m) => tonic::Status::resource_exhausted(m),
-            Error::DeadlineExceeded(m) => tonic::Status::deadline_exceeded(m),
-            Error::Unavailable(m) => tonic::Status::unavailable(m),
-            Error::Internal(m) => tonic::Status::internal(m),
-        }
-    }
-}
-
-impl IntoResponse for Error {
-    fn into_response(self) -> Response {
-        let status = match &self {
-            Error::InvalidArgument(_) => StatusCode::BAD_REQUEST,
-            Error::NotFound(_) => StatusCode::NOT_FOUND,
-            Error::FailedPrecondition(_) => StatusCode::CONFLICT,
-            Error::ResourceExhausted(_) => StatusCode::TOO_MANY_REQUESTS,
-            Error::InsufficientStorage(_) => StatusCode::INSUFFICIENT_STORAGE,
-            Error::LimitExceeded(_) => StatusCode::BAD_REQUEST,
-            Error::DeadlineExceeded(_) => StatusCode::GATEWAY_TIMEOUT,
-            Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-            Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
-        };
-        let mut resp =
-            (status, Json(serde_json::json!({"error": self.to_string()}))).into_response();
-        if matches!(
-            status,
-            StatusCode::TOO_MANY_REQUESTS
-                | StatusCode::SERVICE_UNAVAILABLE
-                | StatusCode::INSUFFICIENT_STORAGE
-        ) {
-            resp.headers_mut()
-                .insert("retry-after", axum::http::HeaderValue::from_static("1"));
-        }
-        resp
     }
 }

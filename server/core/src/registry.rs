@@ -6,7 +6,7 @@
 //! writing anything, so concurrent registrations of the same table do not create
 //! duplicate versions. The embedded store ([`FileRegistryStore`]) is an append-only JSON
 //! lines file in the data directory; the PostgreSQL store
-//! ([`crate::postgres::registry::PgRegistryStore`]) keeps `table_registry` and may be
+//! (`PgRegistryStore` in `sluice-sinks`) keeps `table_registry` and may be
 //! shared by several sluice processes.
 //!
 //! # Several processes, one store
@@ -224,13 +224,24 @@ fn check_retention(table: &ResolvedTable) -> Result<()> {
 const MAX_REGISTER_ATTEMPTS: usize = 16;
 
 /// Registered tables with every version, backed by a [`RegistryStore`].
+/// A check a store adds to every registration: `Err` names what the store cannot take
+/// (the ClickHouse sink checks `order_by`, `partition_by` and `ttl` this way).
+pub type TableCheck = Box<dyn Fn(&ResolvedTable) -> std::result::Result<(), String> + Send + Sync>;
+
 pub struct Registry {
     store: Box<dyn RegistryStore>,
+    /// Checks of the stores, run on every new version ([`Registry::add_check`]).
+    checks: Vec<TableCheck>,
     tables: RwLock<BTreeMap<String, Vec<Arc<ResolvedTable>>>>,
     register_lock: tokio::sync::Mutex<()>,
 }
 
 impl Registry {
+    /// Adds a store's check to every registration from now on (see [`TableCheck`]).
+    pub fn add_check(&mut self, check: TableCheck) {
+        self.checks.push(check);
+    }
+
     /// Loads every stored version and registers the seed tables that are missing.
     pub async fn open(store: Box<dyn RegistryStore>) -> Result<Self> {
         let mut stored = store.load().await?;
@@ -256,6 +267,7 @@ impl Registry {
         }
         let registry = Self {
             store,
+            checks: Vec::new(),
             tables: RwLock::new(tables),
             register_lock: tokio::sync::Mutex::new(()),
         };
@@ -292,7 +304,9 @@ impl Registry {
             let version = current.as_ref().map_or(1, |c| c.version + 1);
             let resolved = schema.validate(version)?;
             sluice_sql::reshape::check_defaults(&resolved)?;
-            crate::clickhouse::sink::TableOptions::of(&resolved).map_err(Error::InvalidArgument)?;
+            for check in &self.checks {
+                check(&resolved).map_err(Error::InvalidArgument)?;
+            }
             check_retention(&resolved)?;
             if let Some(cur) = &current {
                 if cur.definition == resolved.definition {

@@ -8,6 +8,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use futures::FutureExt;
+use sluice_core::error::Error;
 
 /// The gRPC edge as a tower layer for tonic's server.
 #[derive(Debug, Clone, Copy, Default)]
@@ -48,7 +49,7 @@ where
                 Ok(Ok(resp)) => Ok(decode_errors_are_invalid_argument(resp)),
                 Ok(Err(e)) => Err(e),
                 Err(panic) => {
-                    let message = crate::error::panic_message(&*panic);
+                    let message = sluice_core::error::panic_message(&*panic);
                     tracing::error!(%path, %message, "a gRPC handler panicked");
                     Ok(tonic::Status::internal(format!("{path} failed: {message}")).into_http())
                 }
@@ -88,7 +89,7 @@ pub fn http_catch_panic() -> tower_http::catch_panic::CatchPanicLayer<PanicHandl
 fn panic_response(
     panic: Box<dyn std::any::Any + Send + 'static>,
 ) -> http::Response<axum::body::Body> {
-    let message = crate::error::panic_message(&*panic);
+    let message = sluice_core::error::panic_message(&*panic);
     tracing::error!(%message, "an HTTP handler panicked");
     let body = serde_json::json!({ "error": format!("internal error: {message}") }).to_string();
     http::Response::builder()
@@ -96,4 +97,59 @@ fn panic_response(
         .header(http::header::CONTENT_TYPE, "application/json")
         .body(axum::body::Body::from(body))
         .expect("static response parts")
+}
+
+/// The one mapping of an [`Error`] to a gRPC status: the class decides the code, the
+/// message is the error's.
+pub fn status(e: Error) -> tonic::Status {
+    match e {
+        // A query past its limits fails again however often it is sent: the client's
+        // error, as over HTTP (400), not RESOURCE_EXHAUSTED, which clients retry.
+        Error::InvalidArgument(m) | Error::LimitExceeded(m) => tonic::Status::invalid_argument(m),
+        Error::NotFound(m) => tonic::Status::not_found(m),
+        Error::FailedPrecondition(m) => tonic::Status::failed_precondition(m),
+        Error::ResourceExhausted(m) | Error::InsufficientStorage(m) => {
+            tonic::Status::resource_exhausted(m)
+        }
+        Error::DeadlineExceeded(m) => tonic::Status::deadline_exceeded(m),
+        Error::Unavailable(m) => tonic::Status::unavailable(m),
+        Error::Internal(m) => tonic::Status::internal(m),
+    }
+}
+
+/// An [`Error`] answered over HTTP: the one mapping to a status code, with a JSON body
+/// `{"error": "..."}` and `Retry-After` where sending again later helps.
+#[derive(Debug)]
+pub struct HttpError(pub Error);
+
+impl From<Error> for HttpError {
+    fn from(e: Error) -> Self {
+        HttpError(e)
+    }
+}
+
+impl axum::response::IntoResponse for HttpError {
+    fn into_response(self) -> axum::response::Response {
+        use axum::http::StatusCode;
+        let status = match &self.0 {
+            Error::InvalidArgument(_) | Error::LimitExceeded(_) => StatusCode::BAD_REQUEST,
+            Error::NotFound(_) => StatusCode::NOT_FOUND,
+            Error::FailedPrecondition(_) => StatusCode::CONFLICT,
+            Error::ResourceExhausted(_) => StatusCode::TOO_MANY_REQUESTS,
+            Error::InsufficientStorage(_) => StatusCode::INSUFFICIENT_STORAGE,
+            Error::DeadlineExceeded(_) => StatusCode::GATEWAY_TIMEOUT,
+            Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        let mut resp = (
+            status,
+            axum::Json(serde_json::json!({"error": self.0.to_string()})),
+        )
+            .into_response();
+        if self.0.is_retryable() {
+            resp.headers_mut()
+                .insert("retry-after", axum::http::HeaderValue::from_static("1"));
+        }
+        resp
+    }
 }

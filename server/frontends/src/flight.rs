@@ -2,7 +2,7 @@
 //!
 //! - **DoPut** `["<table>"]`: decodes the IPC messages (`PutDecoder`: string data stays in
 //!   the received message, which the WAL keeps as it is when the batch needs no reshaping),
-//!   hands each batch to the [`Ingest`](crate::pipeline::Ingest) pipeline (which waits while the
+//!   hands each batch to the [`Ingest`](sluice_ingest::Ingest) pipeline (which waits while the
 //!   memory budget is full, so this task stops reading and flow control pushes back on the
 //!   client), and acks each batch, in order, with JSON `{"request_id","rows","wal_seq"}`
 //!   once it is durable. A refused batch ends the call with its error after the acks of
@@ -31,8 +31,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
-use crate::pipeline::RawIpc;
+use crate::edge::status;
 use crate::state::AppState;
+use sluice_ingest::RawIpc;
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
@@ -53,7 +54,12 @@ impl FlightFrontEnd {
         sql: &str,
         descriptor: FlightDescriptor,
     ) -> Result<FlightInfo, Status> {
-        let schema = self.state.query.schema(sql.to_string()).await?;
+        let schema = self
+            .state
+            .query
+            .schema(sql.to_string())
+            .await
+            .map_err(status)?;
         FlightInfo::new()
             .try_with_schema(&schema)
             .map_err(|e| Status::internal(e.to_string()))
@@ -99,7 +105,7 @@ fn spawn_caught<T: Send + 'static>(
 ) {
     tokio::spawn(async move {
         if let Err(panic) = std::panic::AssertUnwindSafe(task).catch_unwind().await {
-            let message = crate::error::panic_message(&*panic);
+            let message = sluice_core::error::panic_message(&*panic);
             tracing::error!(what, %message, "a request task panicked");
             let _ = report
                 .send(Err(Status::internal(format!("{what} failed: {message}"))))
@@ -221,7 +227,11 @@ impl FlightService for FlightFrontEnd {
                 let sql = std::str::from_utf8(&d.cmd).map_err(|_| {
                     Status::invalid_argument("the CMD descriptor must hold UTF-8 SQL")
                 })?;
-                self.state.query.schema(sql.to_string()).await?
+                self.state
+                    .query
+                    .schema(sql.to_string())
+                    .await
+                    .map_err(status)?
             }
             _ => {
                 return Err(Status::invalid_argument(
@@ -244,10 +254,16 @@ impl FlightService for FlightFrontEnd {
             .map_err(|_| Status::invalid_argument("DoGet: the ticket must be UTF-8 SQL"))?
             .to_string();
         let span = tracing::info_span!("do_get", protocol = "flight", sql = %sql);
-        let stream = self.state.query.run(sql).instrument(span).await?;
+        let stream = self
+            .state
+            .query
+            .run(sql)
+            .instrument(span)
+            .await
+            .map_err(status)?;
         let schema = stream.schema();
         // A failure while the result streams ends the call with its own status.
-        let batches = stream.map_err(|e| FlightError::Tonic(Box::new(Status::from(e))));
+        let batches = stream.map_err(|e| FlightError::Tonic(Box::new(status(e))));
         let out = FlightDataEncoderBuilder::new()
             .with_schema(schema)
             .build(batches)
@@ -278,7 +294,7 @@ impl FlightService for FlightFrontEnd {
             .ingest
             .check_table(&table)
             .await
-            .map_err(Status::from)?;
+            .map_err(status)?;
         let span = tracing::info_span!("do_put", protocol = "flight", table = %table);
 
         let (ack_tx, ack_rx) = mpsc::channel::<Result<PutResult, Status>>(MAX_UNACKED_PER_STREAM);
@@ -293,7 +309,7 @@ impl FlightService for FlightFrontEnd {
                 while let Some(item) = pending_rx.recv().await {
                     let out = match item {
                         Ok((request_id, pending)) => {
-                            let pending: crate::pipeline::PendingWrite = pending;
+                            let pending: sluice_ingest::PendingWrite = pending;
                             let rows = pending.rows;
                             match pending.durable().await {
                                 Ok(wal_seq) => {
@@ -307,7 +323,7 @@ impl FlightService for FlightFrontEnd {
                                         app_metadata: meta.into(),
                                     })
                                 }
-                                Err(e) => Err(Status::from(e)),
+                                Err(e) => Err(status(e)),
                             }
                         }
                         Err(status) => Err(status),
@@ -352,7 +368,7 @@ impl FlightService for FlightFrontEnd {
                                 .map(|p| (request_id, p))
                                 .map_err(|e| {
                                     tracing::info!(request_id, error = %e, "batch refused");
-                                    Status::from(e)
+                                    status(e)
                                 })
                         }
                         Err(s) => Err(Status::new(
@@ -398,7 +414,7 @@ impl FlightService for FlightFrontEnd {
                     .state
                     .register_table(&action.body)
                     .await
-                    .map_err(Status::from)?;
+                    .map_err(status)?;
                 json_result(&r)?
             }
             actions::GET_TABLE => {
@@ -411,7 +427,7 @@ impl FlightService for FlightFrontEnd {
                         "get_table: body must be {{\"name\": \"<table>\"}}: {e}"
                     ))
                 })?;
-                json_result(&self.state.table_json(&b.name).map_err(Status::from)?)?
+                json_result(&self.state.table_json(&b.name).map_err(status)?)?
             }
             actions::LIST_TABLES => json_result(&self.state.tables_json())?,
             other => {

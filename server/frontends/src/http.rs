@@ -18,8 +18,9 @@ use axum::{Json, Router};
 use futures::StreamExt;
 use tracing::Instrument;
 
-use crate::error::{Error, Result};
+use crate::edge::HttpError;
 use crate::state::AppState;
+use sluice_core::error::{Error, Result};
 
 /// Media type of an Arrow IPC stream.
 pub const ARROW_STREAM: &str = "application/vnd.apache.arrow.stream";
@@ -118,9 +119,14 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
 async fn register(
     State(state): State<Arc<AppState>>,
     body: Bytes,
-) -> Result<Json<flight_schema::RegisterResult>> {
+) -> Result<Json<flight_schema::RegisterResult>, HttpError> {
     let span = tracing::info_span!("register", protocol = "http");
-    state.register_table(&body).instrument(span).await.map(Json)
+    state
+        .register_table(&body)
+        .instrument(span)
+        .await
+        .map(Json)
+        .map_err(HttpError)
 }
 
 async fn list_schemas(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
@@ -130,8 +136,8 @@ async fn list_schemas(State(state): State<Arc<AppState>>) -> Json<serde_json::Va
 async fn get_schema(
     State(state): State<Arc<AppState>>,
     Path(table): Path<String>,
-) -> Result<Json<serde_json::Value>> {
-    state.table_json(&table).map(Json)
+) -> Result<Json<serde_json::Value>, HttpError> {
+    state.table_json(&table).map(Json).map_err(HttpError)
 }
 
 #[derive(serde::Deserialize)]
@@ -143,7 +149,7 @@ async fn query(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     body: Bytes,
-) -> Result<Response> {
+) -> Result<Response, HttpError> {
     let q: QueryBody = serde_json::from_slice(&body)
         .map_err(|e| Error::InvalidArgument(format!("body must be {{\"sql\": \"...\"}}: {e}")))?;
     let span = tracing::info_span!("query", protocol = "http", sql = %q.sql);

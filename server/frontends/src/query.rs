@@ -26,8 +26,73 @@ use sluice_sql::limits::QueryGuard;
 use sluice_sql::query::{QueryEngine, QueryError};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
-use crate::config::QueryConfig;
-use crate::error::{Error, Result};
+use serde::{Deserialize, Serialize};
+use sluice_core::error::{Error, Result};
+use sluice_core::ByteSize;
+
+/// `[query]`: where SQL runs (threads of its own, apart from ingest) and what one query
+/// may take.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct QueryConfig {
+    /// Worker threads that plan and run queries, apart from ingest's. 0: half the cores,
+    /// at least 1.
+    pub threads: usize,
+    /// Stack of each query thread: planning recurses once per level of nesting.
+    pub stack_size: ByteSize,
+    /// CPU priority of the query threads, as `nice` (0 to 19): the higher, the more CPU
+    /// goes to ingest while a query runs.
+    pub nice: i32,
+    /// A query still running after this is stopped (planning included).
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Queries that run at once; more wait for a slot (up to `timeout`).
+    pub max_concurrent: usize,
+    /// Most memory one query's sorts, joins and aggregates may hold, and the largest value
+    /// one function may compute; past it the query ends with a message naming this key
+    /// (sorts spill to disk first).
+    pub memory_limit: ByteSize,
+    /// Most memory all running queries may hold together.
+    pub total_memory: ByteSize,
+    /// Longest SQL text accepted.
+    pub max_sql_bytes: ByteSize,
+    /// Deepest nesting of expressions, subqueries and `UNION`s accepted (`a + b + c`
+    /// nests one level per term).
+    pub max_depth: usize,
+    /// Most expression nodes in one statement.
+    pub max_nodes: usize,
+    /// Most spill files of all queries together on the local disk (sorts and aggregates
+    /// past their memory limit), in the system's temporary directory.
+    pub max_spill: ByteSize,
+}
+
+impl Default for QueryConfig {
+    fn default() -> Self {
+        Self {
+            threads: 0,
+            stack_size: ByteSize::mib(64),
+            nice: 10,
+            timeout: Duration::from_secs(60),
+            max_concurrent: 4,
+            memory_limit: ByteSize::mib(256),
+            total_memory: ByteSize::mib(512),
+            max_sql_bytes: ByteSize(256 * 1024),
+            max_depth: 128,
+            max_nodes: 100_000,
+            max_spill: ByteSize::gib(1),
+        }
+    }
+}
+
+impl QueryConfig {
+    /// Worker threads: `threads`, or half the cores (at least 1).
+    pub fn worker_threads(&self) -> usize {
+        if self.threads > 0 {
+            return self.threads;
+        }
+        std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
+    }
+}
 
 /// What the query task sends back.
 enum Msg {
@@ -153,7 +218,7 @@ impl QueryService {
                 Ok(Ok(Err(e))) => Some(e),
                 Ok(Err(panic)) => Some(Error::Internal(format!(
                     "the query failed: {}",
-                    crate::error::panic_message(&panic)
+                    sluice_core::error::panic_message(&panic)
                 ))),
                 Err(_) => Some(Error::DeadlineExceeded(format!(
                     "the query ran longer than {} and was stopped (query.timeout)",

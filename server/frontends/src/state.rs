@@ -6,10 +6,10 @@ use std::sync::Arc;
 
 use flight_schema::{RegisterResult, TableSchema};
 
-use crate::error::{Error, Result};
-use crate::metrics::Metrics;
-use crate::pipeline::Ingest;
-use crate::registry::{table_json, Registry};
+use sluice_core::error::{Error, Result};
+use sluice_core::metrics::Metrics;
+use sluice_core::registry::{table_json, Registry};
+use sluice_ingest::Ingest;
 
 /// Readiness of the server and its sinks, as JSON for `/readyz`.
 pub trait Readiness: Send + Sync {

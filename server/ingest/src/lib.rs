@@ -1,3 +1,5 @@
+//! # sluice-ingest
+//!
 //! The ingest pipeline: what every protocol front end hands batches to.
 //!
 //! # What flows through it
@@ -13,20 +15,16 @@
 
 use std::sync::Arc;
 
-use arrow::ipc::writer::{DictionaryTracker, IpcDataGenerator, IpcWriteOptions};
 use arrow::ipc::CompressionType;
 use arrow::record_batch::RecordBatch;
 use flight_schema::{ResolvedTable, SinkKind};
 use tokio::sync::oneshot;
 
-use crate::buffer::{data_size, Buffers, MemoryBudget};
-use crate::error::{Error, Result};
-use crate::metrics::Metrics;
-use crate::registry::Registry;
-use crate::wal::{Wal, WalEntry, WalError};
-
-/// zstd level of compressed WAL records.
-pub const WAL_ZSTD_LEVEL: i32 = 1;
+use sluice_core::buffer::{data_size, Buffers, MemoryBudget, MemoryCharge};
+use sluice_core::error::{Error, Result};
+use sluice_core::metrics::Metrics;
+use sluice_core::registry::Registry;
+use sluice_wal::{Durable, Subscriber, Wal, WalEntry, WalError};
 
 /// A write that has been accepted and is on its way to the WAL.
 pub struct PendingWrite {
@@ -72,22 +70,145 @@ pub trait Ingest: Send + Sync {
     async fn check_table(&self, table: &str) -> Result<()>;
 }
 
-/// The pipeline of the embedded default: WAL, recent buffer, Parquet archive.
+/// The pipeline every deployment runs: registry, reshape, memory budget, WAL; durable
+/// batches go to the recent buffer ([`RecentFeed`]) and on to the sinks from the WAL.
 pub struct Pipeline {
-    pub registry: Arc<Registry>,
-    pub buffers: Arc<Buffers>,
-    pub memory: Arc<MemoryBudget>,
-    pub wal: Wal,
+    registry: Arc<Registry>,
+    memory: Arc<MemoryBudget>,
+    wal: Wal,
     /// Compression of WAL records.
-    pub wal_compression: Option<CompressionType>,
-    pub metrics: Arc<Metrics>,
+    wal_compression: Option<CompressionType>,
+    metrics: Arc<Metrics>,
     /// The stores this deployment has (the archive always).
-    pub sinks: Vec<SinkKind>,
+    sinks: Vec<SinkKind>,
     /// Past this much WAL on disk, writes are refused until the sinks catch up.
-    pub wal_disk_budget: Option<u64>,
+    wal_disk_budget: Option<u64>,
+}
+
+/// The parts a [`Pipeline`] is built from; the knobs have setters with defaults.
+pub struct PipelineBuilder {
+    registry: Arc<Registry>,
+    buffers: Arc<Buffers>,
+    memory: Arc<MemoryBudget>,
+    wal: Wal,
+    metrics: Arc<Metrics>,
+    wal_compression: Option<CompressionType>,
+    sinks: Vec<SinkKind>,
+    wal_disk_budget: Option<u64>,
+}
+
+impl PipelineBuilder {
+    /// Compression of WAL records (default none).
+    pub fn wal_compression(mut self, c: Option<CompressionType>) -> Self {
+        self.wal_compression = c;
+        self
+    }
+
+    /// The stores this deployment writes to (default: the archive alone).
+    pub fn sinks(mut self, sinks: Vec<SinkKind>) -> Self {
+        self.sinks = sinks;
+        self
+    }
+
+    /// Refuse writes while the WAL holds more than this many bytes (default: no limit).
+    pub fn wal_disk_budget(mut self, bytes: Option<u64>) -> Self {
+        self.wal_disk_budget = bytes;
+        self
+    }
+
+    /// The pipeline, subscribed to the WAL so that durable batches reach the buffer.
+    pub fn build(self) -> Pipeline {
+        self.wal.subscribe(Arc::new(RecentFeed {
+            buffers: self.buffers,
+            metrics: self.metrics.clone(),
+        }));
+        Pipeline {
+            registry: self.registry,
+            memory: self.memory,
+            wal: self.wal,
+            wal_compression: self.wal_compression,
+            metrics: self.metrics,
+            sinks: self.sinks,
+            wal_disk_budget: self.wal_disk_budget,
+        }
+    }
+}
+
+/// What the pipeline attaches to a WAL entry ([`WalEntry::ticket`]) and gets back once
+/// the entry is durable.
+struct Admission {
+    protocol: String,
+    rows: u64,
+    bytes: usize,
+    /// Whether reshape copied columns out of the received message (which then stays
+    /// charged until the buffer lets the batch go).
+    changed: bool,
+    charge: MemoryCharge,
+}
+
+/// The pipeline's [`Subscriber`]: counts each durable batch as accepted and puts it in
+/// the recent buffer, in WAL order, with its memory charge.
+struct RecentFeed {
+    buffers: Arc<Buffers>,
+    metrics: Arc<Metrics>,
+}
+
+impl Subscriber for RecentFeed {
+    fn durable(&self, record: &mut Durable) {
+        let Some(admission) = record
+            .ticket
+            .take()
+            .and_then(|t| t.downcast::<Admission>().ok())
+        else {
+            return;
+        };
+        let Admission {
+            protocol,
+            rows,
+            bytes,
+            changed,
+            mut charge,
+        } = *admission;
+        let labels = [&*record.table, protocol.as_str()];
+        self.metrics
+            .ingest_rows
+            .with_label_values(&labels)
+            .inc_by(rows);
+        self.metrics
+            .ingest_bytes
+            .with_label_values(&labels)
+            .inc_by(bytes as u64);
+        if !changed {
+            charge.release(bytes);
+        }
+        if let Some(batch) = record.batch.take() {
+            self.buffers
+                .push(&record.table, record.seq, batch, bytes as u64, Some(charge));
+        }
+    }
 }
 
 impl Pipeline {
+    /// A pipeline over these parts; see [`PipelineBuilder`] for the rest.
+    pub fn builder(
+        registry: Arc<Registry>,
+        buffers: Arc<Buffers>,
+        memory: Arc<MemoryBudget>,
+        wal: Wal,
+        metrics: Arc<Metrics>,
+    ) -> PipelineBuilder {
+        PipelineBuilder {
+            registry,
+            buffers,
+            memory,
+            wal,
+            metrics,
+            wal_compression: None,
+            sinks: vec![SinkKind::Archive],
+            wal_disk_budget: None,
+        }
+    }
+
     /// [`Pipeline::table`], after re-reading the registry store once if the table is not
     /// known here (another process sharing the store may have registered it).
     async fn lookup(&self, table: &str) -> Result<Arc<ResolvedTable>> {
@@ -152,34 +273,6 @@ impl Pipeline {
     }
 }
 
-/// Encodes a batch (of a registered schema: no dictionaries) as one Arrow IPC message,
-/// its buffers compressed with `compression`.
-pub fn encode_ipc(
-    batch: &RecordBatch,
-    compression: Option<CompressionType>,
-) -> Result<(Vec<u8>, Vec<u8>)> {
-    let mut tracker = DictionaryTracker::new(false);
-    let mut options = IpcWriteOptions::default()
-        .try_with_compression(compression)
-        .map_err(Error::internal)?;
-    if compression == Some(CompressionType::ZSTD) {
-        // The WAL wants speed: zstd's fastest regular level still shrinks log-like
-        // batches about 4x.
-        options = options
-            .try_with_compression_level(Some(WAL_ZSTD_LEVEL))
-            .map_err(Error::internal)?;
-    }
-    let (dicts, data) = IpcDataGenerator::default()
-        .encode(batch, &mut tracker, &options, &mut Default::default())
-        .map_err(Error::internal)?;
-    if !dicts.is_empty() {
-        return Err(Error::Internal(
-            "registered schemas have no dictionary columns".into(),
-        ));
-    }
-    Ok((data.ipc_message, data.arrow_data))
-}
-
 #[async_trait::async_trait]
 impl Ingest for Pipeline {
     async fn check_table(&self, table: &str) -> Result<()> {
@@ -224,7 +317,7 @@ impl Ingest for Pipeline {
         let bytes = data_size(&reshaped);
         // In flight: the batch and its IPC encoding. Buffered: the batch, and the received
         // message too when reshape copied columns out of it.
-        let mut charge = self.memory.charge(2 * bytes).await.ok_or_else(|| {
+        let charge = self.memory.charge(2 * bytes).await.ok_or_else(|| {
             Error::ResourceExhausted(format!(
                 "table '{table}': a batch of {bytes} bytes does not fit the memory budget twice"
             ))
@@ -232,36 +325,26 @@ impl Ingest for Pipeline {
         let (ipc_header, ipc_body) = match raw {
             Some(raw) if identical && self.wal_compression.is_none() => (raw.header, raw.body),
             _ => {
-                let (h, b) = encode_ipc(&reshaped, self.wal_compression)?;
+                let (h, b) = sluice_wal::encode_ipc(&reshaped, self.wal_compression)
+                    .map_err(Error::internal)?;
                 (h.into(), b.into())
             }
         };
         let rows = reshaped.num_rows() as u64;
         let (tx, rx) = oneshot::channel();
-        let buffers = self.buffers.clone();
-        let metrics = self.metrics.clone();
-        let name: Arc<str> = Arc::from(table);
-        let proto = protocol.to_string();
         let entry = WalEntry {
-            table: name.clone(),
+            table: Arc::from(table),
             version: resolved.version,
             ipc_header,
             ipc_body,
-            batch: Some(reshaped.clone()),
-            on_durable: Box::new(move |seq| {
-                metrics
-                    .ingest_rows
-                    .with_label_values(&[&*name, proto.as_str()])
-                    .inc_by(rows);
-                metrics
-                    .ingest_bytes
-                    .with_label_values(&[&*name, proto.as_str()])
-                    .inc_by(bytes as u64);
-                if !changed {
-                    charge.release(bytes);
-                }
-                buffers.push(&name, seq, reshaped, bytes as u64, Some(charge));
-            }),
+            batch: Some(reshaped),
+            ticket: Some(Box::new(Admission {
+                protocol: protocol.to_string(),
+                rows,
+                bytes,
+                changed,
+                charge,
+            })),
             reply: tx,
         };
         self.wal.append(entry)?;

@@ -1,7 +1,7 @@
 //! The Parquet archive sink.
 //!
 //! # What flows through it
-//! The archiver task watches every table's recent buffer ([`crate::buffer`]). When a
+//! The archiver task watches every table's recent buffer ([`sluice_core::buffer`]). When a
 //! buffer passes a bound (rows, bytes, age) or the memory budget runs over half full, it
 //! takes the buffered batches, splits them by the hour of their time column, writes one
 //! zstd Parquet file per hour to `<table>/date=YYYY-MM-DD/hour=HH/` in the object store,
@@ -26,13 +26,13 @@ use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
 use serde::{Deserialize, Serialize};
 
-use crate::buffer::{Buffers, FileEntry};
 use crate::config::{ArchiveConfig, BufferConfig};
-use crate::error::{Error, Result};
-use crate::metrics::Metrics;
-use crate::registry::Registry;
-use crate::wal::Wal;
 use flight_schema::SinkKind;
+use sluice_core::buffer::{Buffers, FileEntry};
+use sluice_core::error::{Error, Result};
+use sluice_core::metrics::Metrics;
+use sluice_core::registry::Registry;
+use sluice_wal::Wal;
 
 const MANIFEST_DIR: &str = "_sluice/manifests";
 
@@ -153,25 +153,79 @@ fn manifest_path(table: &str) -> ObjPath {
 
 /// The archive sink: manifests, flushes and the background task.
 pub struct Archiver {
+    store: Arc<dyn ObjectStore>,
+    buffers: Arc<Buffers>,
+    registry: Arc<Registry>,
+    wal: Wal,
+    metrics: Arc<Metrics>,
+    cfg: ArchiveConfig,
+    /// When a table's buffer is due for a flush.
+    limits: BufferConfig,
+    memory: Arc<sluice_core::buffer::MemoryBudget>,
+    /// While the WAL is being replayed, segments must not be released
+    /// ([`Archiver::replay_done`]).
+    replaying: AtomicBool,
+    /// Set while a flush keeps failing; shown in /readyz.
+    last_error: std::sync::Mutex<Option<String>>,
+    /// The stores this deployment has (tables not routed to the archive are dropped
+    /// from the buffer when due instead of written).
+    sinks: Vec<SinkKind>,
+}
+
+/// What an [`Archiver`] reads from and writes to.
+pub struct ArchiveParts {
     pub store: Arc<dyn ObjectStore>,
     pub buffers: Arc<Buffers>,
     pub registry: Arc<Registry>,
     pub wal: Wal,
     pub metrics: Arc<Metrics>,
-    pub cfg: ArchiveConfig,
-    /// When a table's buffer is due for a flush.
-    pub limits: BufferConfig,
-    pub memory: Arc<crate::buffer::MemoryBudget>,
-    /// While the WAL is being replayed, segments must not be released. Start with `true`.
-    pub replaying: AtomicBool,
-    /// Set while a flush keeps failing; shown in /readyz.
-    pub last_error: std::sync::Mutex<Option<String>>,
-    /// The stores this deployment has (tables not routed to the archive are dropped
-    /// from the buffer when due instead of written).
-    pub sinks: Vec<SinkKind>,
+    pub memory: Arc<sluice_core::buffer::MemoryBudget>,
 }
 
 impl Archiver {
+    /// An archiver over `parts`, configured by `[archive]` and `[buffer]`, for a
+    /// deployment with these `sinks`. It holds back WAL releases until
+    /// [`Archiver::replay_done`].
+    pub fn new(
+        parts: ArchiveParts,
+        cfg: ArchiveConfig,
+        limits: BufferConfig,
+        sinks: Vec<SinkKind>,
+    ) -> Self {
+        let ArchiveParts {
+            store,
+            buffers,
+            registry,
+            wal,
+            metrics,
+            memory,
+        } = parts;
+        Self {
+            store,
+            buffers,
+            registry,
+            wal,
+            metrics,
+            cfg,
+            limits,
+            memory,
+            replaying: AtomicBool::new(true),
+            last_error: Default::default(),
+            sinks,
+        }
+    }
+
+    /// The WAL replay is over: archived records may release WAL segments from now on.
+    pub fn replay_done(&self) {
+        self.replaying
+            .store(false, std::sync::atomic::Ordering::Release);
+    }
+
+    /// The last flush failure, while flushes keep failing (for `/readyz`).
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error.lock().expect("error lock").clone()
+    }
+
     /// Loads every table's manifest into the buffers' state and deletes Parquet files
     /// that no manifest names (left by a flush a crash cut off).
     pub async fn recover(&self) -> Result<()> {

@@ -2,7 +2,7 @@
 //! next): reading the WAL, coalescing per table, parallel writers, retries, positions.
 //!
 //! # What flows through it
-//! A [`SinkRunner`] tails the WAL ([`crate::wal::WalTail`]) from the sink's registered
+//! A [`SinkRunner`] tails the WAL ([`sluice_wal::WalTail`]) from the sink's registered
 //! position. Each record of a table routed to the sink, and not already committed in the
 //! store (the [`CommittedRanges`] the store reports at start), is decoded, brought to the
 //! table's current schema and appended to that table's open [`Chunk`]. A chunk is sealed
@@ -30,10 +30,10 @@ use object_store::path::Path as ObjPath;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use tokio::sync::watch;
 
-use crate::buffer::data_size;
-use crate::metrics::Metrics;
-use crate::registry::Registry;
-use crate::wal::{Wal, WalRecord};
+use sluice_core::buffer::data_size;
+use sluice_core::metrics::Metrics;
+use sluice_core::registry::Registry;
+use sluice_wal::{Wal, WalRecord};
 
 /// Rows of one WAL record, adapted to the chunk's table version.
 pub struct Part {
@@ -46,18 +46,31 @@ pub struct Part {
 /// [`StoreWriter::streams`]).
 #[derive(Default)]
 pub struct LiveParts {
-    inner: Mutex<(Vec<(u64, RecordBatch)>, bool)>,
+    inner: Mutex<Filling>,
     changed: tokio::sync::Notify,
+}
+
+/// What a [`LiveParts`] holds so far.
+#[derive(Default)]
+struct Filling {
+    /// `(WAL seq, rows)` in seq order.
+    parts: Vec<(u64, RecordBatch)>,
+    /// No more parts will come.
+    sealed: bool,
 }
 
 impl LiveParts {
     fn push(&self, seq: u64, batch: RecordBatch) {
-        self.inner.lock().expect("live parts").0.push((seq, batch));
+        self.inner
+            .lock()
+            .expect("live parts")
+            .parts
+            .push((seq, batch));
         self.changed.notify_waiters();
     }
 
     fn seal(&self) {
-        self.inner.lock().expect("live parts").1 = true;
+        self.inner.lock().expect("live parts").sealed = true;
         self.changed.notify_waiters();
     }
 
@@ -69,10 +82,10 @@ impl LiveParts {
             notified.as_mut().enable();
             {
                 let g = self.inner.lock().expect("live parts");
-                if let Some(p) = g.0.get(i) {
+                if let Some(p) = g.parts.get(i) {
                     return Some(p.clone());
                 }
-                if g.1 {
+                if g.sealed {
                     return None;
                 }
             }
@@ -86,12 +99,12 @@ impl LiveParts {
         while self.get(i).await.is_some() {
             i += 1;
         }
-        self.inner.lock().expect("live parts").0.clone()
+        self.inner.lock().expect("live parts").parts.clone()
     }
 
     fn seqs(&self) -> Vec<u64> {
         let g = self.inner.lock().expect("live parts");
-        g.0.iter().map(|p| p.0).collect()
+        g.parts.iter().map(|(seq, _)| *seq).collect()
     }
 }
 
@@ -167,8 +180,8 @@ impl Chunk {
             Some(l) if self.parts.is_empty() => {
                 let g = l.inner.lock().expect("live parts");
                 (
-                    g.0.first().map_or(0, |p| p.0),
-                    g.0.last().map_or(0, |p| p.0),
+                    g.parts.first().map_or(0, |(seq, _)| *seq),
+                    g.parts.last().map_or(0, |(seq, _)| *seq),
                 )
             }
             _ => (seq(self.parts.first()), seq(self.parts.last())),

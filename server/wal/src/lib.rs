@@ -1,3 +1,5 @@
+//! # sluice-wal
+//!
 //! The write-ahead log: every accepted batch is appended here, and made durable, before
 //! its ack is sent.
 //!
@@ -5,9 +7,9 @@
 //! Callers hand over an IPC-encoded batch ([`WalEntry`]); one writer thread takes all
 //! entries waiting at that moment, gives them consecutive sequence numbers, appends them
 //! to the current segment and fsyncs once for the whole group (group commit). Then, in
-//! sequence order, it runs each entry's `on_durable` callback (the pipeline puts the batch
-//! in the recent buffer there, so buffer order is WAL order) and answers its caller with
-//! the sequence number. On start, [`Wal::open`] reads every segment back ([`scan`]): an
+//! sequence order, it tells the [`Subscriber`]s what became durable (the pipeline puts the
+//! batch in the recent buffer there, so buffer order is WAL order) and answers its caller
+//! with the sequence number. On start, [`Wal::open`] reads every segment back ([`scan`]): an
 //! incomplete record at the end of the last one, left by a crash mid-write, is cut off (it
 //! was never acknowledged); any other damage, a missing segment or a missing `ID` stops
 //! the start with a message naming the records it costs, and `sluice wal check|repair`
@@ -24,7 +26,7 @@
 //! then records `[u32 payload length][u32 crc32 of payload][payload]`, payload =
 //! `[u64 seq][u64 schema version][u16 table length][table][u32 header length]
 //! [Arrow IPC message header][Arrow IPC body]`, integers little-endian. Segments are
-//! written with direct I/O where possible ([`crate::wal_io`]): the one being written, or
+//! written with direct I/O where possible ([`crate::io`]): the one being written, or
 //! one a crash left open, may end in fewer than 4096 zero bytes of padding, which the scan
 //! at start trims.
 
@@ -38,14 +40,50 @@ use std::sync::{Arc, Mutex};
 use arrow::record_batch::RecordBatch;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::metrics::Metrics;
-use crate::wal_io::SegmentFile;
+pub mod io;
+
+use crate::io::SegmentFile;
+
+mod metrics;
+pub use metrics::WalMetrics;
 
 pub mod scan;
 
 use scan::{read_record, Tail, HEADER_V2};
 
 const RECORD_HEADER: usize = 8;
+
+/// zstd level of compressed WAL records.
+pub const WAL_ZSTD_LEVEL: i32 = 1;
+
+/// Encodes a batch (of a registered schema: no dictionaries) as one Arrow IPC message,
+/// `(header, body)`, its buffers compressed with `compression`: the form a [`WalEntry`]
+/// carries.
+pub fn encode_ipc(
+    batch: &RecordBatch,
+    compression: Option<arrow::ipc::CompressionType>,
+) -> Result<(Vec<u8>, Vec<u8>), arrow::error::ArrowError> {
+    use arrow::ipc::writer::{DictionaryTracker, IpcDataGenerator, IpcWriteOptions};
+    let mut tracker = DictionaryTracker::new(false);
+    let mut options = IpcWriteOptions::default().try_with_compression(compression)?;
+    if compression == Some(arrow::ipc::CompressionType::ZSTD) {
+        // The WAL wants speed: zstd's fastest regular level still shrinks log-like
+        // batches about 4x.
+        options = options.try_with_compression_level(Some(WAL_ZSTD_LEVEL))?;
+    }
+    let (dicts, data) = IpcDataGenerator::default().encode(
+        batch,
+        &mut tracker,
+        &options,
+        &mut Default::default(),
+    )?;
+    if !dicts.is_empty() {
+        return Err(arrow::error::ArrowError::InvalidArgumentError(
+            "registered schemas have no dictionary columns".into(),
+        ));
+    }
+    Ok((data.ipc_message, data.arrow_data))
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum WalError {
@@ -93,7 +131,7 @@ pub struct WalOptions {
     /// ([`WalTail`]): a sink that keeps up takes them from there instead of reading,
     /// decompressing and decoding them again. 0 turns it off.
     pub feed_bytes: u64,
-    /// Write segments with `O_DIRECT` where the file system allows it ([`crate::wal_io`]).
+    /// Write segments with `O_DIRECT` where the file system allows it ([`crate::io`]).
     pub direct_io: bool,
 }
 
@@ -108,9 +146,9 @@ pub struct WalEntry {
     /// The batch itself (what the IPC message decodes to), handed to tail readers from
     /// memory once durable.
     pub batch: Option<RecordBatch>,
-    /// Runs on the writer thread once the entry is durable, before the caller hears of it,
-    /// in sequence order.
-    pub on_durable: Box<dyn FnOnce(u64) + Send>,
+    /// Whatever the writer wants its [`Subscriber`] to get back with the record once it is
+    /// durable (the pipeline's memory charge and counts); the WAL never looks inside.
+    pub ticket: Option<Box<dyn std::any::Any + Send>>,
     pub reply: oneshot::Sender<Result<u64, WalError>>,
 }
 
@@ -120,31 +158,50 @@ impl WalEntry {
     }
 }
 
+/// A record that has just become durable, as [`Subscriber`]s hear of it.
+pub struct Durable {
+    pub seq: u64,
+    pub table: Arc<str>,
+    pub version: u64,
+    /// The batch, when the writer handed it over ([`WalEntry::batch`]).
+    pub batch: Option<RecordBatch>,
+    /// The entry's [`WalEntry::ticket`], untouched.
+    pub ticket: Option<Box<dyn std::any::Any + Send>>,
+}
+
+/// Hears of every record as it becomes durable: on the writer thread, in sequence order,
+/// before the record's writer is answered. Whoever keeps state that must follow WAL
+/// order (the recent buffer) subscribes with [`Wal::subscribe`]; the call must be quick,
+/// as the next group waits for it. Subscribers are called in the order they subscribed,
+/// and one may take the batch or the ticket out of the record.
+pub trait Subscriber: Send + Sync {
+    fn durable(&self, record: &mut Durable);
+}
+
 /// A record read back from the WAL.
 pub struct WalRecord {
     pub seq: u64,
     pub table: String,
     pub version: u64,
-    pub ipc_header: Vec<u8>,
-    pub ipc_body: Vec<u8>,
+    pub ipc_header: bytes::Bytes,
+    pub ipc_body: bytes::Bytes,
     /// Set when the record came from the in-memory feed: the decoded batch (the IPC
     /// fields are then empty).
     pub batch: Option<RecordBatch>,
 }
 
 impl WalRecord {
-    /// Decodes the batch with the schema of the version it was written at.
+    /// Decodes the batch with the schema of the version it was written at. A record is
+    /// checked like any untrusted message (`flight_schema::decode`): damage that its
+    /// checksum missed is an error, not a panic.
     pub fn decode(&self, schema: arrow::datatypes::SchemaRef) -> Result<RecordBatch, String> {
         if let Some(b) = &self.batch {
             return Ok(b.clone());
         }
-        let data = arrow_flight::FlightData {
-            data_header: self.ipc_header.clone().into(),
-            data_body: self.ipc_body.clone().into(),
-            ..Default::default()
-        };
-        arrow_flight::utils::flight_data_to_arrow_batch(&data, schema, &Default::default())
-            .map_err(|e| e.to_string())
+        flight_schema::decode::PutDecoder::with_schema(schema)
+            .decode(self.ipc_header.clone(), self.ipc_body.clone())?
+            .map(|d| d.batch)
+            .ok_or_else(|| format!("WAL record {} holds no record batch", self.seq))
     }
 }
 
@@ -161,10 +218,20 @@ struct Segment {
     versions: std::collections::BTreeMap<Arc<str>, u64>,
 }
 
+/// A durable record kept decoded in the [`Feed`].
+struct FedRecord {
+    seq: u64,
+    table: Arc<str>,
+    version: u64,
+    batch: RecordBatch,
+    /// [`flight_schema::data_size`] of the batch.
+    size: usize,
+}
+
 /// Recent durable records, decoded, in sequence order without gaps (see
 /// [`WalOptions::feed_bytes`]).
 struct Feed {
-    records: VecDeque<(u64, Arc<str>, u64, RecordBatch, usize)>,
+    records: VecDeque<FedRecord>,
     bytes: usize,
     cap: usize,
     /// One past the last record pushed, if it was kept (0: unknown); a reader asking for
@@ -186,9 +253,9 @@ impl Feed {
             .map(|p| p.load(Ordering::Acquire))
             .min()
             .unwrap_or(u64::MAX);
-        while self.records.front().is_some_and(|r| r.0 < lowest) {
+        while self.records.front().is_some_and(|r| r.seq < lowest) {
             let r = self.records.pop_front().expect("front");
-            self.bytes -= r.4;
+            self.bytes -= r.size;
         }
     }
 
@@ -206,14 +273,19 @@ impl Feed {
             self.records.clear();
             self.bytes = 0;
         }
-        let size = crate::buffer::data_size(batch);
-        self.records
-            .push_back((seq, table.clone(), version, batch.clone(), size));
+        let size = flight_schema::data_size(batch);
+        self.records.push_back(FedRecord {
+            seq,
+            table: table.clone(),
+            version,
+            batch: batch.clone(),
+            size,
+        });
         self.bytes += size;
         self.end = seq + 1;
         while self.bytes > self.cap {
             match self.records.pop_front() {
-                Some(r) => self.bytes -= r.4,
+                Some(r) => self.bytes -= r.size,
                 None => break,
             }
         }
@@ -226,24 +298,24 @@ impl Feed {
         if seq == self.end {
             return Some((Vec::new(), 0));
         }
-        let (front, back) = (self.records.front()?.0, self.records.back()?.0);
+        let (front, back) = (self.records.front()?.seq, self.records.back()?.seq);
         if seq < front || seq > back {
             return None;
         }
         let mut out = Vec::new();
         let mut bytes = 0;
-        for (s, table, version, batch, size) in self.records.range((seq - front) as usize..) {
+        for r in self.records.range((seq - front) as usize..) {
             if bytes >= max_bytes {
                 break;
             }
-            bytes += size;
+            bytes += r.size;
             out.push(WalRecord {
-                seq: *s,
-                table: table.to_string(),
-                version: *version,
-                ipc_header: Vec::new(),
-                ipc_body: Vec::new(),
-                batch: Some(batch.clone()),
+                seq: r.seq,
+                table: r.table.to_string(),
+                version: r.version,
+                ipc_header: bytes::Bytes::new(),
+                ipc_body: bytes::Bytes::new(),
+                batch: Some(r.batch.clone()),
             });
         }
         Some((out, bytes))
@@ -255,7 +327,9 @@ struct Shared {
     feed: Mutex<Feed>,
     segments: Mutex<VecDeque<Segment>>,
     last_seq: AtomicU64,
-    metrics: Arc<Metrics>,
+    metrics: WalMetrics,
+    /// Told of every durable record, in order ([`Wal::subscribe`]).
+    subscribers: Mutex<Vec<Arc<dyn Subscriber>>>,
     /// Woken after every group commit (tail readers wait on it).
     durable: tokio::sync::Notify,
     /// Per sink: every record with `seq <=` this is durable in that sink (or not routed
@@ -273,9 +347,9 @@ struct Shared {
 
 impl Shared {
     fn publish_sizes(&self, segs: &VecDeque<Segment>) {
-        self.metrics.wal_segments.set(segs.len() as i64);
+        self.metrics.segments.set(segs.len() as i64);
         self.metrics
-            .wal_bytes
+            .bytes
             .set(segs.iter().map(|s| s.size).sum::<u64>() as i64);
     }
 }
@@ -312,12 +386,10 @@ fn parse_payload(payload: &[u8]) -> Result<WalRecord, String> {
             .unwrap(),
     ) as usize;
     o += 4;
-    let ipc_header = payload
-        .get(o..o + hlen)
-        .ok_or("bad header length")?
-        .to_vec();
+    let ipc_header =
+        bytes::Bytes::copy_from_slice(payload.get(o..o + hlen).ok_or("bad header length")?);
     o += hlen;
-    let ipc_body = payload[o..].to_vec();
+    let ipc_body = bytes::Bytes::copy_from_slice(&payload[o..]);
     Ok(WalRecord {
         seq,
         table,
@@ -335,7 +407,7 @@ impl Wal {
     /// segment; and starts the writer on a new segment after the highest of the last
     /// record, `RELEASED` and `floor` (the highest sequence number the archive recorded),
     /// so sequence numbers never go backwards.
-    pub fn open(opts: WalOptions, metrics: Arc<Metrics>, floor: u64) -> Result<Self, WalError> {
+    pub fn open(opts: WalOptions, metrics: WalMetrics, floor: u64) -> Result<Self, WalError> {
         let dir = opts.dir.clone();
         std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
         let scan = scan::scan_dir(&dir)?;
@@ -462,6 +534,7 @@ impl Wal {
             segments: Mutex::new(segments.iter().cloned().collect()),
             last_seq: AtomicU64::new(last_seq),
             metrics,
+            subscribers: Mutex::new(Vec::new()),
             durable: tokio::sync::Notify::new(),
             positions: Mutex::new(Default::default()),
             dir: dir.clone(),
@@ -469,7 +542,7 @@ impl Wal {
             write_error: Mutex::new(None),
             fsync: opts.fsync,
         });
-        shared.metrics.wal_last_seq.set(last_seq as i64);
+        shared.metrics.last_seq.set(last_seq as i64);
         let (tx, rx) = mpsc::unbounded_channel();
         let writer = Writer::start(opts, shared.clone(), last_seq, id)?;
         let writing = segment_path(&dir, last_seq + 1);
@@ -530,6 +603,16 @@ impl Wal {
             Some(tx) => tx.send(entry).map_err(|_| WalError::Closed),
             None => Err(WalError::Closed),
         }
+    }
+
+    /// Adds `subscriber` to those told of every record that becomes durable from now on
+    /// (see [`Subscriber`]); subscribe before the first append to hear of every record.
+    pub fn subscribe(&self, subscriber: Arc<dyn Subscriber>) {
+        self.shared
+            .subscribers
+            .lock()
+            .expect("wal subscribers")
+            .push(subscriber);
     }
 
     /// The last durable sequence number.
@@ -755,7 +838,7 @@ impl WalTail {
                 self.next_seq = last.seq + 1;
                 self.shared
                     .metrics
-                    .wal_tail_records
+                    .tail_records
                     .with_label_values(&["memory"])
                     .inc_by(fed.len() as u64);
                 // The file reader is behind now; reopened (and skipped forward) if the
@@ -839,7 +922,7 @@ impl WalTail {
             bytes += self.payload.len();
             self.shared
                 .metrics
-                .wal_tail_records
+                .tail_records
                 .with_label_values(&["disk"])
                 .inc();
             out.push(rec);
@@ -1008,20 +1091,36 @@ impl Writer {
             };
             if durable > 0 {
                 let mut feed = self.shared.feed.lock().expect("wal feed");
-                for (i, e) in group[..durable].iter_mut().enumerate() {
+                for (i, e) in group[..durable].iter().enumerate() {
                     let seq = first_seq + i as u64;
-                    feed.push(seq, &e.table, e.version, e.batch.take().as_ref());
+                    feed.push(seq, &e.table, e.version, e.batch.as_ref());
                 }
             }
+            let subscribers = self
+                .shared
+                .subscribers
+                .lock()
+                .expect("wal subscribers")
+                .clone();
             for (i, e) in group.drain(..durable).enumerate() {
                 let seq = first_seq + i as u64;
-                (e.on_durable)(seq);
+                let reply = e.reply;
+                let mut record = Durable {
+                    seq,
+                    table: e.table,
+                    version: e.version,
+                    batch: e.batch,
+                    ticket: e.ticket,
+                };
+                for s in &subscribers {
+                    s.durable(&mut record);
+                }
                 self.shared.last_seq.store(seq, Ordering::Release);
-                let _ = e.reply.send(Ok(seq));
+                let _ = reply.send(Ok(seq));
             }
             self.shared
                 .metrics
-                .wal_last_seq
+                .last_seq
                 .set(self.shared.last_seq.load(Ordering::Acquire) as i64);
             self.shared.durable.notify_waiters();
             if let Some(err) = failure {
@@ -1124,8 +1223,8 @@ impl Writer {
         let last = first_seq + group.len() as u64 - 1;
         self.commit_sizes(seg_bytes, last);
         self.next_seq = last + 1;
-        self.shared.metrics.wal_written_bytes.inc_by(written);
-        self.shared.metrics.wal_fsyncs.inc();
+        self.shared.metrics.written_bytes.inc_by(written);
+        self.shared.metrics.fsyncs.inc();
         Ok(first_seq)
     }
 
@@ -1181,8 +1280,7 @@ mod tests {
         let batch =
             RecordBatch::try_new(schema(), vec![Arc::new(Int64Array::from(values))]).unwrap();
         let (h, b) =
-            crate::pipeline::encode_ipc(&batch, Some(arrow::ipc::CompressionType::LZ4_FRAME))
-                .unwrap();
+            crate::encode_ipc(&batch, Some(arrow::ipc::CompressionType::LZ4_FRAME)).unwrap();
         let (tx, rx) = oneshot::channel();
         wal.append(WalEntry {
             table: Arc::from("t"),
@@ -1190,7 +1288,7 @@ mod tests {
             ipc_header: h.into(),
             ipc_body: b.into(),
             batch: Some(batch),
-            on_durable: Box::new(|_| {}),
+            ticket: None,
             reply: tx,
         })
         .unwrap();
@@ -1228,7 +1326,7 @@ mod tests {
     #[test]
     fn appends_replay_and_torn_tail_is_cut() {
         let dir = tempfile::tempdir().unwrap();
-        let m = Arc::new(Metrics::new());
+        let m = WalMetrics::unregistered();
         let wal = Wal::open(opts(dir.path(), 1 << 20), m.clone(), 0).unwrap();
         let rxs: Vec<_> = (0..5).map(|i| append(&wal, vec![i, i + 100])).collect();
         let seqs: Vec<u64> = rxs
@@ -1258,7 +1356,7 @@ mod tests {
     #[test]
     fn many_small_batches_share_fsyncs() {
         let dir = tempfile::tempdir().unwrap();
-        let m = Arc::new(Metrics::new());
+        let m = WalMetrics::unregistered();
         let wal = Wal::open(opts(dir.path(), 1 << 30), m.clone(), 0).unwrap();
         let rxs: Vec<_> = (0..500).map(|i| append(&wal, vec![i])).collect();
         let seqs: Vec<u64> = rxs
@@ -1266,7 +1364,7 @@ mod tests {
             .map(|rx| rx.blocking_recv().unwrap().unwrap())
             .collect();
         assert_eq!(seqs, (1..=500).collect::<Vec<u64>>());
-        let fsyncs = m.wal_fsyncs.get();
+        let fsyncs = m.fsyncs.get();
         assert!(
             fsyncs < 100,
             "500 queued appends took {fsyncs} group commits"
@@ -1277,7 +1375,7 @@ mod tests {
     #[test]
     fn segments_roll_and_are_released() {
         let dir = tempfile::tempdir().unwrap();
-        let m = Arc::new(Metrics::new());
+        let m = WalMetrics::unregistered();
         // Tiny segments: every record starts a new one.
         let wal = Wal::open(opts(dir.path(), 16), m.clone(), 0).unwrap();
         for i in 0..4 {
@@ -1297,7 +1395,7 @@ mod tests {
     #[test]
     fn direct_io_padding_left_by_a_crash_is_trimmed_in_any_segment() {
         let dir = tempfile::tempdir().unwrap();
-        let m = Arc::new(Metrics::new());
+        let m = WalMetrics::unregistered();
         // Tiny segments: every record rolls to a new one.
         let wal = Wal::open(opts(dir.path(), 16), m.clone(), 0).unwrap();
         for i in 0..3 {
@@ -1360,7 +1458,7 @@ mod tests {
         // Each group ends in a padded block that the next group rewrites; a disk reader
         // in between must never take that padding for records.
         let dir = tempfile::tempdir().unwrap();
-        let m = Arc::new(Metrics::new());
+        let m = WalMetrics::unregistered();
         let wal = Wal::open(opts(dir.path(), 1 << 30), m, 0).unwrap();
         let mut tail = wal.tail(0);
         let mut seen = Vec::new();
@@ -1379,7 +1477,7 @@ mod tests {
     #[test]
     fn corruption_before_the_last_segment_is_an_error() {
         let dir = tempfile::tempdir().unwrap();
-        let m = Arc::new(Metrics::new());
+        let m = WalMetrics::unregistered();
         let wal = Wal::open(opts(dir.path(), 16), m.clone(), 0).unwrap();
         for i in 0..3 {
             append(&wal, vec![i]).blocking_recv().unwrap().unwrap();
@@ -1406,7 +1504,7 @@ mod tests {
     #[test]
     fn tail_reads_recent_records_from_memory_and_the_rest_from_disk() {
         let dir = tempfile::tempdir().unwrap();
-        let m = Arc::new(Metrics::new());
+        let m = WalMetrics::unregistered();
         // Room for about three one-value batches (each counts 8 + 64 bytes).
         let o = WalOptions {
             feed_bytes: 3 * 72,
@@ -1489,7 +1587,7 @@ mod tests {
         // writes between them left the writer appending to a deleted file, and the
         // numbers started again at 1.
         let dir = tempfile::tempdir().unwrap();
-        let m = Arc::new(Metrics::new());
+        let m = WalMetrics::unregistered();
         let wal = Wal::open(opts(dir.path(), 1 << 20), m.clone(), 0).unwrap();
         wal.register_sink("archive", 0);
         assert_eq!(fill(&wal, 0, 3), vec![1, 2, 3]);
@@ -1520,7 +1618,7 @@ mod tests {
         // A WAL directory removed while the archive kept its position: new records must
         // not be numbered at or below what the archive holds.
         let dir = tempfile::tempdir().unwrap();
-        let m = Arc::new(Metrics::new());
+        let m = WalMetrics::unregistered();
         let wal = Wal::open(opts(dir.path(), 1 << 20), m, 41).unwrap();
         assert_eq!(fill(&wal, 0, 1), vec![42]);
         wal.close();
@@ -1529,7 +1627,7 @@ mod tests {
     #[test]
     fn a_flipped_byte_costs_only_its_record_after_repair() {
         let dir = tempfile::tempdir().unwrap();
-        let m = Arc::new(Metrics::new());
+        let m = WalMetrics::unregistered();
         let wal = Wal::open(opts(dir.path(), 1 << 20), m.clone(), 0).unwrap();
         fill(&wal, 0, 10);
         wal.close();
@@ -1573,7 +1671,7 @@ mod tests {
     #[test]
     fn a_missing_segment_is_reported_with_its_records() {
         let dir = tempfile::tempdir().unwrap();
-        let m = Arc::new(Metrics::new());
+        let m = WalMetrics::unregistered();
         let wal = Wal::open(opts(dir.path(), 16), m.clone(), 0).unwrap();
         fill(&wal, 0, 5);
         wal.close();
@@ -1594,7 +1692,7 @@ mod tests {
     #[test]
     fn a_missing_first_segment_is_told_from_a_released_one() {
         let dir = tempfile::tempdir().unwrap();
-        let m = Arc::new(Metrics::new());
+        let m = WalMetrics::unregistered();
         let wal = Wal::open(opts(dir.path(), 16), m.clone(), 0).unwrap();
         wal.register_sink("archive", 0);
         fill(&wal, 0, 5);
@@ -1615,7 +1713,7 @@ mod tests {
     #[test]
     fn a_missing_id_is_restored_from_the_segment_headers() {
         let dir = tempfile::tempdir().unwrap();
-        let m = Arc::new(Metrics::new());
+        let m = WalMetrics::unregistered();
         let wal = Wal::open(opts(dir.path(), 1 << 20), m.clone(), 0).unwrap();
         let id = wal.id().to_string();
         fill(&wal, 0, 2);
@@ -1695,7 +1793,7 @@ mod tests {
     #[test]
     fn a_full_disk_fails_the_group_and_writes_go_on_once_space_is_back() {
         let mnt = Tmpfs::mount(256 * 1024);
-        let m = Arc::new(Metrics::new());
+        let m = WalMetrics::unregistered();
         let wal = Wal::open(opts(mnt.path(), 1 << 30), m.clone(), 0).unwrap();
         let filler = mnt.path().join("filler");
         // Fill the file system.
@@ -1812,7 +1910,7 @@ mod tests {
                 hurts in proptest::collection::vec(hurt(), 1..5),
             ) {
                 let dir = tempfile::tempdir().unwrap();
-                let m = Arc::new(Metrics::new());
+                let m = WalMetrics::unregistered();
                 let o = WalOptions { fsync: false, direct_io: false, ..opts(dir.path(), segment_size) };
                 let wal = Wal::open(o.clone(), m.clone(), 0).unwrap();
                 wal.register_sink("archive", 0);

@@ -4,7 +4,7 @@
 //! In: the files of `wal/` (segments, `ID`, `RELEASED`, `LOST`). Out: a [`WalScan`]: every
 //! intact record's place (sequence number, offset, length) per segment, and every
 //! [`Problem`] found, each naming the file, the offset and the sequence numbers it costs.
-//! [`super::Wal::open`] refuses to start on a problem ([`WalScan::problems`]), so that no
+//! [`crate::Wal::open`] refuses to start on a problem ([`WalScan::problems`]), so that no
 //! acknowledged record is skipped without a word; `sluice wal check` prints the same
 //! report and `sluice wal repair` ([`repair`]) keeps every intact record, moves damaged
 //! bytes to `wal/damaged/`, and writes the sequence numbers that are gone for good to
@@ -22,7 +22,7 @@
 //!   format 2), or an `ID` that disagrees with the segments.
 //!
 //! Not damage: zero padding after the last record of a segment (left by a direct write,
-//! [`crate::wal_io`]), and an incomplete record at the very end of the last segment (a
+//! [`crate::io`]), and an incomplete record at the very end of the last segment (a
 //! write a crash cut off before its fsync, never acknowledged). A complete last record
 //! with a bad checksum could be either that or a damaged acknowledged record: its bytes
 //! are kept in `wal/damaged/` and the start says so.
@@ -32,8 +32,8 @@ use std::io::{BufReader, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use super::{io_err, WalError, RECORD_HEADER};
-use crate::wal_io::{self, is_padding};
+use crate::io::is_padding;
+use crate::{io_err, WalError, RECORD_HEADER};
 
 /// Segment header of format 1: the magic only.
 pub(super) const MAGIC_V1: &[u8; 8] = b"SLWAL001";
@@ -462,7 +462,7 @@ fn scan_segment(path: &Path, name_seq: u64) -> Result<SegmentScan, WalError> {
     } else if got == 0 || head[..got].iter().all(|&b| b == 0) {
         // Created, but its header never reached the disk (a crash right after the
         // file was made): empty.
-        seg.bad_header = (file_len >= wal_io::BLOCK as u64)
+        seg.bad_header = (file_len >= crate::io::BLOCK as u64)
             .then(|| format!("{file_len} zero bytes instead of a header"));
         if seg.bad_header.is_none() {
             seg.tail = if file_len > 0 {
@@ -990,7 +990,7 @@ pub fn repair(dir: &Path, new_id: bool, floor: u64) -> Result<RepairReport, WalE
         // Written to the staging folder first: the new segment may take the name of one
         // that is moved away below.
         std::fs::create_dir_all(&staging).map_err(io_err(&staging))?;
-        let path = super::segment_path(&staging, run[0].seq);
+        let path = crate::segment_path(&staging, run[0].seq);
         let src_path = &scan.segments[*i].path;
         let src = File::open(src_path).map_err(io_err(src_path))?;
         let mut out = File::create(&path).map_err(io_err(&path))?;
@@ -1072,7 +1072,7 @@ pub fn repair(dir: &Path, new_id: bool, floor: u64) -> Result<RepairReport, WalE
             ));
         }
         // An empty segment to start from, named after the gap.
-        let path = super::segment_path(dir, to + 1);
+        let path = crate::segment_path(dir, to + 1);
         if !path.exists() {
             let mut f = File::create(&path).map_err(io_err(&path))?;
             f.write_all(&header_v2(&id, to + 1))

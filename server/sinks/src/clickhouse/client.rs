@@ -177,12 +177,12 @@ impl ChError {
     }
 }
 
-impl From<ChError> for crate::error::Error {
+impl From<ChError> for sluice_core::error::Error {
     fn from(e: ChError) -> Self {
         if e.transient {
-            crate::error::Error::Unavailable(e.message)
+            sluice_core::error::Error::Unavailable(e.message)
         } else {
-            crate::error::Error::FailedPrecondition(e.message)
+            sluice_core::error::Error::FailedPrecondition(e.message)
         }
     }
 }
@@ -735,247 +735,43 @@ where
     ))
 }
 
+/// Clients of the test databases of `sluice-test-support` (which knows no [`ChClient`]),
+/// as the tests make them: 60 s per request.
 #[cfg(test)]
-pub(crate) mod testing {
-    //! Throwaway ClickHouse servers for tests: `SLUICE_TEST_CH_URL` when set, else a chdb
-    //! server (PyPI `chdb-core`, see INFRA.md) on free loopback ports, started from the
-    //! repository's `.venv` python (or `python3`). The server exits when the test process
-    //! closes its stdin, i.e. when the process ends, and deletes its directory.
-
-    use std::io::{Read, Write as _};
-    use std::path::{Path, PathBuf};
-    use std::process::{Child, Command, Stdio};
-    use std::sync::OnceLock;
-    use std::time::{Duration, Instant};
-
-    use super::ChClient;
-    use crate::config::{ClickHouseConfig, HttpCompression};
-
-    /// Runs the server until stdin closes, then removes the directory and exits.
-    const SCRIPT: &str = r#"
-import os, shutil, sys, threading
-d = sys.argv[1]
-def watch():
-    sys.stdin.buffer.read()
-    shutil.rmtree(d, ignore_errors=True)
-    os._exit(0)
-threading.Thread(target=watch, daemon=True).start()
-import chdb._chdb as c
-c.query('SYSTEM START LISTEN HTTP; SYSTEM START LISTEN TCP; SELECT sleepEachRow(1) FROM numbers(86400) SETTINGS max_block_size=1 FORMAT Null', 'CSV', path=os.path.join(d, 'data'))
-"#;
-
-    /// A ClickHouse server for tests.
-    pub struct TestServer {
-        pub url: String,
-        /// The server's directory (None for `SLUICE_TEST_CH_URL`).
-        pub dir: Option<PathBuf>,
-        child: Option<Child>,
+pub(crate) trait TestClient {
+    /// A client of this database with LZ4 insert bodies.
+    fn client(&self) -> ChClient {
+        self.client_with(HttpCompression::Lz4)
     }
 
-    fn python() -> PathBuf {
-        let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
-        if venv.exists() {
-            venv
-        } else {
-            PathBuf::from("python3")
-        }
+    /// A client of this database with `compression`.
+    fn client_with(&self, compression: HttpCompression) -> ChClient;
+}
+
+#[cfg(test)]
+impl TestClient for sluice_test_support::ch::TestDb {
+    fn client_with(&self, compression: HttpCompression) -> ChClient {
+        test_client(&self.url, &self.name, compression)
     }
+}
 
-    fn free_port() -> u16 {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    }
-
-    fn ping(port: u16) -> bool {
-        let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
-            return false;
-        };
-        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-        if s.write_all(b"GET /ping HTTP/1.0\r\n\r\n").is_err() {
-            return false;
-        }
-        let mut out = String::new();
-        let _ = s.read_to_string(&mut out);
-        out.contains("Ok.")
-    }
-
-    impl TestServer {
-        /// Starts a chdb server; `extra_config` is XML put inside `<clickhouse>`, and
-        /// `{dir}` in it is replaced by the server's directory.
-        pub fn start(extra_config: &str) -> TestServer {
-            let mut last = String::new();
-            for _ in 0..3 {
-                match Self::try_start(extra_config) {
-                    Ok(s) => return s,
-                    Err(e) => last = e,
-                }
-            }
-            panic!("cannot start a chdb ClickHouse server for the tests: {last}");
-        }
-
-        fn try_start(extra_config: &str) -> Result<TestServer, String> {
-            let dir = tempfile::Builder::new()
-                .prefix("sluice-ch-test.")
-                .tempdir()
-                .map_err(|e| e.to_string())?
-                .keep();
-            let (http, tcp) = (free_port(), free_port());
-            let config = format!(
-                "<clickhouse><http_port>{http}</http_port><tcp_port>{tcp}</tcp_port>\
-                 <listen_host>127.0.0.1</listen_host>{}</clickhouse>\n",
-                extra_config.replace("{dir}", &dir.to_string_lossy())
-            );
-            std::fs::write(dir.join("config.xml"), config).map_err(|e| e.to_string())?;
-            let log = std::fs::File::create(dir.join("server.log")).map_err(|e| e.to_string())?;
-            let py = python();
-            let child = Command::new(&py)
-                .arg("-c")
-                .arg(SCRIPT)
-                .arg(&dir)
-                .current_dir(&dir)
-                .stdin(Stdio::piped())
-                .stdout(log.try_clone().map_err(|e| e.to_string())?)
-                .stderr(log)
-                .spawn()
-                .map_err(|e| format!("cannot run {py:?}: {e}"))?;
-            let mut server = TestServer {
-                url: format!("http://127.0.0.1:{http}"),
-                dir: Some(dir.clone()),
-                child: Some(child),
-            };
-            let deadline = Instant::now() + Duration::from_secs(90);
-            while Instant::now() < deadline {
-                if ping(http) {
-                    return Ok(server);
-                }
-                if let Some(status) = server.child.as_mut().and_then(|c| c.try_wait().ok()?) {
-                    let log = std::fs::read_to_string(dir.join("server.log")).unwrap_or_default();
-                    server.child = None;
-                    let _ = std::fs::remove_dir_all(&dir);
-                    return Err(format!(
-                        "the chdb server exited ({status}); is chdb-core installed in .venv? {}",
-                        super::truncate(&log, 4000)
-                    ));
-                }
-                std::thread::sleep(Duration::from_millis(200));
-            }
-            Err("the chdb server did not answer /ping within 90 s".into())
-        }
-
-        /// A client of this server for `database`.
-        pub fn client(&self, database: &str, compression: HttpCompression) -> ChClient {
-            ChClient::new(&ClickHouseConfig {
-                url: Some(self.url.clone()),
-                database: database.to_string(),
-                compression,
-                request_timeout: Duration::from_secs(60),
-                ..ClickHouseConfig::default()
-            })
-            .unwrap()
-        }
-    }
-
-    impl Drop for TestServer {
-        fn drop(&mut self) {
-            if let Some(mut child) = self.child.take() {
-                let _ = child.kill();
-                let _ = child.wait();
-            }
-            if let Some(dir) = &self.dir {
-                let _ = std::fs::remove_dir_all(dir);
-            }
-        }
-    }
-
-    /// The server shared by this test process: `SLUICE_TEST_CH_URL`, or a chdb server
-    /// started on first use (it goes away with the process).
-    pub fn shared() -> &'static TestServer {
-        static SERVER: OnceLock<TestServer> = OnceLock::new();
-        SERVER.get_or_init(|| match std::env::var("SLUICE_TEST_CH_URL") {
-            Ok(url) if !url.trim().is_empty() => TestServer {
-                url: url.trim().to_string(),
-                dir: None,
-                child: None,
-            },
-            _ => TestServer::start(""),
-        })
-    }
-
-    /// A fresh database on a server, dropped (best effort) when this goes away.
-    pub struct TestDb {
-        pub name: String,
-        pub client: ChClient,
-        admin: ChClient,
-    }
-
-    impl TestDb {
-        /// A new database on the [`shared`] server.
-        pub async fn new() -> TestDb {
-            Self::on(shared(), HttpCompression::Lz4).await
-        }
-
-        pub async fn on(server: &TestServer, compression: HttpCompression) -> TestDb {
-            let name = format!("sluice_test_{}", uuid::Uuid::new_v4().simple());
-            let admin = server.client("default", HttpCompression::None);
-            admin
-                .execute(&format!("CREATE DATABASE {name}"))
-                .await
-                .unwrap();
-            TestDb {
-                client: server.client(&name, compression),
-                name,
-                admin,
-            }
-        }
-
-        /// A client of this database with another compression.
-        pub fn client_with(&self, compression: HttpCompression) -> ChClient {
-            let mut cfg = ClickHouseConfig {
-                url: Some(self.admin.url().to_string()),
-                database: self.name.clone(),
-                compression,
-                ..ClickHouseConfig::default()
-            };
-            cfg.request_timeout = Duration::from_secs(60);
-            ChClient::new(&cfg).unwrap()
-        }
-    }
-
-    impl Drop for TestDb {
-        fn drop(&mut self) {
-            // A client of its own: pooled connections of `admin` are driven by the test's
-            // runtime, which is blocked here.
-            let url = self.admin.url().to_string();
-            let name = self.name.clone();
-            let _ = std::thread::spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .unwrap();
-                let admin = ChClient::new(&ClickHouseConfig {
-                    url: Some(url),
-                    request_timeout: Duration::from_secs(30),
-                    ..ClickHouseConfig::default()
-                })
-                .unwrap();
-                rt.block_on(async move {
-                    let _ = admin
-                        .execute(&format!("DROP DATABASE IF EXISTS {name} SYNC"))
-                        .await;
-                });
-            })
-            .join();
-        }
-    }
+/// A client of `database` on the test server at `url` (60 s per request).
+#[cfg(test)]
+pub(crate) fn test_client(url: &str, database: &str, compression: HttpCompression) -> ChClient {
+    ChClient::new(&ClickHouseConfig {
+        url: Some(url.to_string()),
+        database: database.to_string(),
+        compression,
+        request_timeout: Duration::from_secs(60),
+        ..ClickHouseConfig::default()
+    })
+    .unwrap()
 }
 
 #[cfg(test)]
 mod tests {
-    use super::testing::TestDb;
     use super::*;
+    use sluice_test_support::ch::TestDb;
 
     fn put_varuint(out: &mut Vec<u8>, mut v: u64) {
         loop {
@@ -1077,7 +873,7 @@ mod tests {
     #[tokio::test]
     async fn execute_query_json_and_ping() {
         let db = TestDb::new().await;
-        let c = &db.client;
+        let c = &db.client();
         c.ping().await.unwrap();
         assert_eq!(c.execute("SELECT 1 + 1").await.unwrap(), "2\n");
         let rows = c
@@ -1113,7 +909,7 @@ mod tests {
     #[tokio::test]
     async fn table_columns_in_position_order() {
         let db = TestDb::new().await;
-        let c = &db.client;
+        let c = &db.client();
         assert_eq!(c.table_columns("nope").await.unwrap(), None);
         c.execute(
             "CREATE TABLE t (b String, a DateTime64(3, 'UTC'), m Map(String, String)) \
@@ -1144,7 +940,7 @@ mod tests {
         );
         // Another database's table of the same name is not this one's.
         let other = TestDb::new().await;
-        assert_eq!(other.client.table_columns("t").await.unwrap(), None);
+        assert_eq!(other.client().table_columns("t").await.unwrap(), None);
     }
 
     #[tokio::test]
@@ -1214,7 +1010,7 @@ mod tests {
     #[tokio::test]
     async fn errors_are_classified() {
         let db = TestDb::new().await;
-        let c = &db.client;
+        let c = &db.client();
         let e = c.execute("SELEC 1").await.unwrap_err();
         assert_eq!(e.code, Some(62));
         assert!(!e.transient);
@@ -1325,7 +1121,7 @@ mod tests {
             .unwrap_err();
         assert!(e.code.is_some() && !e.transient, "{e:?}");
 
-        let as_error: crate::error::Error = ChError::from_code(252, "Too many parts").into();
+        let as_error: sluice_core::error::Error = ChError::from_code(252, "Too many parts").into();
         assert!(as_error.is_retryable());
     }
 

@@ -32,7 +32,7 @@
 use std::fmt;
 
 use super::client::{quote_ident, ChClient, ChError};
-use crate::error::{Error, Result};
+use sluice_core::error::{Error, Result};
 
 /// The storage policy of the seed design's hot/warm/cold tiering.
 pub const STORAGE_POLICY: &str = "hot_warm_cold";
@@ -95,7 +95,7 @@ macro_rules! migration {
             name: $name,
             variant: Variant::$variant,
             file: $file,
-            sql: include_str!(concat!("../../../migrations/clickhouse/", $file)),
+            sql: include_str!(concat!("../../../../migrations/clickhouse/", $file)),
         }
     };
 }
@@ -449,13 +449,15 @@ pub fn split_statements(sql: &str) -> Vec<String> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::client::testing::{TestDb, TestServer};
+    use super::super::client::{test_client, TestClient};
     use super::*;
     use crate::config::HttpCompression;
+    use sluice_test_support::ch::{shared, TestDb, TestServer};
 
     #[test]
     fn the_list_matches_the_directory() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../migrations/clickhouse");
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../migrations/clickhouse");
         let mut on_disk: Vec<String> = std::fs::read_dir(&dir)
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -616,7 +618,7 @@ mod tests {
     #[tokio::test]
     async fn the_dedup_window_follows_the_config() {
         let db = TestDb::new().await;
-        let c = &db.client;
+        let c = &db.client();
         migrate(c).await.unwrap();
         // The default is what the files say: nothing to change.
         assert!(set_dedup_window(c, 1000).await.unwrap().is_empty());
@@ -640,7 +642,7 @@ mod tests {
     #[tokio::test]
     async fn plain_path_applies_once() {
         let db = TestDb::new().await;
-        let c = &db.client;
+        let c = &db.client();
         let has_policy = !c
             .query_json("SELECT 1 FROM system.storage_policies WHERE policy_name = 'hot_warm_cold'")
             .await
@@ -810,9 +812,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_missing_database_is_created_and_failures_name_the_file() {
-        let server = super::super::client::testing::shared();
+        let server = shared();
         let name = format!("sluice_test_new_{}", uuid::Uuid::new_v4().simple());
-        let c = server.client(&name, HttpCompression::Lz4);
+        let c = test_client(&server.url, &name, HttpCompression::Lz4);
         let r = migrate(&c).await.unwrap();
         assert_eq!(r.applied.len(), 4);
         assert!(c.database_exists().await.unwrap());
@@ -823,11 +825,11 @@ mod tests {
         // A failing step names the file, and the version is not recorded: here
         // sluice_schema_migrations was made by someone else without a `name` column.
         let db = TestDb::new().await;
-        db.client
+        db.client()
             .execute("CREATE TABLE sluice_schema_migrations (version UInt32, variant String) ENGINE = Memory")
             .await
             .unwrap();
-        let e = migrate(&db.client).await.unwrap_err();
+        let e = migrate(&db.client()).await.unwrap_err();
         assert!(matches!(e, Error::FailedPrecondition(_)), "{e:?}");
         assert!(
             e.to_string()
@@ -835,7 +837,7 @@ mod tests {
             "{e}"
         );
         assert!(db
-            .client
+            .client()
             .query_json("SELECT * FROM sluice_schema_migrations")
             .await
             .unwrap()
@@ -861,7 +863,7 @@ mod tests {
     fn test_storage_config() -> String {
         let xml = std::fs::read_to_string(
             std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("../deploy/clickhouse/storage.xml"),
+                .join("../../deploy/clickhouse/storage.xml"),
         )
         .unwrap();
         let start = xml.find("<storage_configuration>").unwrap();
@@ -885,8 +887,8 @@ mod tests {
     #[tokio::test]
     async fn tiered_path_with_the_deploy_storage_policy() {
         let server = TestServer::start(&test_storage_config());
-        let db = TestDb::on(&server, HttpCompression::Zstd).await;
-        let c = &db.client;
+        let db = TestDb::on(&server).await;
+        let c = &db.client_with(HttpCompression::Zstd);
         let volumes = c
             .query_json(
                 "SELECT volume_name AS v, disks FROM system.storage_policies \

@@ -1,7 +1,7 @@
 //! The ClickHouse side of the sink: idempotent Native-format inserts of coalesced chunks.
 //!
 //! # What flows through it
-//! [`crate::sink::SinkRunner`] plans each [`Chunk`] in its journal and hands it to
+//! [`crate::runner::SinkRunner`] plans each [`Chunk`] in its journal and hands it to
 //! [`ChWriter::write`], which:
 //! 1. makes sure the table exists and matches: created lazily from the registered schema
 //!    (MergeTree with the table's `order_by`, `partition_by` and `ttl`, and
@@ -34,7 +34,7 @@ use futures::StreamExt;
 
 use super::client::{ChClient, ChError};
 use super::native::{ch_type_for, encode_block, ChType};
-use crate::sink::{
+use crate::runner::{
     halves, Chunk, CommittedRanges, DeadLetter, Refused, Rows, SinkError, StoreWriter, Written,
 };
 
@@ -249,7 +249,7 @@ impl ChWriter {
         let body = batches.map(move |b| {
             // About the Arrow size plus a length byte or so per value: no regrowing.
             let mut buf = Vec::with_capacity(
-                crate::buffer::data_size(&b) + b.num_rows() * (b.num_columns() + 8),
+                sluice_core::buffer::data_size(&b) + b.num_rows() * (b.num_columns() + 8),
             );
             match encode_block(&b, &cols, &mut buf) {
                 Ok(()) => {

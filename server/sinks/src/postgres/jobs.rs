@@ -36,8 +36,8 @@ use tokio_postgres::Client;
 
 use super::migrate::{describe, pg_error};
 use crate::config::JobsMode;
-use crate::error::Result;
-use crate::metrics::Metrics;
+use sluice_core::error::Result;
+use sluice_core::metrics::Metrics;
 
 /// How soon a job Sluice ran and saw fail is run again.
 const RETRY_FAILED_RUN: Duration = Duration::from_secs(60);
@@ -345,7 +345,7 @@ mod tests {
 
     use super::*;
     use crate::postgres::migrate::migrate;
-    use crate::postgres::migrate::testing::{Flavor, TestDb};
+    use sluice_test_support::pg::{Flavor, TestDb};
 
     async fn migrated() -> (TestDb, Client) {
         let db = TestDb::on(Flavor::Timescale).await;

@@ -37,7 +37,7 @@ use tokio_postgres::{Client, SimpleQueryMessage};
 use super::migrate::{describe, pg_error};
 use super::quote_ident;
 use crate::config::PostgresConfig;
-use crate::error::{Error, Result};
+use sluice_core::error::{Error, Result};
 
 /// Prefix of the daily partitions; the rest of the name is the day, `YYYYMMDD`.
 pub const PARTITION_PREFIX: &str = "metrics_points_p";
@@ -433,8 +433,9 @@ pub async fn run(
 
 #[cfg(test)]
 mod tests {
-    use super::super::migrate::{migrate, testing::TestDb};
+    use super::super::migrate::migrate;
     use super::*;
+    use sluice_test_support::pg::TestDb;
 
     fn watch() -> std::sync::Arc<super::super::jobs::JobsWatch> {
         std::sync::Arc::new(super::super::jobs::JobsWatch::new(

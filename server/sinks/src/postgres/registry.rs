@@ -1,7 +1,7 @@
 //! The schema registry kept in PostgreSQL: a [`RegistryStore`] over `table_registry`.
 //!
 //! # What flows in and out
-//! In: versions the [`crate::registry::Registry`] decided to add. Out: every version
+//! In: versions the [`sluice_core::registry::Registry`] decided to add. Out: every version
 //! stored, for a registry opening. Each version is a row of `sluice.table_registry_versions`
 //! (`schema` = the registered definition as JSON); `table_registry` (the seed's table,
 //! plus `version` and `updated_at`) holds each table's current definition for people and
@@ -21,8 +21,8 @@ use tokio_postgres::types::Json;
 use tokio_postgres::Client;
 
 use super::migrate::{connect_error, pg_error};
-use crate::error::{Error, Result};
-use crate::registry::{Appended, RegistryStore, StoredVersion};
+use sluice_core::error::{Error, Result};
+use sluice_core::registry::{Appended, RegistryStore, StoredVersion};
 
 /// The registry store in PostgreSQL. Holds one connection, remade when it breaks.
 pub struct PgRegistryStore {
@@ -199,12 +199,11 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
 
-    use super::super::migrate::{
-        migrate,
-        testing::{pg_test, TestDb},
-    };
+    use super::super::migrate::migrate;
     use super::*;
-    use crate::registry::Registry;
+    use sluice_core::registry::Registry;
+    use sluice_test_support::pg::TestDb;
+    use sluice_test_support::pg_test;
 
     fn table(name: &str, extra: usize) -> TableSchema {
         let mut cols = vec![

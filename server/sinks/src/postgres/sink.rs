@@ -1,7 +1,7 @@
 //! The PostgreSQL side of the sink: exactly-once binary COPY of coalesced chunks.
 //!
 //! # What flows through it
-//! [`crate::sink::SinkRunner`] hands a [`Chunk`] (consecutive WAL records of one table) to
+//! [`crate::runner::SinkRunner`] hands a [`Chunk`] (consecutive WAL records of one table) to
 //! [`PgWriter::write`], which, on its worker's connection:
 //! 1. makes sure the table exists and has every registered column (created lazily from
 //!    the registered schema, identifiers quoted; a hypertable where TimescaleDB is on);
@@ -32,7 +32,7 @@ use tokio_postgres::Client;
 use super::copy::{encode_batch, PgType, HEADER, TRAILER};
 use super::quote_ident;
 use crate::config::PostgresConfig;
-use crate::sink::{
+use crate::runner::{
     halves, Chunk, CommittedRanges, DeadLetter, Refused, Rows, SinkError, StoreWriter, Written,
 };
 
@@ -829,7 +829,7 @@ impl StoreWriter for PgWriter {
 pub async fn highest_committed(
     client: &tokio_postgres::Client,
     wal_id: &str,
-) -> crate::error::Result<u64> {
+) -> sluice_core::error::Result<u64> {
     let row = client
         .query_one(
             "SELECT coalesce(max(last_seq), 0) FROM sluice.sluice_sink_offsets WHERE wal_id = $1",
@@ -837,7 +837,7 @@ pub async fn highest_committed(
         )
         .await
         .map_err(|e| {
-            crate::error::Error::Unavailable(format!(
+            sluice_core::error::Error::Unavailable(format!(
                 "PostgreSQL: reading sluice_sink_offsets: {e}"
             ))
         })?;

@@ -1,0 +1,20 @@
+//! # sluice-frontends
+//!
+//! The doors: protocols in, Arrow batches out to the pipeline's [`sluice_ingest::Ingest`]
+//! trait, answers back. A front end never talks to a store.
+//! - [`flight`]: Arrow Flight (DoPut, DoGet, actions).
+//! - [`http`]: the HTTP API (schema, SQL, health, metrics).
+//! - [`state`]: what the doors share ([`state::AppState`]).
+//! - [`query`]: where SQL runs: its own runtime, limits, results streamed.
+//! - [`edge`]: what every request passes first (panics caught, decode errors
+//!   classified), and the one mapping of errors to gRPC statuses and HTTP responses.
+//! - [`listen`]: accepting connections, with a shared limit and idle/header/body timeouts.
+//!
+//! Depends on `sluice-ingest` and `sluice-core`; never on a sink.
+
+pub mod edge;
+pub mod flight;
+pub mod http;
+pub mod listen;
+pub mod query;
+pub mod state;
