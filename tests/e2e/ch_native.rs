@@ -24,7 +24,7 @@ use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use serde_json::{json, Value};
 use sluice::clickhouse::native::{encode_block, ChType};
 
-use crate::ch::ChServer;
+use sluice_test_support::ch::ChServer;
 
 /// One column of a test table: the ClickHouse type, the Arrow array that fills it, the
 /// expression that reads it back, and the JSON values that must come back.

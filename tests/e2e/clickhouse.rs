@@ -13,8 +13,8 @@ use arrow::array::{
 };
 use arrow::datatypes::{Field, Schema};
 
-use crate::ch::ChServer;
 use crate::common::*;
+use sluice_test_support::ch::ChServer;
 
 fn start_with_ch(dir: &std::path::Path, ch: &ChServer, extra: &[(&str, &str)]) -> Sluice {
     let mut env: Vec<(&str, &str)> = vec![

@@ -10,7 +10,7 @@ use arrow::array::AsArray;
 use arrow::datatypes::Int64Type;
 
 use crate::common::*;
-use crate::pg::PgServer;
+use sluice_test_support::pg::PgServer;
 
 const ROWS: i64 = 500;
 const ROUNDS: usize = 20;
@@ -92,7 +92,7 @@ async fn crash_loop_into_the_embedded_default_keeps_every_ack_once() {
     assert_each_acked_once("SQL", &ids, &acked, ROWS);
 }
 
-crate::pg_test! {
+sluice_test_support::pg_test! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_loop_into_postgres_keeps_every_ack_once(flavor) {
     let pg = PgServer::start_on(flavor);

@@ -9,7 +9,7 @@ use arrow::array::{AsArray, Int64Array, RecordBatch, TimestampMicrosecondArray};
 use arrow::datatypes::{DataType, Field, Int64Type, Schema, TimeUnit};
 
 use crate::common::*;
-use crate::pg::PgServer;
+use sluice_test_support::pg::PgServer;
 
 /// Every `id` of `events` through SQL (over Flight).
 async fn event_ids(server: &Sluice) -> Vec<i64> {
@@ -235,7 +235,7 @@ async fn a_missing_middle_segment_is_reported_with_its_records() {
     );
 }
 
-crate::pg_test! {
+sluice_test_support::pg_test! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_wal_id_is_restored_and_postgres_gets_no_row_twice(flavor) {
     // On main: a missing wal/ID was replaced by a new one, and the PostgreSQL sink wrote
@@ -711,7 +711,7 @@ async fn malformed_flight_data_ends_the_call_with_invalid_argument() {
     healthz_latency(&server).await;
 }
 
-crate::pg_test! {
+sluice_test_support::pg_test! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sluices_own_names_cannot_be_registered(flavor) {
     // On main: a client could register tables named like Sluice's own PostgreSQL tables
@@ -1105,7 +1105,7 @@ async fn a_full_disk_is_resource_exhausted_unready_and_recovers_without_restart(
 async fn clickhouse_table_options_are_parsed_and_written_again_never_pasted() {
     // On main: ClickHouse order_by, partition_by and ttl from a registration were pasted
     // into CREATE TABLE as they were.
-    let ch = crate::ch::ChServer::start();
+    let ch = sluice_test_support::ch::ChServer::start();
     let dir = tempfile::tempdir().unwrap();
     let server = Sluice::start(
         dir.path(),

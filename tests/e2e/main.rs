@@ -1,14 +1,13 @@
 //! End-to-end tests: the real `sluice` binary on free ports, driven over Flight and HTTP.
 
-mod ch;
 mod ch_native;
 mod clickhouse;
 mod common;
 mod crash_loop;
 mod durability;
+mod errors;
 mod hostile;
 mod memory;
-mod pg;
 mod pg_copy;
 mod postgres;
 

@@ -25,7 +25,7 @@ use serde_json::{json, Value};
 use sluice::postgres::copy::{encode_batch, pg_type_for_field, PgType, HEADER, TRAILER};
 use sluice::postgres::quote_ident;
 
-use crate::pg::{Flavor, PgServer};
+use sluice_test_support::pg::{Flavor, PgServer};
 
 /// Microseconds since 1970 of 4714-11-26 BC, two days after PostgreSQL's first timestamp.
 const MIN_UNIX_MICROS: i64 = -210_866_803_200_000_000 + 2 * DAY_MICROS;

@@ -15,7 +15,7 @@ use arrow::array::{
 use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
 
 use crate::common::*;
-use crate::pg::PgServer;
+use sluice_test_support::pg::PgServer;
 
 fn utc(unit: TimeUnit) -> DataType {
     DataType::Timestamp(unit, Some("UTC".into()))
@@ -49,7 +49,7 @@ async fn pg_count(db: &tokio_postgres::Client, sql: &str) -> i64 {
         .unwrap_or(-1)
 }
 
-crate::pg_test! {
+sluice_test_support::pg_test! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_type_lands_in_postgres_value_by_value(flavor) {
     let pg = PgServer::start_on(flavor);
@@ -209,7 +209,7 @@ async fn every_type_lands_in_postgres_value_by_value(flavor) {
         pg_count(&db, "SELECT count(*) FROM alltypes").await == 3
     })
     .await;
-    if flavor == crate::pg::Flavor::Timescale {
+    if flavor == Flavor::Timescale {
         // Issue 11: a lazily created table became no hypertable and never landed.
         assert_eq!(
             pg_count(
@@ -301,7 +301,7 @@ async fn every_type_lands_in_postgres_value_by_value(flavor) {
 }
 }
 
-crate::pg_test! {
+sluice_test_support::pg_test! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_are_split_into_series_and_points_and_rolled_up(flavor) {
     let pg = PgServer::start_on(flavor);
@@ -391,7 +391,7 @@ async fn metrics_are_split_into_series_and_points_and_rolled_up(flavor) {
     // metrics_1m: one bucket per series, avg/max/min of the minute. Sluice's maintenance
     // refreshes the plain table; on TimescaleDB the continuous aggregate is refreshed as
     // its policy would (its scheduled refresh is watched by tests/jobs).
-    if flavor == crate::pg::Flavor::Timescale {
+    if flavor == Flavor::Timescale {
         // Sluice watches the store's jobs: the seed's three policies are in /readyz, each
         // either run by the store's scheduler or, where that fails (PostgreSQL 15.20),
         // run by sluice, with the store's error text.
@@ -462,7 +462,7 @@ async fn metrics_are_split_into_series_and_points_and_rolled_up(flavor) {
 }
 }
 
-crate::pg_test! {
+sluice_test_support::pg_test! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reserved_word_names_are_quoted_and_refused_rows_are_dead_lettered(flavor) {
     let pg = PgServer::start_on(flavor);
@@ -585,7 +585,7 @@ async fn assert_pg_exactly_once(db: &tokio_postgres::Client, acked: &[i64]) {
     }
 }
 
-crate::pg_test! {
+sluice_test_support::pg_test! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_mid_stream_is_exactly_once_in_postgres(flavor) {
     let pg = PgServer::start_on(flavor);
@@ -620,7 +620,7 @@ async fn kill_9_mid_stream_is_exactly_once_in_postgres(flavor) {
 }
 }
 
-crate::pg_test! {
+sluice_test_support::pg_test! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_restart_mid_stream_loses_and_duplicates_nothing(flavor) {
     let pg = PgServer::start_local_on(flavor);
@@ -649,7 +649,7 @@ async fn postgres_restart_mid_stream_loses_and_duplicates_nothing(flavor) {
 }
 }
 
-crate::pg_test! {
+sluice_test_support::pg_test! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wal_disk_budget_refuses_writes_while_postgres_is_down(flavor) {
     let pg = PgServer::start_local_on(flavor);
@@ -748,15 +748,16 @@ fn sluice_migrate_url(url: &str) -> String {
     String::from_utf8_lossy(&out.stdout).to_string()
 }
 
-crate::pg_test! {
+sluice_test_support::pg_test! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrate_twice_is_a_no_op_and_says_which_path(flavor) {
     let pg = PgServer::start_on(flavor);
     let first = sluice_migrate(&pg);
     assert!(first.contains("0001_core"), "{first}");
     let path = match flavor {
-        crate::pg::Flavor::Postgres => "plain PostgreSQL",
-        crate::pg::Flavor::Timescale => "(TimescaleDB)",
+        Flavor::Postgres => "plain PostgreSQL",
+        Flavor::Timescale => "(TimescaleDB)",
+        Flavor::TimescaleNotPreloaded => unreachable!("pg_test! runs the other two"),
     };
     assert!(first.contains(path), "{flavor:?}: {first}");
     let db = pg_client(&pg).await;
@@ -788,7 +789,7 @@ async fn migrate_twice_is_a_no_op_and_says_which_path(flavor) {
 }
 }
 
-crate::pg_test! {
+sluice_test_support::pg_test! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_processes_share_the_registry_in_postgres(flavor) {
     let pg = PgServer::start_on(flavor);
@@ -989,7 +990,7 @@ fn n_batch(first: i64, rows: i64) -> RecordBatch {
     .unwrap()
 }
 
-crate::pg_test! {
+sluice_test_support::pg_test! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_table_the_store_refuses_is_dead_lettered_and_the_others_keep_landing(flavor) {
     // Issue 11: a permanent DDL failure for one table stalled the sink's WAL position
@@ -1058,7 +1059,7 @@ async fn a_table_the_store_refuses_is_dead_lettered_and_the_others_keep_landing(
     }
     let metrics = reqwest::get(server.url("/metrics")).await.unwrap().text().await.unwrap();
     assert!(metrics.contains("sluice_sink_failed_tables{sink=\"postgres\"} 2"), "{metrics}");
-    if flavor == crate::pg::Flavor::Timescale {
+    if flavor == Flavor::Timescale {
         // A hypertable on its time column, with the registry's retention.
         assert_eq!(
             pg_count(
@@ -1113,7 +1114,7 @@ fn metric_points(name: &str, time_us: i64, first: i64, rows: i64) -> RecordBatch
     .unwrap()
 }
 
-crate::pg_test! {
+sluice_test_support::pg_test! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn late_rows_land_in_old_and_compressed_chunks(flavor) {
     let pg = PgServer::start_on(flavor);
@@ -1128,7 +1129,7 @@ async fn late_rows_land_in_old_and_compressed_chunks(flavor) {
         pg_count(&db, "SELECT count(*) FROM metrics_points").await == 1000
     })
     .await;
-    if flavor == crate::pg::Flavor::Timescale {
+    if flavor == Flavor::Timescale {
         let compressed = pg_count(
             &db,
             "SELECT count(*) FROM (SELECT compress_chunk(c)
@@ -1155,7 +1156,7 @@ async fn late_rows_land_in_old_and_compressed_chunks(flavor) {
     assert_eq!(row.get::<_, i64>(0), 1500);
     assert_eq!(row.get::<_, f64>(1), (0..1500).sum::<i64>() as f64);
     assert!(row.get::<_, bool>(2));
-    if flavor == crate::pg::Flavor::Timescale {
+    if flavor == Flavor::Timescale {
         assert_eq!(
             pg_count(
                 &db,
