@@ -25,6 +25,46 @@ use arrow::ipc::MessageHeader;
 use arrow::record_batch::RecordBatch;
 use bytes::Bytes;
 
+/// Why a message could not be decoded. Every variant is the sender's error (the message is
+/// malformed or out of order); when the WAL decodes its own records, it reports a failure
+/// as damage or a bug of its own.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    /// The header is not an Arrow IPC message at all.
+    /// (flatbuffers' verifier's message: arrow does not re-export its error type.)
+    #[error("not an Arrow IPC message: {0}")]
+    NotIpc(String),
+    /// A batch or dictionary came before the stream's schema message.
+    #[error("a {0} came before the schema")]
+    BeforeSchema(&'static str),
+    /// The header says it is a `kind` message but does not hold one.
+    #[error("bad {0} message")]
+    BadHeader(&'static str),
+    /// arrow's reader refused the message.
+    #[error("bad {kind}: {source}")]
+    Arrow {
+        kind: &'static str,
+        #[source]
+        source: arrow::error::ArrowError,
+    },
+    /// The header claims what its body cannot hold (buffers past its end, more rows than
+    /// it has bytes for, a decompressed size past [`MAX_DECOMPRESSED`]).
+    #[error("{0}")]
+    Lies(String),
+    /// arrow's decoder panicked on the message (caught; the decoder starts over).
+    #[error("malformed Arrow IPC message (the decoder failed: {0})")]
+    Panicked(String),
+    /// A message type a DoPut stream does not carry (tensors, sparse tensors).
+    #[error("unexpected IPC message type {0}")]
+    Unexpected(String),
+}
+
+impl crate::Classify for DecodeError {
+    fn class(&self) -> crate::ErrorClass {
+        crate::ErrorClass::InvalidInput
+    }
+}
+
 /// A record batch from a DoPut stream.
 #[derive(Debug)]
 pub struct Decoded {
@@ -52,7 +92,7 @@ impl PutDecoder {
 
     /// The batch a message carries, or `None` for schema, dictionary and empty messages.
     /// A malformed message is an error naming the problem; nothing panics.
-    pub fn decode(&mut self, header: Bytes, body: Bytes) -> Result<Option<Decoded>, String> {
+    pub fn decode(&mut self, header: Bytes, body: Bytes) -> Result<Option<Decoded>, DecodeError> {
         match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             self.decode_unguarded(header, body)
         })) {
@@ -65,9 +105,7 @@ impl PutDecoder {
                     .map(|s| s.to_string())
                     .or_else(|| panic.downcast_ref::<String>().cloned())
                     .unwrap_or_default();
-                Err(format!(
-                    "malformed Arrow IPC message (the decoder failed: {why})"
-                ))
+                Err(DecodeError::Panicked(why))
             }
         }
     }
@@ -77,14 +115,17 @@ impl PutDecoder {
         &mut self,
         header: Bytes,
         body: Bytes,
-    ) -> Result<Option<Decoded>, String> {
-        let message = arrow::ipc::root_as_message(&header)
-            .map_err(|e| format!("not an Arrow IPC message: {e}"))?;
+    ) -> Result<Option<Decoded>, DecodeError> {
+        let message =
+            arrow::ipc::root_as_message(&header).map_err(|e| DecodeError::NotIpc(e.to_string()))?;
         match message.header_type() {
             MessageHeader::NONE => Ok(None),
             MessageHeader::Schema => {
                 let schema = arrow::ipc::convert::try_schema_from_flatbuffer_bytes(&header)
-                    .map_err(|e| format!("bad schema message: {e}"))?;
+                    .map_err(|source| DecodeError::Arrow {
+                        kind: "schema message",
+                        source,
+                    })?;
                 self.schema = Some(Arc::new(schema));
                 self.dictionaries.clear();
                 Ok(None)
@@ -93,10 +134,10 @@ impl PutDecoder {
                 let schema = self
                     .schema
                     .as_ref()
-                    .ok_or("a dictionary batch came before the schema")?;
+                    .ok_or(DecodeError::BeforeSchema("dictionary batch"))?;
                 let batch = message
                     .header_as_dictionary_batch()
-                    .ok_or("bad dictionary batch message")?;
+                    .ok_or(DecodeError::BadHeader("dictionary batch"))?;
                 if let Some(data) = batch.data() {
                     check_buffers(
                         data.buffers()
@@ -118,17 +159,20 @@ impl PutDecoder {
                     &mut self.dictionaries,
                     &message.version(),
                 )
-                .map_err(|e| format!("bad dictionary batch: {e}"))?;
+                .map_err(|source| DecodeError::Arrow {
+                    kind: "dictionary batch",
+                    source,
+                })?;
                 Ok(None)
             }
             MessageHeader::RecordBatch => {
                 let schema = self
                     .schema
                     .clone()
-                    .ok_or("a record batch came before the schema")?;
+                    .ok_or(DecodeError::BeforeSchema("record batch"))?;
                 let rb = message
                     .header_as_record_batch()
-                    .ok_or("bad record batch message")?;
+                    .ok_or(DecodeError::BadHeader("record batch"))?;
                 check_buffers(
                     rb.buffers()
                         .map(|b| b.iter().map(|b| (b.offset(), b.length()))),
@@ -154,7 +198,10 @@ impl PutDecoder {
                     None,
                     &message.version(),
                 )
-                .map_err(|e| format!("bad record batch: {e}"))?;
+                .map_err(|source| DecodeError::Arrow {
+                    kind: "record batch",
+                    source,
+                })?;
                 // The message stands alone unless a column refers to dictionaries sent in
                 // other messages.
                 let uses_dictionaries = schema
@@ -166,7 +213,7 @@ impl PutDecoder {
                     raw: (!uses_dictionaries).then_some((header, body)),
                 }))
             }
-            other => Err(format!("unexpected IPC message type {other:?}")),
+            other => Err(DecodeError::Unexpected(format!("{other:?}"))),
         }
     }
 }
@@ -179,18 +226,18 @@ fn check_lengths(
     rows: i64,
     nodes: Option<impl Iterator<Item = i64>>,
     body: usize,
-) -> Result<(), String> {
+) -> Result<(), DecodeError> {
     let most = (body as i64).saturating_mul(8).saturating_add(64);
     if !(0..=most).contains(&rows) {
-        return Err(format!(
+        return Err(DecodeError::Lies(format!(
             "bad record batch: it claims {rows} rows, more than its body of {body} bytes can hold"
-        ));
+        )));
     }
     for (i, n) in nodes.into_iter().flatten().enumerate() {
         if !(0..=most).contains(&n) {
-            return Err(format!(
+            return Err(DecodeError::Lies(format!(
                 "bad record batch: field node {i} claims {n} values, more than its body of {body} bytes can hold"
-            ));
+            )));
         }
     }
     Ok(())
@@ -206,7 +253,7 @@ pub const MAX_DECOMPRESSED: i64 = 1 << 30;
 fn check_decompressed(
     buffers: Option<impl Iterator<Item = (i64, i64)>>,
     body: &[u8],
-) -> Result<(), String> {
+) -> Result<(), DecodeError> {
     let mut total: i64 = 0;
     for (i, (offset, length)) in buffers.into_iter().flatten().enumerate() {
         if length == 0 {
@@ -214,9 +261,9 @@ fn check_decompressed(
         }
         let start = offset as usize;
         let Some(prefix) = body.get(start..start + 8).filter(|_| length >= 8) else {
-            return Err(format!(
+            return Err(DecodeError::Lies(format!(
                 "compressed buffer {i} is {length} bytes long, too short for its length prefix"
-            ));
+            )));
         };
         let n = i64::from_le_bytes(prefix.try_into().expect("8 bytes"));
         if n == -1 {
@@ -224,10 +271,10 @@ fn check_decompressed(
         }
         total = total.saturating_add(n);
         if n < 0 || total > MAX_DECOMPRESSED {
-            return Err(format!(
+            return Err(DecodeError::Lies(format!(
                 "compressed buffer {i} claims {n} bytes once decompressed; a message may hold \
                  at most {MAX_DECOMPRESSED} bytes decompressed"
-            ));
+            )));
         }
     }
     Ok(())
@@ -238,13 +285,13 @@ fn check_decompressed(
 fn check_buffers(
     buffers: Option<impl Iterator<Item = (i64, i64)>>,
     body: usize,
-) -> Result<(), String> {
+) -> Result<(), DecodeError> {
     for (i, (offset, length)) in buffers.into_iter().flatten().enumerate() {
         let end = offset.checked_add(length);
         if offset < 0 || length < 0 || end.is_none_or(|e| e as u128 > body as u128) {
-            return Err(format!(
+            return Err(DecodeError::Lies(format!(
                 "buffer {i} (offset {offset}, length {length}) lies outside the message body of {body} bytes"
-            ));
+            )));
         }
     }
     Ok(())
@@ -332,7 +379,8 @@ mod tests {
             d.decode(h, b).unwrap();
         }
         let e = d.decode(header, Bytes::from(body)).unwrap_err();
-        assert!(e.contains("once decompressed"), "{e}");
+        assert!(matches!(e, DecodeError::Lies(_)), "{e:?}");
+        assert!(e.to_string().contains("once decompressed"), "{e}");
     }
 
     #[test]
@@ -380,7 +428,7 @@ mod tests {
                 match d.decode(h, b) {
                     Ok(_) => {}
                     Err(e) => {
-                        assert!(!e.is_empty());
+                        assert!(!e.to_string().is_empty());
                         failed = true;
                         break;
                     }

@@ -16,13 +16,18 @@
 //! - [`seeds`]: the seed tables that ship pre-registered.
 //! - [`flight`]: Flight descriptor, action and ack-metadata conventions.
 //! - [`decode`]: the IPC messages of a DoPut stream into batches, never panicking.
+//! - [`class`]: the classification (invalid input / unavailable / internal) every crate's
+//!   error type answers.
 
+pub mod class;
 pub mod decode;
 pub mod flight;
 pub mod seeds;
 pub mod table;
 pub mod types;
 
+pub use class::{Classify, ErrorClass};
+pub use decode::DecodeError;
 pub use flight::{actions, PutAck, RegisterResult};
 pub use table::{
     check_evolution, reserved_name, ColumnDef, ExtraColumns, ResolvedTable, Role, SinkKind,
@@ -72,4 +77,13 @@ pub enum SchemaError {
     /// A new version that is not a compatible evolution of the current one.
     #[error("table '{table}': incompatible change: {reason}")]
     Incompatible { table: String, reason: String },
+    /// A table routed (`sinks`) to stores this server has no URL for.
+    #[error("table '{table}' routes to {}, which this server has no URL for (set {})", .missing.join(", "), .missing.iter().map(|m| format!("{m}.url")).collect::<Vec<_>>().join(", "))]
+    Unrouted { table: String, missing: Vec<String> },
+}
+
+impl Classify for SchemaError {
+    fn class(&self) -> ErrorClass {
+        ErrorClass::InvalidInput
+    }
 }

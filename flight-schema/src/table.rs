@@ -173,7 +173,7 @@ impl ResolvedTable {
     /// Named `sinks` must all be configured (an error names the missing ones, so no
     /// row is silently kept from a store the table asks for); default routing uses
     /// whichever of its stores are configured (the archive always is).
-    pub fn routes(&self, configured: &[SinkKind]) -> Result<Vec<SinkKind>, String> {
+    pub fn routes(&self, configured: &[SinkKind]) -> Result<Vec<SinkKind>, SchemaError> {
         match &self.definition.sinks {
             Some(s) => {
                 let missing: Vec<String> = s
@@ -182,16 +182,10 @@ impl ResolvedTable {
                     .map(|k| k.name().to_string())
                     .collect();
                 if !missing.is_empty() {
-                    return Err(format!(
-                        "table '{}' routes to {}, which this server has no URL for (set {})",
-                        self.name(),
-                        missing.join(", "),
-                        missing
-                            .iter()
-                            .map(|m| format!("{m}.url"))
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    ));
+                    return Err(SchemaError::Unrouted {
+                        table: self.name().to_string(),
+                        missing,
+                    });
                 }
                 Ok(s.clone())
             }
@@ -374,7 +368,12 @@ impl TableSchema {
                 )));
             }
             if let Some(d) = &c.default {
-                check_default(&c.name, c.column_type, d).map_err(invalid)?;
+                if !default_fits(c.column_type, d) {
+                    return Err(invalid(format!(
+                        "column '{}': default {d} does not fit type {}",
+                        c.name, c.column_type
+                    )));
+                }
             }
             fields.push(c.column_type.to_field(&c.name, nullable));
         }
@@ -389,10 +388,10 @@ impl TableSchema {
     }
 }
 
-/// Checks that a JSON default fits the column type.
-fn check_default(column: &str, ty: ColumnType, value: &serde_json::Value) -> Result<(), String> {
+/// Whether a JSON default fits the column type.
+fn default_fits(ty: ColumnType, value: &serde_json::Value) -> bool {
     use serde_json::Value as V;
-    let ok = match (ty, value) {
+    match (ty, value) {
         (_, V::Null) => true,
         (ColumnType::Bool, V::Bool(_)) => true,
         (ColumnType::Int32, V::Number(n)) => n.as_i64().is_some_and(|v| i32::try_from(v).is_ok()),
@@ -406,13 +405,6 @@ fn check_default(column: &str, ty: ColumnType, value: &serde_json::Value) -> Res
         (ColumnType::StringArray, V::Array(a)) => a.iter().all(|v| v.is_string() || v.is_null()),
         (ColumnType::DoubleArray, V::Array(a)) => a.iter().all(|v| v.is_number() || v.is_null()),
         _ => false,
-    };
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "column '{column}': default {value} does not fit type {ty}"
-        ))
     }
 }
 

@@ -1,11 +1,11 @@
 //! Start-up, serving and graceful shutdown.
 //!
-//! Start: registry → archive manifests (orphan files removed) → WAL check → archiver
-//! task → WAL replay into the recent buffer (records the archive already holds are
-//! skipped, so nothing is duplicated) → listeners → one `SLUICE_READY` line on stdout.
-//! Shutdown (SIGTERM/SIGINT): listeners stop taking new calls, in-flight calls finish
-//! (their acks are sent) within `server.shutdown_timeout`, the archiver stops and the WAL
-//! writer syncs and exits. Buffered rows stay in the WAL and are replayed on next start.
+//! Start: registry → archive manifests (orphan files removed) → WAL check → the archive's
+//! sink runner → WAL replay into the recent buffer (records the archive already holds are
+//! skipped, so nothing is duplicated) → the stores' sink runners → listeners → one
+//! `SLUICE_READY` line on stdout. Shutdown (SIGTERM/SIGINT): listeners stop taking new
+//! calls, in-flight calls finish (their acks are sent) within `server.shutdown_timeout`,
+//! the sinks stop and the WAL writer syncs and exits. Buffered rows stay in the WAL and are replayed on next start.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -22,15 +22,15 @@ use sluice_core::registry::{FileRegistryStore, Registry};
 use sluice_frontends::flight::FlightFrontEnd;
 use sluice_frontends::state::{AppState, Readiness};
 use sluice_ingest::Pipeline;
-use sluice_sinks::archive::{self, Archiver};
+use sluice_sinks::archive::{self, ArchiveWriter};
 use sluice_sinks::postgres::sink::{PgWriter, PG_SINK};
 use sluice_sinks::runner::{
-    DeadLetter, PlanJournal, SinkOptions, SinkRunner, SinkStatus, StoreWriter,
+    DeadLetter, PlanJournal, SinkContext, SinkOptions, SinkRunner, SinkStatus, StoreWriter,
 };
 use sluice_wal::{Wal, WalOptions};
 
 struct ServerReadiness {
-    archiver: Arc<Archiver>,
+    archive: Arc<SinkStatus>,
     wal: Wal,
     memory: Arc<MemoryBudget>,
     buffers: Arc<Buffers>,
@@ -46,7 +46,9 @@ struct ServerReadiness {
 impl Readiness for ServerReadiness {
     fn readiness(&self) -> (bool, serde_json::Value) {
         let (segments, bytes) = self.wal.disk_usage();
-        let last_error = self.archiver.last_error();
+        // The archive failing makes the server unready (other stores only degrade it):
+        // the embedded default has no other store.
+        let archive_failing = self.archive.is_failing();
         let (mut rows, mut oldest) = (0u64, 0u64);
         for t in self.buffers.table_names() {
             let state = self.buffers.table(&t);
@@ -63,18 +65,18 @@ impl Readiness for ServerReadiness {
         let disk_free = self.wal.disk_free();
         let disk_full = write_error.as_ref().is_some_and(|(_, full)| *full)
             && disk_free.is_none_or(|f| f < self.wal_disk_room);
-        let ready = last_error.is_none() && !wal_full && !disk_full;
+        let ready = !archive_failing && !wal_full && !disk_full;
         let last_seq = self.wal.last_seq();
         let mut sinks = serde_json::Map::new();
-        sinks.insert(
-            "archive".into(),
-            serde_json::json!({
-                "state": if last_error.is_none() { "ok" } else { "retrying" },
-                "last_error": last_error,
-                "lag_rows": rows,
-                "lag_seconds": oldest,
-            }),
-        );
+        let mut archive = self.archive.json(last_seq);
+        if let serde_json::Value::Object(a) = &mut archive {
+            if !archive_failing {
+                a.insert("state".into(), "ok".into());
+            }
+            a.insert("lag_rows".into(), rows.into());
+            a.insert("lag_seconds".into(), oldest.into());
+        }
+        sinks.insert("archive".into(), archive);
         let mut degraded = false;
         for s in &self.sinks {
             degraded |= !s.is_up() || s.has_table_errors();
@@ -155,7 +157,9 @@ pub async fn run(config: Config, on_ready: impl FnOnce(BoundAddrs)) -> Result<()
     // Checked whether or not ClickHouse is configured: a table registered now may be
     // routed there once it is.
     registry.add_check(Box::new(|t| {
-        sluice_sinks::clickhouse::sink::TableOptions::of(t).map(|_| ())
+        sluice_sinks::clickhouse::sink::TableOptions::of(t)
+            .map(|_| ())
+            .map_err(Into::into)
     }));
     let registry = Arc::new(registry);
     let (store, store_url) = archive::open_store(&config.archive, &data_dir)?;
@@ -193,22 +197,46 @@ pub async fn run(config: Config, on_ready: impl FnOnce(BoundAddrs)) -> Result<()
         sinks_configured.push(flight_schema::SinkKind::Clickhouse);
         wal.register_sink(sluice_sinks::clickhouse::sink::CH_SINK, start);
     }
-    let archiver = Arc::new(Archiver::new(
+    let archive_writer = ArchiveWriter::new(
         archive::ArchiveParts {
             store: store.clone(),
             buffers: buffers.clone(),
             registry: registry.clone(),
-            wal: wal.clone(),
             metrics: metrics.clone(),
             memory: memory.clone(),
         },
         config.archive.clone(),
-        config.buffer.clone(),
         sinks_configured.clone(),
-    ));
-    archiver.recover().await?;
+    );
+    archive_writer.recover().await?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let archiver_task = tokio::spawn(archiver.clone().run(stop_rx.clone()));
+    let sinks = SinkSpawner {
+        ctx: SinkContext {
+            wal: wal.clone(),
+            wal_id: wal_id.clone(),
+            registry: registry.clone(),
+            metrics: metrics.clone(),
+            configured: sinks_configured.clone(),
+        },
+        stop: stop_rx.clone(),
+    };
+    let mut sink_statuses = Vec::new();
+    let mut sink_tasks = Vec::new();
+    // The archive runs during the replay, so that memory the replayed records take is
+    // freed as they are archived; the replay holds the WAL's segments until it is done.
+    wal.register_sink(REPLAY_HOLD, start);
+    let (archive_status, task) =
+        sinks.spawn(archive_writer, archive::sink_options(&config.buffer), None);
+    sink_tasks.push(task);
+    sink_tasks.push(tokio::spawn(archive::publish_gauges(
+        buffers.clone(),
+        stop_rx.clone(),
+    )));
+    sink_tasks.push(tokio::spawn(compact_registry(
+        registry.clone(),
+        wal.clone(),
+        stop_rx.clone(),
+    )));
     let activity = {
         let wal = wal.clone();
         move || {
@@ -223,32 +251,17 @@ pub async fn run(config: Config, on_ready: impl FnOnce(BoundAddrs)) -> Result<()
     ));
 
     replay(&wal, &registry, &buffers, &memory).await?;
-    archiver.replay_done();
-    archiver.release_wal();
+    wal.unregister_sink(REPLAY_HOLD);
 
-    let mut sink_statuses = Vec::new();
-    let mut sink_tasks = Vec::new();
     let mut jobs = None;
-    let sinks = SinkSpawner {
-        wal: wal.clone(),
-        wal_id: wal_id.clone(),
-        registry: registry.clone(),
-        metrics: metrics.clone(),
-        configured: sinks_configured.clone(),
-        stop: stop_rx.clone(),
-    };
     if let Some(pg) = &postgres {
         let writer = PgWriter::new(
             pg.url.clone(),
             config.postgres.clone(),
-            DeadLetter {
-                store: store.clone(),
-            },
+            DeadLetter::new(store.clone()),
             wal_id.clone(),
-        );
-        writer
-            .timescale
-            .store(pg.timescale, std::sync::atomic::Ordering::Relaxed);
+        )
+        .on_timescaledb(pg.timescale);
         let opts = SinkOptions {
             workers: config.postgres.pool_size,
             batch_rows: config.postgres.batch_rows,
@@ -292,9 +305,7 @@ pub async fn run(config: Config, on_ready: impl FnOnce(BoundAddrs)) -> Result<()
         let writer = sluice_sinks::clickhouse::sink::ChWriter::new(
             client.clone(),
             wal_id.clone(),
-            DeadLetter {
-                store: store.clone(),
-            },
+            DeadLetter::new(store.clone()),
             config.clickhouse.dedup_window,
         );
         let opts = SinkOptions {
@@ -349,7 +360,7 @@ pub async fn run(config: Config, on_ready: impl FnOnce(BoundAddrs)) -> Result<()
         query,
         metrics,
         readiness: Arc::new(ServerReadiness {
-            archiver: archiver.clone(),
+            archive: archive_status,
             wal: wal.clone(),
             memory,
             buffers,
@@ -425,7 +436,6 @@ pub async fn run(config: Config, on_ready: impl FnOnce(BoundAddrs)) -> Result<()
         tracing::warn!(timeout = ?deadline, "in-flight requests did not finish in time; cutting them off");
     }
     let _ = stop_tx.send(true);
-    let _ = archiver_task.await;
     for t in sink_tasks {
         let _ = t.await;
     }
@@ -436,13 +446,37 @@ pub async fn run(config: Config, on_ready: impl FnOnce(BoundAddrs)) -> Result<()
     Ok(())
 }
 
+/// The WAL position that holds every segment while the WAL is replayed into the recent
+/// buffer (the archive, running meanwhile, would otherwise release them under the reader).
+const REPLAY_HOLD: &str = "replay";
+
+/// Compacts the registry (versions no record in the WAL needs any more) whenever the WAL
+/// has released segments, until `stop`.
+async fn compact_registry(
+    registry: Arc<Registry>,
+    wal: Wal,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    // Segments are released from the oldest on: the first record on disk moves up.
+    let mut first = wal.first_seq();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+            _ = stop.changed() => return,
+        }
+        let now = wal.first_seq();
+        if now > first {
+            if let Err(e) = registry.compact(&wal.oldest_versions()).await {
+                tracing::warn!(error = %e, "cannot compact the registry");
+            }
+        }
+        first = now;
+    }
+}
+
 /// What every store sink's runner shares at start-up.
 struct SinkSpawner {
-    wal: Wal,
-    wal_id: String,
-    registry: Arc<Registry>,
-    metrics: Arc<Metrics>,
-    configured: Vec<flight_schema::SinkKind>,
+    ctx: SinkContext,
     stop: tokio::sync::watch::Receiver<bool>,
 }
 
@@ -454,23 +488,12 @@ impl SinkSpawner {
         opts: SinkOptions,
         journal: Option<PlanJournal>,
     ) -> (Arc<SinkStatus>, tokio::task::JoinHandle<()>) {
-        let status = Arc::new(SinkStatus::new(writer.name()));
-        let runner = Arc::new(SinkRunner {
-            writer: Arc::new(writer),
-            wal: self.wal.clone(),
-            wal_id: self.wal_id.clone(),
-            registry: self.registry.clone(),
-            metrics: self.metrics.clone(),
-            configured: self.configured.clone(),
-            opts,
-            status: status.clone(),
-            tracker: Default::default(),
-            journal,
-            in_flight: Default::default(),
-            worker_done: Default::default(),
-            filled: Default::default(),
-        });
-        (status, tokio::spawn(runner.run(self.stop.clone())))
+        let mut runner = SinkRunner::new(writer, self.ctx.clone(), opts);
+        if let Some(j) = journal {
+            runner = runner.with_journal(j);
+        }
+        let runner = Arc::new(runner);
+        (runner.status(), tokio::spawn(runner.run(self.stop.clone())))
     }
 }
 
@@ -593,7 +616,7 @@ pub async fn wal_floor(
     }
     if config.clickhouse.url.is_some() {
         let journal = PlanJournal::new(wal_dir.join("clickhouse.plans"));
-        floor = floor.max(journal.highest_seq().map_err(Error::Internal)?);
+        floor = floor.max(journal.highest_seq().map_err(Error::from)?);
     }
     Ok(floor)
 }
@@ -693,8 +716,12 @@ async fn replay(
         let bytes = sluice_core::buffer::data_size(&batch);
         let charge = memory.charge(bytes).await;
         rows += batch.num_rows() as u64;
-        buffers.push(&record.table, record.seq, batch, bytes as u64, charge);
-        replayed += 1;
+        // Skipped if the archive, running meanwhile, has taken the record already.
+        if buffers.push(&record.table, record.seq, batch, bytes as u64, charge) {
+            replayed += 1;
+        } else {
+            skipped += 1;
+        }
     }
     reader.await.map_err(Error::internal)?;
     if replayed + skipped > 0 {

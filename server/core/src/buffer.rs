@@ -3,8 +3,8 @@
 //! # What flows through it
 //! Batches that are durable in the WAL are pushed into their table's [`TableState`] by the
 //! WAL writer thread, in WAL order, each holding the memory permits it was charged when
-//! it arrived. They stay queryable there until the archiver has written them to Parquet
-//! and committed the files; then, in one step under the table's lock, the files are added
+//! it arrived. They stay queryable there until the archive sink has written them to
+//! Parquet and committed the files; then, in one step under the table's lock, the files are added
 //! to the table's archived-file list and the batches leave the buffer, releasing their
 //! memory. A query snapshot therefore sees every row exactly once: either in the buffer
 //! or in a committed file.
@@ -175,7 +175,9 @@ impl Buffers {
             .collect()
     }
 
-    /// Adds a durable batch (called in WAL order).
+    /// Adds a durable batch (called in WAL order); false, and nothing is added, when the
+    /// archive has committed the record already (the archive reads the WAL on its own and
+    /// may get there first: checked under the same lock its commit takes).
     pub fn push(
         &self,
         table: &str,
@@ -183,9 +185,12 @@ impl Buffers {
         batch: RecordBatch,
         bytes: u64,
         charge: Option<MemoryCharge>,
-    ) {
+    ) -> bool {
         let state = self.table(table);
         let mut s = state.lock().expect("table lock");
+        if seq <= s.archived_seq {
+            return false;
+        }
         s.rows += batch.num_rows() as u64;
         s.bytes += bytes;
         s.oldest.get_or_insert_with(Instant::now);
@@ -196,6 +201,7 @@ impl Buffers {
             _charge: charge,
         });
         self.publish(table, &s);
+        true
     }
 
     /// Publishes the table's buffer gauges.

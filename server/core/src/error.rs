@@ -6,6 +6,8 @@
 //! (`InvalidArgument`, `NotFound`, `FailedPrecondition`), slow down (`ResourceExhausted`),
 //! retry later (`Unavailable`), or report a bug (`Internal`).
 
+use flight_schema::{Classify, ErrorClass};
+
 /// Errors surfaced to clients.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -46,6 +48,40 @@ impl Error {
 
     pub fn internal(e: impl std::fmt::Display) -> Self {
         Error::Internal(e.to_string())
+    }
+
+    /// The same error with `what` (the table, the step) in front of its message.
+    pub fn context(self, what: &str) -> Self {
+        let with = |m: String| format!("{what}: {m}");
+        match self {
+            Error::InvalidArgument(m) => Error::InvalidArgument(with(m)),
+            Error::NotFound(m) => Error::NotFound(with(m)),
+            Error::FailedPrecondition(m) => Error::FailedPrecondition(with(m)),
+            Error::ResourceExhausted(m) => Error::ResourceExhausted(with(m)),
+            Error::LimitExceeded(m) => Error::LimitExceeded(with(m)),
+            Error::DeadlineExceeded(m) => Error::DeadlineExceeded(with(m)),
+            Error::InsufficientStorage(m) => Error::InsufficientStorage(with(m)),
+            Error::Unavailable(m) => Error::Unavailable(with(m)),
+            Error::Internal(m) => Error::Internal(with(m)),
+        }
+    }
+
+    /// The error a crate's classified error becomes at the edge ([`Classify`]): invalid
+    /// input is INVALID_ARGUMENT / 400, unavailable UNAVAILABLE / 503, internal INTERNAL /
+    /// 500.
+    pub fn classified(e: &(impl Classify + std::fmt::Display)) -> Self {
+        let message = e.to_string();
+        match e.class() {
+            ErrorClass::InvalidInput => Error::InvalidArgument(message),
+            ErrorClass::Unavailable => Error::Unavailable(message),
+            ErrorClass::Internal => Error::Internal(message),
+        }
+    }
+}
+
+impl From<flight_schema::DecodeError> for Error {
+    fn from(e: flight_schema::DecodeError) -> Self {
+        Error::classified(&e)
     }
 }
 

@@ -226,7 +226,9 @@ const MAX_REGISTER_ATTEMPTS: usize = 16;
 /// Registered tables with every version, backed by a [`RegistryStore`].
 /// A check a store adds to every registration: `Err` names what the store cannot take
 /// (the ClickHouse sink checks `order_by`, `partition_by` and `ttl` this way).
-pub type TableCheck = Box<dyn Fn(&ResolvedTable) -> std::result::Result<(), String> + Send + Sync>;
+pub type TableCheck = Box<
+    dyn Fn(&ResolvedTable) -> std::result::Result<(), flight_schema::SchemaError> + Send + Sync,
+>;
 
 pub struct Registry {
     store: Box<dyn RegistryStore>,
@@ -305,7 +307,7 @@ impl Registry {
             let resolved = schema.validate(version)?;
             sluice_sql::reshape::check_defaults(&resolved)?;
             for check in &self.checks {
-                check(&resolved).map_err(Error::InvalidArgument)?;
+                check(&resolved)?;
             }
             check_retention(&resolved)?;
             if let Some(cur) = &current {

@@ -33,6 +33,7 @@ use tracing::Instrument;
 
 use crate::edge::status;
 use crate::state::AppState;
+use sluice_core::error::Error;
 use sluice_ingest::RawIpc;
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
@@ -375,9 +376,10 @@ impl FlightService for FlightFrontEnd {
                             s.code(),
                             format!("table '{table}': {}", s.message()),
                         )),
-                        Ok(Err(e)) => Err(Status::invalid_argument(format!(
-                            "table '{table}': cannot decode Flight data: {e}"
-                        ))),
+                        Ok(Err(e)) => Err(status(
+                            Error::from(e)
+                                .context(&format!("table '{table}': cannot decode Flight data")),
+                        )),
                     };
                     let stop = item.is_err();
                     if pending_tx.send(item).await.is_err() || stop {

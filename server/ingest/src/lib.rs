@@ -242,7 +242,9 @@ impl Pipeline {
                 "table '{table}' is not registered (register it with the register_table action or POST /schema/register)"
             ))
         })?;
-        let routes = t.routes(&self.sinks).map_err(Error::FailedPrecondition)?;
+        let routes = t
+            .routes(&self.sinks)
+            .map_err(|e| Error::FailedPrecondition(e.to_string()))?;
         if routes.is_empty() {
             return Err(Error::FailedPrecondition(format!(
                 "table '{table}' routes to no store (its sinks list is empty)"

@@ -1,18 +1,20 @@
-//! The Parquet archive sink.
+//! The Parquet archive sink: one more [`StoreWriter`], run by the same
+//! [`crate::runner::SinkRunner`] as PostgreSQL and ClickHouse.
 //!
 //! # What flows through it
-//! The archiver task watches every table's recent buffer ([`sluice_core::buffer`]). When a
-//! buffer passes a bound (rows, bytes, age) or the memory budget runs over half full, it
-//! takes the buffered batches, splits them by the hour of their time column, writes one
-//! zstd Parquet file per hour to `<table>/date=YYYY-MM-DD/hour=HH/` in the object store,
-//! and then commits: the table's manifest (`_sluice/manifests/<table>.json`, the list of
-//! files and the last WAL sequence number they hold) is replaced, and in one step the
-//! files become queryable and the batches leave the buffer. Files that no manifest names
-//! (a flush cut off by a crash) are deleted at start and rewritten from the WAL, so every
-//! acknowledged row lands exactly once.
+//! The runner tails the WAL and gathers each table's records into chunks; a chunk is
+//! what the table's recent buffer ([`sluice_core::buffer`]) holds of it, and is sealed
+//! when it passes a `[buffer]` bound (rows, bytes, age) or, when the memory budget runs
+//! over half full, as the largest one. [`ArchiveWriter::write`] splits its rows by the
+//! hour of their time column, writes one zstd Parquet file per hour to
+//! `<table>/date=YYYY-MM-DD/hour=HH/` in the object store, and commits: the table's
+//! manifest (`_sluice/manifests/<table>.json`, the list of files and the last WAL
+//! sequence number they hold) is replaced, and in one step the files become queryable and
+//! the chunk's batches leave the buffer. Files that no manifest names (a flush cut off by
+//! a crash) are deleted at start and rewritten from the WAL, so every acknowledged row
+//! lands exactly once.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,12 +29,14 @@ use parquet::file::properties::WriterProperties;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{ArchiveConfig, BufferConfig};
-use flight_schema::SinkKind;
+use crate::error::SinkError;
+use crate::runner::{Chunk, CommittedRanges, SinkOptions, StoreWriter, Written};
+use flight_schema::{ResolvedTable, SinkKind};
 use sluice_core::buffer::{Buffers, FileEntry};
-use sluice_core::error::{Error, Result};
 use sluice_core::metrics::Metrics;
 use sluice_core::registry::Registry;
-use sluice_wal::Wal;
+
+type Result<T, E = SinkError> = std::result::Result<T, E>;
 
 const MANIFEST_DIR: &str = "_sluice/manifests";
 
@@ -56,33 +60,47 @@ pub fn open_store(
     match &cfg.url {
         None => {
             let dir = data_dir.join("archive");
-            std::fs::create_dir_all(&dir)
-                .map_err(|e| Error::Internal(format!("cannot create {}: {e}", dir.display())))?;
-            let dir = dir
-                .canonicalize()
-                .map_err(|e| Error::Internal(format!("{}: {e}", dir.display())))?;
-            let store = object_store::local::LocalFileSystem::new_with_prefix(&dir)
-                .map_err(Error::internal)?;
-            let url = url::Url::from_directory_path(&dir)
-                .map_err(|_| Error::Internal(format!("bad archive path {}", dir.display())))?;
+            std::fs::create_dir_all(&dir).map_err(|source| SinkError::Io {
+                path: dir.clone(),
+                source,
+            })?;
+            let dir = dir.canonicalize().map_err(|source| SinkError::Io {
+                path: dir.clone(),
+                source,
+            })?;
+            let store =
+                object_store::local::LocalFileSystem::new_with_prefix(&dir).map_err(|source| {
+                    SinkError::ObjectStore {
+                        context: format!("the archive in {}", dir.display()),
+                        source,
+                    }
+                })?;
+            let url = url::Url::from_directory_path(&dir).map_err(|_| SinkError::Config {
+                key: "data_dir",
+                reason: format!("{} is not an absolute path", dir.display()),
+            })?;
             Ok((Arc::new(store), url))
         }
         Some(raw) => {
-            let url = url::Url::parse(raw)
-                .map_err(|e| Error::InvalidArgument(format!("archive.url '{raw}': {e}")))?;
+            let url = url::Url::parse(raw).map_err(|e| SinkError::Config {
+                key: "archive.url",
+                reason: format!("'{raw}': {e}"),
+            })?;
             if url.scheme() == "file" {
                 if let Ok(p) = url.to_file_path() {
-                    std::fs::create_dir_all(&p).map_err(|e| {
-                        Error::Internal(format!("cannot create {}: {e}", p.display()))
-                    })?;
+                    std::fs::create_dir_all(&p)
+                        .map_err(|source| SinkError::Io { path: p, source })?;
                 }
             }
             let opts: Vec<(String, String)> = std::env::vars()
                 .filter(|(k, _)| k.starts_with("AWS_"))
                 .map(|(k, v)| (k.to_ascii_lowercase(), v))
                 .collect();
-            let (store, prefix) = object_store::parse_url_opts(&url, opts)
-                .map_err(|e| Error::InvalidArgument(format!("archive.url '{raw}': {e}")))?;
+            let (store, prefix) =
+                object_store::parse_url_opts(&url, opts).map_err(|e| SinkError::Config {
+                    key: "archive.url",
+                    reason: format!("'{raw}': {e}"),
+                })?;
             let store: Arc<dyn ObjectStore> = if prefix.as_ref().is_empty() {
                 Arc::from(store)
             } else {
@@ -113,7 +131,10 @@ pub async fn read_manifests(store: &dyn ObjectStore) -> Result<BTreeMap<String, 
         .list(Some(&ObjPath::from(MANIFEST_DIR)))
         .try_collect()
         .await
-        .map_err(|e| Error::Internal(format!("cannot list archive manifests: {e}")))?;
+        .map_err(|source| SinkError::ObjectStore {
+            context: "listing the archive manifests".into(),
+            source,
+        })?;
     for meta in listed {
         if !meta.location.as_ref().ends_with(".json") {
             continue;
@@ -121,15 +142,19 @@ pub async fn read_manifests(store: &dyn ObjectStore) -> Result<BTreeMap<String, 
         let bytes = store
             .get(&meta.location)
             .await
-            .map_err(Error::internal)?
+            .map_err(|source| SinkError::ObjectStore {
+                context: format!("reading {}", meta.location),
+                source,
+            })?
             .bytes()
             .await
-            .map_err(Error::internal)?;
-        let m: Manifest = serde_json::from_slice(&bytes).map_err(|e| {
-            Error::Internal(format!(
-                "archive manifest {} is unreadable: {e}",
-                meta.location
-            ))
+            .map_err(|source| SinkError::ObjectStore {
+                context: format!("reading {}", meta.location),
+                source,
+            })?;
+        let m: Manifest = serde_json::from_slice(&bytes).map_err(|source| SinkError::Manifest {
+            path: meta.location.to_string(),
+            source,
         })?;
         manifests.insert(m.table.clone(), m);
     }
@@ -151,52 +176,76 @@ fn manifest_path(table: &str) -> ObjPath {
     ObjPath::from(format!("{MANIFEST_DIR}/{table}.json"))
 }
 
-/// The archive sink: manifests, flushes and the background task.
-pub struct Archiver {
+/// The archive's store writer: a chunk of a table's records becomes one zstd Parquet
+/// file per hour of its rows, committed by replacing the table's manifest; in the same
+/// step, under the table's lock, the files become queryable and the chunk's batches
+/// leave the recent buffer, so a query sees each row once, in the buffer or in a file.
+///
+/// It takes every table's records (see [`StoreWriter::every_table`]): a table routed
+/// away from the archive only passes through the recent buffer, and its chunks are
+/// dropped from the buffer without a file. Chunks of one table commit in WAL order (the
+/// archive runs one worker), so a table's manifest can say "every record up to
+/// `archived_seq`".
+pub struct ArchiveWriter {
     store: Arc<dyn ObjectStore>,
     buffers: Arc<Buffers>,
     registry: Arc<Registry>,
-    wal: Wal,
     metrics: Arc<Metrics>,
-    cfg: ArchiveConfig,
-    /// When a table's buffer is due for a flush.
-    limits: BufferConfig,
     memory: Arc<sluice_core::buffer::MemoryBudget>,
-    /// While the WAL is being replayed, segments must not be released
-    /// ([`Archiver::replay_done`]).
-    replaying: AtomicBool,
-    /// Set while a flush keeps failing; shown in /readyz.
-    last_error: std::sync::Mutex<Option<String>>,
-    /// The stores this deployment has (tables not routed to the archive are dropped
-    /// from the buffer when due instead of written).
+    cfg: ArchiveConfig,
+    /// The stores this deployment has (for the tables routed away from the archive).
     sinks: Vec<SinkKind>,
 }
 
-/// What an [`Archiver`] reads from and writes to.
+/// What an [`ArchiveWriter`] reads from and writes to.
 pub struct ArchiveParts {
     pub store: Arc<dyn ObjectStore>,
     pub buffers: Arc<Buffers>,
     pub registry: Arc<Registry>,
-    pub wal: Wal,
     pub metrics: Arc<Metrics>,
     pub memory: Arc<sluice_core::buffer::MemoryBudget>,
 }
 
-impl Archiver {
-    /// An archiver over `parts`, configured by `[archive]` and `[buffer]`, for a
-    /// deployment with these `sinks`. It holds back WAL releases until
-    /// [`Archiver::replay_done`].
-    pub fn new(
-        parts: ArchiveParts,
-        cfg: ArchiveConfig,
-        limits: BufferConfig,
-        sinks: Vec<SinkKind>,
-    ) -> Self {
+/// How the archive's runner chunks and retries: one worker (a table's chunks commit in
+/// WAL order); a chunk is a table's buffer as `[buffer]` bounds it (rows, bytes, age).
+pub fn sink_options(limits: &BufferConfig) -> SinkOptions {
+    SinkOptions {
+        workers: 1,
+        batch_rows: usize::try_from(limits.max_rows).unwrap_or(usize::MAX),
+        batch_bytes: limits.max_bytes.as_usize(),
+        linger: limits.max_age,
+        retry_initial: Duration::from_millis(200),
+        retry_max: Duration::from_secs(5),
+    }
+}
+
+/// Publishes every table's buffer gauges (rows, bytes, age of the oldest row) once a
+/// second until `shutdown`: the age grows while nothing happens.
+pub async fn publish_gauges(
+    buffers: Arc<Buffers>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = shutdown.changed() => return,
+        }
+        for name in buffers.table_names() {
+            let state = buffers.table(&name);
+            let s = state.lock().expect("table lock");
+            buffers.publish(&name, &s);
+        }
+    }
+}
+
+impl ArchiveWriter {
+    /// An archive writer over `parts`, configured by `[archive]`, for a deployment with
+    /// these `sinks`.
+    pub fn new(parts: ArchiveParts, cfg: ArchiveConfig, sinks: Vec<SinkKind>) -> Self {
         let ArchiveParts {
             store,
             buffers,
             registry,
-            wal,
             metrics,
             memory,
         } = parts;
@@ -204,31 +253,17 @@ impl Archiver {
             store,
             buffers,
             registry,
-            wal,
             metrics,
-            cfg,
-            limits,
             memory,
-            replaying: AtomicBool::new(true),
-            last_error: Default::default(),
+            cfg,
             sinks,
         }
     }
 
-    /// The WAL replay is over: archived records may release WAL segments from now on.
-    pub fn replay_done(&self) {
-        self.replaying
-            .store(false, std::sync::atomic::Ordering::Release);
-    }
-
-    /// The last flush failure, while flushes keep failing (for `/readyz`).
-    pub fn last_error(&self) -> Option<String> {
-        self.last_error.lock().expect("error lock").clone()
-    }
-
     /// Loads every table's manifest into the buffers' state and deletes Parquet files
-    /// that no manifest names (left by a flush a crash cut off).
-    pub async fn recover(&self) -> Result<()> {
+    /// that no manifest names (left by a flush a crash cut off). Run before the WAL is
+    /// replayed into the buffers, which skips what the manifests hold.
+    pub async fn recover(&self) -> Result<(), SinkError> {
         let mut manifests = read_manifests(self.store.as_ref()).await?;
         for table in self.registry.list() {
             let name = table.name().to_string();
@@ -240,15 +275,20 @@ impl Archiver {
                 .list(Some(&ObjPath::from(name.as_str())))
                 .try_collect()
                 .await
-                .map_err(Error::internal)?;
+                .map_err(|source| SinkError::ObjectStore {
+                    context: format!("listing the archive files of {name}"),
+                    source,
+                })?;
             for f in files {
                 if is_flush_file(&name, f.location.as_ref()) && !known.contains(f.location.as_ref())
                 {
                     tracing::warn!(file = %f.location, "deleting an archive file no manifest names (an interrupted flush; its rows are replayed from the WAL)");
-                    self.store
-                        .delete(&f.location)
-                        .await
-                        .map_err(Error::internal)?;
+                    self.store.delete(&f.location).await.map_err(|source| {
+                        SinkError::ObjectStore {
+                            context: format!("deleting {}", f.location),
+                            source,
+                        }
+                    })?;
                 }
             }
             let state = self.buffers.table(&name);
@@ -259,101 +299,36 @@ impl Archiver {
         Ok(())
     }
 
-    /// Runs until `shutdown` fires: checks buffers every 100 ms and flushes those due.
-    pub async fn run(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
-        let mut tick = tokio::time::interval(Duration::from_millis(100));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                _ = shutdown.changed() => return,
-            }
-            for table in self.due_tables() {
-                if let Err(e) = self.flush(&table).await {
-                    self.metrics.archive_errors.inc();
-                    tracing::error!(%table, error = %e, "archive flush failed; will retry");
-                    *self.last_error.lock().expect("error lock") = Some(format!("{table}: {e}"));
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                } else {
-                    *self.last_error.lock().expect("error lock") = None;
-                }
-            }
-        }
-    }
-
-    /// Tables whose buffer passed a bound, plus the largest buffer when memory is tight.
-    fn due_tables(&self) -> Vec<String> {
-        let mut due = Vec::new();
-        let mut largest: Option<(u64, String)> = None;
-        for name in self.buffers.table_names() {
-            let state = self.buffers.table(&name);
-            let s = state.lock().expect("table lock");
-            self.buffers.publish(&name, &s);
-            if s.batches.is_empty() {
-                continue;
-            }
-            if s.rows >= self.limits.max_rows
-                || s.bytes >= self.limits.max_bytes.as_u64()
-                || s.oldest.is_some_and(|o| o.elapsed() >= self.limits.max_age)
-            {
-                due.push(name.clone());
-            } else if largest.as_ref().is_none_or(|(b, _)| s.bytes > *b) {
-                largest = Some((s.bytes, name.clone()));
-            }
-        }
-        if due.is_empty() && self.memory.used_fraction() > 0.5 {
-            due.extend(largest.map(|(_, n)| n));
-        }
-        due
-    }
-
-    /// Writes everything buffered for `table` to Parquet and commits it.
-    pub async fn flush(&self, table: &str) -> Result<()> {
-        let Some(current) = self.registry.get(table) else {
-            return Ok(());
-        };
+    /// Writes the chunk's rows as Parquet files, one per hour; returns the files'
+    /// manifest entries and their bytes.
+    async fn write_files(
+        &self,
+        table: &str,
+        current: &ResolvedTable,
+        chunk: &Chunk,
+    ) -> Result<(Vec<FileEntry>, u64), SinkError> {
+        let (min_seq, max_seq) = (chunk.first_seq(), chunk.last_seq());
+        let batches: Vec<RecordBatch> = chunk.parts.iter().map(|p| p.batch.clone()).collect();
         let schema = current.arrow_schema.clone();
-        let state = self.buffers.table(table);
-        let (batches, min_seq, max_seq, bytes) = {
-            let s = state.lock().expect("table lock");
-            if s.batches.is_empty() {
-                return Ok(());
-            }
-            let batches: Vec<RecordBatch> = s.batches.iter().map(|b| b.batch.clone()).collect();
-            (
-                batches,
-                s.batches.front().unwrap().seq,
-                s.batches.back().unwrap().seq,
-                s.bytes,
-            )
-        };
-        let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
-        tracing::debug!(%table, rows, min_seq, max_seq, "archive flush");
         let time_col = current.time_column.clone();
-        let level = self.cfg.zstd_level;
-        let rg = self.cfg.row_group_rows;
-        // A table routed away from the archive only passes through the recent buffer.
-        let archived = current
-            .routes(&self.sinks)
-            .map_or(true, |r| r.contains(&SinkKind::Archive));
-        let files = if archived {
-            tokio::task::spawn_blocking(move || {
-                encode_partitions(&batches, &schema, &time_col, level, rg)
-            })
-            .await
-            .map_err(Error::internal)??
-        } else {
-            Vec::new()
-        };
-
-        let mut new_entries = Vec::new();
+        let (level, rg) = (self.cfg.zstd_level, self.cfg.row_group_rows);
+        let files = tokio::task::spawn_blocking(move || {
+            encode_partitions(&batches, &schema, &time_col, level, rg)
+        })
+        .await
+        .map_err(|e| SinkError::Unexpected(format!("the Parquet encoder failed: {e}")))??;
+        let mut entries = Vec::new();
+        let mut bytes = 0;
         for (i, (partition, rows, data)) in files.into_iter().enumerate() {
             let path = format!("{table}/{partition}/part-{min_seq:020}-{max_seq:020}-{i}.parquet");
             let size = data.len() as u64;
             self.store
                 .put(&ObjPath::from(path.as_str()), PutPayload::from(data))
                 .await
-                .map_err(|e| Error::Unavailable(format!("archive write {path}: {e}")))?;
+                .map_err(|source| SinkError::ObjectStore {
+                    context: format!("archive write {path}"),
+                    source,
+                })?;
             self.metrics.archive_files.with_label_values(&[table]).inc();
             self.metrics
                 .archive_bytes
@@ -363,7 +338,8 @@ impl Archiver {
                 .archive_rows
                 .with_label_values(&[table])
                 .inc_by(rows);
-            new_entries.push(FileEntry {
+            bytes += size;
+            entries.push(FileEntry {
                 path,
                 size,
                 rows,
@@ -371,72 +347,141 @@ impl Archiver {
                 max_seq,
             });
         }
-        if let Some(rate) = self.cfg.throttle_bytes_per_sec {
-            tokio::time::sleep(Duration::from_secs_f64(bytes as f64 / rate.as_u64() as f64)).await;
-        }
+        Ok((entries, bytes))
+    }
 
-        // Commit: the manifest first (durable), then the in-memory switch.
-        let manifest = {
-            let s = state.lock().expect("table lock");
-            let mut files = s.files.clone();
-            files.extend(new_entries.iter().cloned());
-            Manifest {
-                table: table.to_string(),
-                archived_seq: max_seq,
-                files,
-            }
-        };
-        let body = serde_json::to_vec_pretty(&manifest).map_err(Error::internal)?;
-        self.store
-            .put(&manifest_path(table), PutPayload::from(body))
-            .await
-            .map_err(|e| Error::Unavailable(format!("archive manifest for {table}: {e}")))?;
-        {
-            let mut s = state.lock().expect("table lock");
-            s.files.extend(new_entries);
-            s.archived_seq = max_seq;
-            while s.batches.front().is_some_and(|b| b.seq <= max_seq) {
-                let b = s.batches.pop_front().unwrap();
-                s.rows -= b.batch.num_rows() as u64;
-                s.bytes -= b.bytes;
-            }
-            s.oldest = if s.batches.is_empty() {
-                None
-            } else {
-                Some(std::time::Instant::now())
+    /// Commits `files` for the chunk ending at `last_seq`: the manifest first (durable),
+    /// then, in one step under the table's lock, the files become queryable and the
+    /// chunk's batches leave the buffer (releasing their memory).
+    async fn commit(
+        &self,
+        table: &str,
+        files: Vec<FileEntry>,
+        last_seq: u64,
+    ) -> Result<(), SinkError> {
+        let state = self.buffers.table(table);
+        if !files.is_empty() {
+            let manifest = {
+                let s = state.lock().expect("table lock");
+                let mut all = s.files.clone();
+                all.extend(files.iter().cloned());
+                Manifest {
+                    table: table.to_string(),
+                    archived_seq: last_seq,
+                    files: all,
+                }
             };
-            self.buffers.publish(table, &s);
+            let body = serde_json::to_vec_pretty(&manifest).expect("a manifest serializes");
+            self.store
+                .put(&manifest_path(table), PutPayload::from(body))
+                .await
+                .map_err(|source| SinkError::ObjectStore {
+                    context: format!("archive manifest for {table}"),
+                    source,
+                })?;
         }
-        self.release_wal();
+        let mut s = state.lock().expect("table lock");
+        s.files.extend(files);
+        s.archived_seq = s.archived_seq.max(last_seq);
+        while s.batches.front().is_some_and(|b| b.seq <= last_seq) {
+            let b = s.batches.pop_front().expect("front");
+            s.rows -= b.batch.num_rows() as u64;
+            s.bytes -= b.bytes;
+        }
+        s.oldest = if s.batches.is_empty() {
+            None
+        } else {
+            Some(std::time::Instant::now())
+        };
+        self.buffers.publish(table, &s);
+        Ok(())
+    }
+}
+
+#[async_trait::async_trait]
+impl StoreWriter for ArchiveWriter {
+    type Conn = ();
+
+    fn name(&self) -> &'static str {
+        ARCHIVE_SINK
+    }
+
+    fn kind(&self) -> SinkKind {
+        SinkKind::Archive
+    }
+
+    fn every_table(&self) -> bool {
+        true
+    }
+
+    /// Over half the memory budget in use: the largest chunk is written now, so that
+    /// its batches leave the recent buffer.
+    fn memory_pressed(&self) -> bool {
+        self.memory.used_fraction() > 0.5
+    }
+
+    async fn connect(&self) -> Result<(), SinkError> {
         Ok(())
     }
 
-    /// Deletes WAL segments every sink has made durable, then the registry versions no
-    /// record left in the WAL needs.
-    pub fn release_wal(&self) {
-        if self.replaying.load(Ordering::Acquire) {
-            return;
+    /// Every table's records up to its manifest's `archived_seq`.
+    async fn committed(&self, _conn: &mut (), _wal_id: &str) -> Result<CommittedRanges, SinkError> {
+        let mut c = CommittedRanges::default();
+        for (table, m) in read_manifests(self.store.as_ref()).await? {
+            if m.archived_seq > 0 {
+                c.add(&table, 0, m.archived_seq);
+            }
         }
-        let last = self.wal.last_seq();
-        let segments = self.wal.disk_usage().0;
-        self.wal
-            .set_sink_position(ARCHIVE_SINK, self.buffers.durable_seq(last));
-        if self.wal.disk_usage().0 < segments {
-            let (registry, oldest) = (self.registry.clone(), self.wal.oldest_versions());
-            tokio::spawn(async move {
-                if let Err(e) = registry.compact(&oldest).await {
-                    tracing::warn!(error = %e, "cannot compact the registry");
-                }
+        Ok(c.finish())
+    }
+
+    async fn write(&self, _conn: &mut (), chunk: &Chunk) -> Result<Written, SinkError> {
+        let table = chunk.table.name();
+        let last_seq = chunk.last_seq();
+        let archived_seq = self
+            .buffers
+            .table(table)
+            .lock()
+            .expect("table lock")
+            .archived_seq;
+        if chunk.parts.is_empty() || last_seq <= archived_seq {
+            self.commit(table, Vec::new(), last_seq).await?;
+            return Ok(Written {
+                already_committed: !chunk.parts.is_empty(),
+                ..Default::default()
             });
         }
-    }
-
-    /// Flushes every table (used by tests and at shutdown when asked).
-    pub async fn flush_all(&self) -> Result<()> {
-        for t in self.buffers.table_names() {
-            self.flush(&t).await?;
+        let current = self
+            .registry
+            .get(table)
+            .unwrap_or_else(|| chunk.table.clone());
+        // A table routed away from the archive only passes through the recent buffer.
+        let archived = current
+            .routes(&self.sinks)
+            .map_or(true, |r| r.contains(&SinkKind::Archive));
+        let rows = chunk.rows as u64;
+        tracing::debug!(%table, rows, first_seq = chunk.first_seq(), last_seq, archived, "archive flush");
+        let (files, bytes) = if archived {
+            self.write_files(table, &current, chunk)
+                .await
+                .inspect_err(|_| {
+                    self.metrics.archive_errors.inc();
+                })?
+        } else {
+            (Vec::new(), 0)
+        };
+        if let Some(rate) = self.cfg.throttle_bytes_per_sec {
+            let buffered = chunk.bytes as f64;
+            tokio::time::sleep(Duration::from_secs_f64(buffered / rate.as_u64() as f64)).await;
         }
-        Ok(())
+        self.commit(table, files, last_seq).await.inspect_err(|_| {
+            self.metrics.archive_errors.inc();
+        })?;
+        Ok(Written {
+            rows: if archived { rows } else { 0 },
+            bytes,
+            ..Default::default()
+        })
     }
 }
 
@@ -450,10 +495,15 @@ fn hour_of(values: &dyn Array) -> Result<Vec<i64>> {
                 TimeUnit::Microsecond => 1_000_000,
                 TimeUnit::Nanosecond => 1_000_000_000,
             };
-            let arr = arrow::compute::cast(values, &DataType::Int64).map_err(Error::internal)?;
+            let arr = arrow::compute::cast(values, &DataType::Int64)
+                .map_err(|e| SinkError::arrow("the time column", e))?;
             (per_sec * 3600, arr)
         }
-        other => return Err(Error::Internal(format!("time column has type {other}"))),
+        other => {
+            return Err(SinkError::Unexpected(format!(
+                "the time column has type {other}"
+            )))
+        }
     };
     let ints = arr.as_primitive::<arrow::datatypes::Int64Type>();
     Ok(ints
@@ -473,20 +523,29 @@ fn encode_partitions(
     row_group_rows: usize,
 ) -> Result<Vec<(String, u64, Vec<u8>)>> {
     let props = WriterProperties::builder()
-        .set_compression(Compression::ZSTD(
-            ZstdLevel::try_new(zstd_level).map_err(Error::internal)?,
-        ))
+        .set_compression(Compression::ZSTD(ZstdLevel::try_new(zstd_level).map_err(
+            |e| SinkError::Config {
+                key: "archive.zstd_level",
+                reason: e.to_string(),
+            },
+        )?))
         .set_max_row_group_row_count(Some(row_group_rows))
         .build();
+    let parquet_err = |source| SinkError::Parquet {
+        context: "encoding an archive file".into(),
+        source,
+    };
     let mut writers: BTreeMap<i64, (ArrowWriter<Vec<u8>>, u64)> = BTreeMap::new();
     for batch in batches {
-        let batch = sluice_sql::query::adapt_batch(batch, schema).map_err(Error::internal)?;
+        let batch = sluice_sql::query::adapt_batch(batch, schema).map_err(|e| {
+            SinkError::Unexpected(format!("a batch does not fit the table's schema: {e}"))
+        })?;
         if batch.num_rows() == 0 {
             continue;
         }
-        let times = batch
-            .column_by_name(time_col)
-            .ok_or_else(|| Error::Internal(format!("batch lacks time column {time_col}")))?;
+        let times = batch.column_by_name(time_col).ok_or_else(|| {
+            SinkError::Unexpected(format!("a batch lacks the time column {time_col}"))
+        })?;
         let hours = hour_of(times.as_ref())?;
         let (lo, hi) = (*hours.iter().min().unwrap(), *hours.iter().max().unwrap());
         let mut parts: Vec<(i64, RecordBatch)> = Vec::new();
@@ -499,8 +558,8 @@ fn encode_partitions(
             for h in keys {
                 let mask: arrow::array::BooleanArray =
                     hours.iter().map(|x| Some(*x == h)).collect();
-                let part =
-                    arrow::compute::filter_record_batch(&batch, &mask).map_err(Error::internal)?;
+                let part = arrow::compute::filter_record_batch(&batch, &mask)
+                    .map_err(|e| SinkError::arrow("splitting by hour", e))?;
                 parts.push((h, part));
             }
         }
@@ -509,19 +568,19 @@ fn encode_partitions(
                 std::collections::btree_map::Entry::Occupied(o) => o.into_mut(),
                 std::collections::btree_map::Entry::Vacant(v) => v.insert((
                     ArrowWriter::try_new(Vec::new(), schema.clone(), Some(props.clone()))
-                        .map_err(Error::internal)?,
+                        .map_err(parquet_err)?,
                     0,
                 )),
             };
             entry.1 += part.num_rows() as u64;
-            entry.0.write(&part).map_err(Error::internal)?;
+            entry.0.write(&part).map_err(parquet_err)?;
         }
     }
     let mut out = Vec::new();
     for (h, (w, rows)) in writers {
-        let data = w.into_inner().map_err(Error::internal)?;
+        let data = w.into_inner().map_err(parquet_err)?;
         let start = chrono::DateTime::from_timestamp(h * 3600, 0)
-            .ok_or_else(|| Error::Internal(format!("hour {h} out of range")))?;
+            .ok_or_else(|| SinkError::Unexpected(format!("hour {h} is out of range")))?;
         out.push((
             start.format("date=%Y-%m-%d/hour=%H").to_string(),
             rows,
@@ -581,5 +640,183 @@ mod tests {
             .column(1)
             .as_primitive::<arrow::datatypes::Float64Type>();
         assert_eq!(v.values().to_vec(), vec![1.0, 3.0]);
+    }
+}
+
+/// The archive as a sink: chunks from the router, written to a real local object store.
+#[cfg(test)]
+mod sink_tests {
+    use super::*;
+    use crate::runner::{ChunkTargets, Routed, Router};
+    use sluice_core::buffer::MemoryBudget;
+    use sluice_core::registry::FileRegistryStore;
+    use sluice_test_support::batches::sample;
+    use sluice_wal::WalRecord;
+
+    struct Setup {
+        _dir: tempfile::TempDir,
+        archive_dir: std::path::PathBuf,
+        registry: Arc<Registry>,
+        buffers: Arc<Buffers>,
+        writer: ArchiveWriter,
+    }
+
+    async fn setup() -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = Registry::open(Box::new(FileRegistryStore::open(dir.path()).unwrap()))
+            .await
+            .unwrap();
+        let schema = flight_schema::TableSchema::from_json(
+            br#"{"name": "t", "columns": [{"name": "time", "type": "timestamp"},
+                                          {"name": "v", "type": "int64"}]}"#,
+            None,
+        )
+        .unwrap();
+        registry.register(schema).await.unwrap();
+        let registry = Arc::new(registry);
+        let metrics = Arc::new(Metrics::new());
+        let buffers = Arc::new(Buffers::new(registry.clone(), metrics.clone()));
+        let cfg = ArchiveConfig::default();
+        let (store, _) = open_store(&cfg, dir.path()).unwrap();
+        let writer = ArchiveWriter::new(
+            ArchiveParts {
+                store,
+                buffers: buffers.clone(),
+                registry: registry.clone(),
+                metrics: metrics.clone(),
+                memory: Arc::new(MemoryBudget::new(1 << 30, metrics)),
+            },
+            cfg,
+            vec![SinkKind::Archive],
+        );
+        Setup {
+            archive_dir: dir.path().join("archive"),
+            _dir: dir,
+            registry,
+            buffers,
+            writer,
+        }
+    }
+
+    /// Records `seqs` of `t` made durable: in the recent buffer, and read by the router
+    /// into one chunk.
+    fn durable(s: &Setup, seqs: &[u64]) -> Chunk {
+        let t = s.registry.get("t").unwrap();
+        let mut router = Router::new(
+            s.registry.clone(),
+            vec![SinkKind::Archive],
+            SinkKind::Archive,
+            false,
+            ChunkTargets {
+                rows: usize::MAX,
+                bytes: usize::MAX,
+                linger: Duration::ZERO,
+            },
+        )
+        .every_table();
+        for &seq in seqs {
+            let batch = sample(&t, 100, seq);
+            assert!(s.buffers.push("t", seq, batch.clone(), 1000, None));
+            let rec = WalRecord {
+                seq,
+                table: "t".into(),
+                version: t.version,
+                ipc_header: Default::default(),
+                ipc_body: Default::default(),
+                batch: Some(batch),
+            };
+            assert!(matches!(router.take(rec), Routed::Taken(c) if c.is_empty()));
+        }
+        let mut sealed = router.sealed(*seqs.last().unwrap());
+        assert_eq!(sealed.len(), 1);
+        sealed.pop().unwrap()
+    }
+
+    fn parquet_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+        let mut out = Vec::new();
+        let mut stack = vec![dir.to_path_buf()];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d).unwrap() {
+                let p = e.unwrap().path();
+                if p.is_dir() {
+                    stack.push(p);
+                } else if p.extension().is_some_and(|x| x == "parquet") {
+                    out.push(p);
+                }
+            }
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn a_chunk_moves_from_the_buffer_to_parquet_in_one_commit() {
+        let s = setup().await;
+        let chunk = durable(&s, &[3, 4]);
+        let w = s.writer.write(&mut (), &chunk).await.unwrap();
+        assert_eq!((w.rows, w.already_committed), (200, false));
+        assert!(w.bytes > 0);
+        {
+            let state = s.buffers.table("t");
+            let st = state.lock().unwrap();
+            assert!(st.batches.is_empty(), "the rows left the buffer");
+            assert_eq!((st.rows, st.bytes, st.archived_seq), (0, 0, 4));
+            assert_eq!(st.files.iter().map(|f| f.rows).sum::<u64>(), 200);
+        }
+        let manifests = read_manifests(s.writer.store.as_ref()).await.unwrap();
+        assert_eq!(manifests["t"].archived_seq, 4);
+        let files = parquet_files(&s.archive_dir);
+        assert!(!files.is_empty());
+        // A record the feed pushes after the archive took it does not come back.
+        let t = s.registry.get("t").unwrap();
+        assert!(!s.buffers.push("t", 4, sample(&t, 1, 9), 10, None));
+        // What the store says it has at start, and a chunk written again (a replay).
+        let c = s.writer.committed(&mut (), "wal").await.unwrap();
+        assert!(c.contains("t", 3) && c.contains("t", 4) && !c.contains("t", 5));
+        let again = s.writer.write(&mut (), &chunk).await.unwrap();
+        assert!(again.already_committed);
+        assert_eq!(
+            parquet_files(&s.archive_dir).len(),
+            files.len(),
+            "nothing written twice"
+        );
+    }
+
+    #[tokio::test]
+    async fn files_no_manifest_names_are_deleted_at_start() {
+        let s = setup().await;
+        let chunk = durable(&s, &[1]);
+        s.writer.write(&mut (), &chunk).await.unwrap();
+        let kept = parquet_files(&s.archive_dir);
+        let orphan = s.archive_dir.join(
+            "t/date=2024-01-01/hour=00/part-00000000000000000002-00000000000000000002-0.parquet",
+        );
+        std::fs::create_dir_all(orphan.parent().unwrap()).unwrap();
+        std::fs::write(&orphan, b"cut off").unwrap();
+        // Not a file a flush writes: left alone.
+        let other = s.archive_dir.join("t/notes.txt");
+        std::fs::write(&other, b"mine").unwrap();
+        s.writer.recover().await.unwrap();
+        assert!(!orphan.exists());
+        assert!(other.exists());
+        assert_eq!(parquet_files(&s.archive_dir), kept);
+        assert_eq!(s.buffers.table("t").lock().unwrap().archived_seq, 1);
+    }
+
+    #[tokio::test]
+    async fn a_table_routed_away_from_the_archive_only_leaves_the_buffer() {
+        let mut s = setup().await;
+        s.writer.sinks = vec![SinkKind::Postgres, SinkKind::Archive];
+        let pgonly = flight_schema::TableSchema::from_json(
+            br#"{"name": "t", "sinks": ["postgres"], "columns": [
+                {"name": "time", "type": "timestamp"}, {"name": "v", "type": "int64"}]}"#,
+            None,
+        )
+        .unwrap();
+        s.registry.register(pgonly).await.unwrap();
+        let chunk = durable(&s, &[5]);
+        let w = s.writer.write(&mut (), &chunk).await.unwrap();
+        assert_eq!(w.rows, 0);
+        assert!(parquet_files(&s.archive_dir).is_empty());
+        assert!(s.buffers.table("t").lock().unwrap().batches.is_empty());
     }
 }

@@ -2,13 +2,15 @@
 //!
 //! The stores: everything that takes durable records from the WAL and lands them
 //! somewhere, and nothing a client talks to.
-//! - [`runner`]: what every store sink shares: tailing the WAL, chunks per table,
-//!   parallel writers behind the [`runner::StoreWriter`] trait, retries, dead letters,
-//!   positions.
+//! - [`runner`]: what every store sink shares, as stages: tail the WAL, route and chunk,
+//!   encode and send behind the [`runner::StoreWriter`] trait (retries, dead letters),
+//!   publish the position.
+//! - [`error`]: [`SinkError`], what goes wrong on the way to a store.
 //! - [`postgres`]: PostgreSQL/TimescaleDB: binary COPY, migrations, maintenance, job
 //!   watch, and the PostgreSQL registry store.
 //! - [`clickhouse`]: ClickHouse: Native format over HTTP, migrations.
-//! - [`archive`]: the Parquet archive on object storage, drained from the recent buffer.
+//! - [`archive`]: the Parquet archive on object storage, one more [`runner::StoreWriter`]
+//!   whose commits move rows from the recent buffer into Parquet files.
 //! - [`migration`]: what the stores' migration runners share.
 //! - [`config`]: the stores' configuration sections.
 //!
@@ -18,6 +20,9 @@
 pub mod archive;
 pub mod clickhouse;
 pub mod config;
+pub mod error;
 pub mod migration;
 pub mod postgres;
 pub mod runner;
+
+pub use error::SinkError;

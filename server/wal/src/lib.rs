@@ -96,13 +96,62 @@ pub enum WalError {
     Corrupt {
         path: String,
         offset: u64,
-        reason: String,
+        #[source]
+        reason: RecordDamage,
     },
+    /// A tail reader asked for a record the WAL had already released (every sink was
+    /// past it): a bug in whoever set the positions.
+    #[error("record {seq} was released before this reader took it (oldest on disk: {oldest})")]
+    Released { seq: u64, oldest: u64 },
+    /// A record's IPC message does not decode with its table version's schema, though
+    /// its checksum is good: damage the checksum missed, or a bug.
+    #[error("WAL record {seq} of '{table}' does not decode: {source}")]
+    Decode {
+        seq: u64,
+        table: String,
+        #[source]
+        source: flight_schema::DecodeError,
+    },
+    /// A record whose IPC message holds no record batch.
+    #[error("WAL record {seq} of '{table}' holds no record batch")]
+    NoBatch { seq: u64, table: String },
     #[error("the WAL is closed")]
     Closed,
     /// Damage that costs acknowledged records, found at start.
     #[error("{0}")]
     Damaged(String),
+}
+
+/// What is wrong with the bytes where a record should be.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RecordDamage {
+    #[error("truncated record header")]
+    TruncatedHeader,
+    #[error("record length {0} is too small")]
+    TooShort(usize),
+    #[error("truncated record of {0} bytes")]
+    Truncated(usize),
+    #[error("checksum mismatch")]
+    Checksum,
+    #[error("bad table length")]
+    TableLength,
+    #[error("table name is not UTF-8")]
+    TableNotUtf8,
+    #[error("bad header length")]
+    HeaderLength,
+}
+
+impl flight_schema::Classify for WalError {
+    /// A full disk and a closing WAL pass; damage and I/O failures need an operator; a
+    /// record that does not decode is damage or a bug.
+    fn class(&self) -> flight_schema::ErrorClass {
+        use flight_schema::ErrorClass;
+        match self {
+            WalError::Closed => ErrorClass::Unavailable,
+            e if e.is_disk_full() => ErrorClass::Unavailable,
+            _ => ErrorClass::Internal,
+        }
+    }
 }
 
 impl WalError {
@@ -194,14 +243,22 @@ impl WalRecord {
     /// Decodes the batch with the schema of the version it was written at. A record is
     /// checked like any untrusted message (`flight_schema::decode`): damage that its
     /// checksum missed is an error, not a panic.
-    pub fn decode(&self, schema: arrow::datatypes::SchemaRef) -> Result<RecordBatch, String> {
+    pub fn decode(&self, schema: arrow::datatypes::SchemaRef) -> Result<RecordBatch, WalError> {
         if let Some(b) = &self.batch {
             return Ok(b.clone());
         }
         flight_schema::decode::PutDecoder::with_schema(schema)
-            .decode(self.ipc_header.clone(), self.ipc_body.clone())?
+            .decode(self.ipc_header.clone(), self.ipc_body.clone())
+            .map_err(|source| WalError::Decode {
+                seq: self.seq,
+                table: self.table.clone(),
+                source,
+            })?
             .map(|d| d.batch)
-            .ok_or_else(|| format!("WAL record {} holds no record batch", self.seq))
+            .ok_or_else(|| WalError::NoBatch {
+                seq: self.seq,
+                table: self.table.clone(),
+            })
     }
 }
 
@@ -368,26 +425,26 @@ fn segment_path(dir: &Path, first_seq: u64) -> PathBuf {
     dir.join(format!("{first_seq:020}.wal"))
 }
 
-fn parse_payload(payload: &[u8]) -> Result<WalRecord, String> {
+fn parse_payload(payload: &[u8]) -> Result<WalRecord, RecordDamage> {
     let u64_at = |o: usize| u64::from_le_bytes(payload[o..o + 8].try_into().unwrap());
     let seq = u64_at(0);
     let version = u64_at(8);
     let tlen = u16::from_le_bytes(payload[16..18].try_into().unwrap()) as usize;
     let mut o = 18;
-    let table = std::str::from_utf8(payload.get(o..o + tlen).ok_or("bad table length")?)
-        .map_err(|_| "table name is not UTF-8")?
+    let table = std::str::from_utf8(payload.get(o..o + tlen).ok_or(RecordDamage::TableLength)?)
+        .map_err(|_| RecordDamage::TableNotUtf8)?
         .to_string();
     o += tlen;
     let hlen = u32::from_le_bytes(
         payload
             .get(o..o + 4)
-            .ok_or("bad header length")?
+            .ok_or(RecordDamage::HeaderLength)?
             .try_into()
             .unwrap(),
     ) as usize;
     o += 4;
     let ipc_header =
-        bytes::Bytes::copy_from_slice(payload.get(o..o + hlen).ok_or("bad header length")?);
+        bytes::Bytes::copy_from_slice(payload.get(o..o + hlen).ok_or(RecordDamage::HeaderLength)?);
     o += hlen;
     let ipc_body = bytes::Bytes::copy_from_slice(&payload[o..]);
     Ok(WalRecord {
@@ -741,6 +798,19 @@ impl Wal {
             .insert(sink, seq);
     }
 
+    /// Forgets a sink (or a hold on the segments, such as the replay's), releasing the
+    /// segments it alone kept.
+    pub fn unregister_sink(&self, sink: &'static str) {
+        let min = {
+            let mut p = self.shared.positions.lock().expect("wal positions");
+            p.remove(sink);
+            p.values().copied().min()
+        };
+        if let Some(min) = min {
+            self.release_upto(min);
+        }
+    }
+
     /// Records that every record with `seq <= position` is durable in `sink`, and
     /// deletes the segments every sink is done with.
     pub fn set_sink_position(&self, sink: &'static str, position: u64) {
@@ -854,13 +924,9 @@ impl WalTail {
                 if self.current.is_none() {
                     let first = segs.front().map_or(u64::MAX, |s| s.first_seq);
                     if self.next_seq < first && first != u64::MAX {
-                        return Err(WalError::Corrupt {
-                            path: "wal".into(),
-                            offset: 0,
-                            reason: format!(
-                                "record {} was released before this reader took it (oldest on disk: {first})",
-                                self.next_seq
-                            ),
+                        return Err(WalError::Released {
+                            seq: self.next_seq,
+                            oldest: first,
                         });
                     }
                     // The segment holding next_seq: the last one starting at or before it.

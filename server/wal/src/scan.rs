@@ -33,7 +33,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use crate::io::is_padding;
-use crate::{io_err, WalError, RECORD_HEADER};
+use crate::{io_err, RecordDamage, WalError, RECORD_HEADER};
 
 /// Segment header of format 1: the magic only.
 pub(super) const MAGIC_V1: &[u8; 8] = b"SLWAL001";
@@ -379,26 +379,26 @@ pub(super) fn read_record(
     r: &mut impl Read,
     payload: &mut Vec<u8>,
     available: u64,
-) -> Result<(), String> {
+) -> Result<(), RecordDamage> {
     let mut head = [0u8; RECORD_HEADER];
     if available < RECORD_HEADER as u64 {
-        return Err("truncated record header".to_string());
+        return Err(RecordDamage::TruncatedHeader);
     }
     r.read_exact(&mut head)
-        .map_err(|_| "truncated record header".to_string())?;
+        .map_err(|_| RecordDamage::TruncatedHeader)?;
     let len = u32::from_le_bytes(head[0..4].try_into().expect("4 bytes")) as usize;
     let crc = u32::from_le_bytes(head[4..8].try_into().expect("4 bytes"));
     if len < MIN_PAYLOAD {
-        return Err(format!("record length {len} is too small"));
+        return Err(RecordDamage::TooShort(len));
     }
     if (RECORD_HEADER + len) as u64 > available {
-        return Err(format!("truncated record of {len} bytes"));
+        return Err(RecordDamage::Truncated(len));
     }
     payload.resize(len, 0);
     r.read_exact(payload)
-        .map_err(|_| format!("truncated record of {len} bytes"))?;
+        .map_err(|_| RecordDamage::Truncated(len))?;
     if crc32fast::hash(payload) != crc {
-        return Err("checksum mismatch".into());
+        return Err(RecordDamage::Checksum);
     }
     Ok(())
 }
@@ -501,7 +501,7 @@ fn scan_segment(path: &Path, name_seq: u64) -> Result<SegmentScan, WalError> {
             }
             Err(reason) => {
                 drop(reader);
-                scan_in_memory(&file, &mut seg, offset, Some(reason))?;
+                scan_in_memory(&file, &mut seg, offset, Some(reason.to_string()))?;
                 return Ok(seg);
             }
         }
@@ -616,7 +616,7 @@ fn scan_in_memory(
 fn why_not_record(tail: &[u8]) -> String {
     let mut payload = Vec::new();
     match read_record(&mut &tail[..], &mut payload, tail.len() as u64) {
-        Err(reason) => reason,
+        Err(reason) => reason.to_string(),
         Ok(()) => "not a record".into(),
     }
 }

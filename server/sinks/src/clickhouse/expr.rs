@@ -13,6 +13,23 @@
 
 use super::client::quote_ident;
 
+/// Why an option's text is not accepted: the token or construct named, in words.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct ExprError(pub String);
+
+impl From<String> for ExprError {
+    fn from(s: String) -> Self {
+        ExprError(s)
+    }
+}
+
+impl From<&str> for ExprError {
+    fn from(s: &str) -> Self {
+        ExprError(s.to_string())
+    }
+}
+
 /// Functions an option may call: date and time bucketing, hashing, casts and the
 /// arithmetic ones a key or a TTL is made of.
 pub const FUNCTIONS: &[&str] = &[
@@ -98,7 +115,7 @@ enum Tok {
     Punct(&'static str),
 }
 
-fn tokenize(text: &str) -> Result<Vec<Tok>, String> {
+fn tokenize(text: &str) -> Result<Vec<Tok>, ExprError> {
     let b = text.as_bytes();
     let mut out = Vec::new();
     let mut i = 0;
@@ -121,7 +138,7 @@ fn tokenize(text: &str) -> Result<Vec<Tok>, String> {
                 i += 1;
             }
             if i == b.len() {
-                return Err("an unterminated quoted name".into());
+                return Err(ExprError::from("an unterminated quoted name"));
             }
             out.push(Tok::Ident(text[s..i].to_string()));
             i += 1;
@@ -141,7 +158,7 @@ fn tokenize(text: &str) -> Result<Vec<Tok>, String> {
             }
             let n = &text[s..i];
             if n.matches('.').count() > 1 || n.ends_with(['e', 'E', '+', '-']) {
-                return Err(format!("'{n}' is not a number"));
+                return Err(ExprError::from(format!("'{n}' is not a number")));
             }
             out.push(Tok::Number(n.to_string()));
         } else if c == '\'' {
@@ -149,7 +166,7 @@ fn tokenize(text: &str) -> Result<Vec<Tok>, String> {
             i += 1;
             loop {
                 match b.get(i) {
-                    None => return Err("an unterminated string".into()),
+                    None => return Err(ExprError::from("an unterminated string")),
                     Some(b'\'') if b.get(i + 1) == Some(&b'\'') => {
                         s.push('\'');
                         i += 2;
@@ -159,7 +176,9 @@ fn tokenize(text: &str) -> Result<Vec<Tok>, String> {
                         break;
                     }
                     Some(b'\\') => {
-                        let e = b.get(i + 1).ok_or("an unterminated string")?;
+                        let e = b
+                            .get(i + 1)
+                            .ok_or(ExprError::from("an unterminated string"))?;
                         s.push(match e {
                             b'n' => '\n',
                             b't' => '\t',
@@ -213,19 +232,21 @@ impl Parser<'_> {
         matches!(self.peek(), Some(Tok::Punct(q)) if *q == p)
     }
 
-    fn expect_punct(&mut self, p: &str) -> Result<(), String> {
+    fn expect_punct(&mut self, p: &str) -> Result<(), ExprError> {
         if self.punct(p) {
             self.pos += 1;
             Ok(())
         } else {
-            Err(format!("expected '{p}'"))
+            Err(ExprError::from(format!("expected '{p}'")))
         }
     }
 
-    fn expr(&mut self) -> Result<String, String> {
+    fn expr(&mut self) -> Result<String, ExprError> {
         self.depth += 1;
         if self.depth > MAX_DEPTH {
-            return Err(format!("nested more than {MAX_DEPTH} deep"));
+            return Err(ExprError::from(format!(
+                "nested more than {MAX_DEPTH} deep"
+            )));
         }
         let r = self.or();
         self.depth -= 1;
@@ -234,10 +255,10 @@ impl Parser<'_> {
 
     fn binary(
         &mut self,
-        next: fn(&mut Self) -> Result<String, String>,
+        next: fn(&mut Self) -> Result<String, ExprError>,
         ops: &[&str],
         keywords: &[&str],
-    ) -> Result<String, String> {
+    ) -> Result<String, ExprError> {
         let mut left = next(self)?;
         loop {
             let op = if let Some(Tok::Punct(p)) = self.peek() {
@@ -259,15 +280,15 @@ impl Parser<'_> {
         }
     }
 
-    fn or(&mut self) -> Result<String, String> {
+    fn or(&mut self) -> Result<String, ExprError> {
         self.binary(Self::and, &[], &["OR"])
     }
 
-    fn and(&mut self) -> Result<String, String> {
+    fn and(&mut self) -> Result<String, ExprError> {
         self.binary(Self::not, &[], &["AND"])
     }
 
-    fn not(&mut self) -> Result<String, String> {
+    fn not(&mut self) -> Result<String, ExprError> {
         if self.keyword("NOT") {
             self.pos += 1;
             let e = self.not()?;
@@ -280,15 +301,15 @@ impl Parser<'_> {
         )
     }
 
-    fn add(&mut self) -> Result<String, String> {
+    fn add(&mut self) -> Result<String, ExprError> {
         self.binary(Self::mul, &["+", "-"], &[])
     }
 
-    fn mul(&mut self) -> Result<String, String> {
+    fn mul(&mut self) -> Result<String, ExprError> {
         self.binary(Self::unary, &["*", "/", "%"], &[])
     }
 
-    fn unary(&mut self) -> Result<String, String> {
+    fn unary(&mut self) -> Result<String, ExprError> {
         if self.punct("-") {
             self.pos += 1;
             let e = self.unary()?;
@@ -297,7 +318,7 @@ impl Parser<'_> {
         self.primary()
     }
 
-    fn list(&mut self) -> Result<Vec<String>, String> {
+    fn list(&mut self) -> Result<Vec<String>, ExprError> {
         let mut items = Vec::new();
         if self.punct(")") {
             self.pos += 1;
@@ -314,8 +335,11 @@ impl Parser<'_> {
         }
     }
 
-    fn primary(&mut self) -> Result<String, String> {
-        let tok = self.peek().cloned().ok_or("the expression ends too soon")?;
+    fn primary(&mut self) -> Result<String, ExprError> {
+        let tok = self
+            .peek()
+            .cloned()
+            .ok_or(ExprError::from("the expression ends too soon"))?;
         self.pos += 1;
         match tok {
             Tok::Number(n) => Ok(n),
@@ -328,7 +352,7 @@ impl Parser<'_> {
                     _ => Ok(format!("({})", items.join(", "))),
                 }
             }
-            Tok::Punct(p) => Err(format!("'{p}' is not accepted here")),
+            Tok::Punct(p) => Err(ExprError::from(format!("'{p}' is not accepted here"))),
             Tok::Ident(name) if name.eq_ignore_ascii_case("INTERVAL") => {
                 let n = self.unary()?;
                 match self.peek() {
@@ -336,12 +360,12 @@ impl Parser<'_> {
                         let unit = u.to_ascii_uppercase();
                         let unit = unit.strip_suffix('S').unwrap_or(&unit).to_string();
                         if !UNITS.contains(&unit.as_str()) {
-                            return Err(format!("'{u}' is not an interval unit"));
+                            return Err(ExprError::from(format!("'{u}' is not an interval unit")));
                         }
                         self.pos += 1;
                         Ok(format!("INTERVAL {n} {unit}"))
                     }
-                    _ => Err("INTERVAL needs a unit (SECOND ... YEAR)".into()),
+                    _ => Err(ExprError::from("INTERVAL needs a unit (SECOND ... YEAR)")),
                 }
             }
             Tok::Ident(name) if self.punct("(") => {
@@ -359,7 +383,9 @@ impl Parser<'_> {
                 if self.columns.contains(&name) {
                     Ok(quote_ident(&name))
                 } else {
-                    Err(format!("'{name}' is not a column of the table"))
+                    Err(ExprError::from(format!(
+                        "'{name}' is not a column of the table"
+                    )))
                 }
             }
         }
@@ -383,9 +409,9 @@ fn quote_string(s: &str) -> String {
     out
 }
 
-fn parser<'a>(text: &str, columns: &'a [String]) -> Result<Parser<'a>, String> {
+fn parser<'a>(text: &str, columns: &'a [String]) -> Result<Parser<'a>, ExprError> {
     if text.len() > 4096 {
-        return Err("longer than 4096 bytes".into());
+        return Err(ExprError::from("longer than 4096 bytes"));
     }
     Ok(Parser {
         toks: tokenize(text)?,
@@ -395,25 +421,27 @@ fn parser<'a>(text: &str, columns: &'a [String]) -> Result<Parser<'a>, String> {
     })
 }
 
-fn finish(p: &Parser<'_>, out: String) -> Result<String, String> {
+fn finish(p: &Parser<'_>, out: String) -> Result<String, ExprError> {
     match p.peek() {
         None => Ok(out),
-        Some(t) => Err(format!("unexpected {t:?} after the expression")),
+        Some(t) => Err(ExprError::from(format!(
+            "unexpected {t:?} after the expression"
+        ))),
     }
 }
 
 /// `order_by` or `partition_by` as Sluice writes it.
-pub fn expression(text: &str, columns: &[String]) -> Result<String, String> {
+pub fn expression(text: &str, columns: &[String]) -> Result<String, ExprError> {
     let mut p = parser(text, columns)?;
     if p.toks.is_empty() {
-        return Err("empty".into());
+        return Err(ExprError::from("empty"));
     }
     let e = p.expr()?;
     finish(&p, e)
 }
 
 /// `ttl` as Sluice writes it.
-pub fn ttl(text: &str, columns: &[String]) -> Result<String, String> {
+pub fn ttl(text: &str, columns: &[String]) -> Result<String, ExprError> {
     let mut p = parser(text, columns)?;
     let mut elements = Vec::new();
     loop {
@@ -430,7 +458,11 @@ pub fn ttl(text: &str, columns: &[String]) -> Result<String, String> {
             let kind = match p.peek() {
                 Some(Tok::Ident(k)) if k.eq_ignore_ascii_case("VOLUME") => "VOLUME",
                 Some(Tok::Ident(k)) if k.eq_ignore_ascii_case("DISK") => "DISK",
-                _ => return Err("TO must be followed by VOLUME 'name' or DISK 'name'".into()),
+                _ => {
+                    return Err(ExprError::from(
+                        "TO must be followed by VOLUME 'name' or DISK 'name'",
+                    ))
+                }
             };
             p.pos += 1;
             match p.peek().cloned() {
@@ -438,7 +470,7 @@ pub fn ttl(text: &str, columns: &[String]) -> Result<String, String> {
                     p.pos += 1;
                     e = format!("{e} TO {kind} {}", quote_string(&s));
                 }
-                _ => return Err(format!("TO {kind} needs a quoted name")),
+                _ => return Err(ExprError::from(format!("TO {kind} needs a quoted name"))),
             }
         }
         elements.push(e);
@@ -513,11 +545,11 @@ mod tests {
             (&"(".repeat(100), "nested more than"),
         ] {
             let e = expression(text, &c).unwrap_err();
-            assert!(e.contains(why), "{text}: {e}");
+            assert!(e.0.contains(why), "{text}: {e}");
         }
         let e = ttl("timestamp + INTERVAL 1 DAY TO TABLE x", &c).unwrap_err();
-        assert!(e.contains("VOLUME"), "{e}");
+        assert!(e.0.contains("VOLUME"), "{e}");
         let e = ttl("timestamp + INTERVAL 1 FORTNIGHT DELETE", &c).unwrap_err();
-        assert!(e.contains("not an interval unit"), "{e}");
+        assert!(e.0.contains("not an interval unit"), "{e}");
     }
 }

@@ -32,10 +32,10 @@ use arrow::array::RecordBatch;
 use flight_schema::{ResolvedTable, SinkKind};
 use futures::StreamExt;
 
-use super::client::{ChClient, ChError};
+use super::client::ChClient;
 use super::native::{ch_type_for, encode_block, ChType};
 use crate::runner::{
-    halves, Chunk, CommittedRanges, DeadLetter, Refused, Rows, SinkError, StoreWriter, Written,
+    halves, Chunk, CommittedRanges, DeadLetter, Refused, SinkError, Slice, StoreWriter, Written,
 };
 
 /// A table's target columns and their ClickHouse types, in registry order.
@@ -54,10 +54,23 @@ pub struct ChWriter {
     ensured: Mutex<HashMap<String, (u64, Columns)>>,
 }
 
-fn sink_err(context: &str, e: &ChError) -> SinkError {
-    SinkError {
-        message: format!("{context}: {e}"),
-        reconnect: false,
+/// A table's ClickHouse option (`order_by`, `partition_by`, `ttl`) that does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("table '{table}': {key} '{text}': {source}")]
+pub struct OptionError {
+    pub table: String,
+    pub key: &'static str,
+    pub text: String,
+    #[source]
+    pub source: super::expr::ExprError,
+}
+
+impl From<OptionError> for flight_schema::SchemaError {
+    fn from(e: OptionError) -> Self {
+        flight_schema::SchemaError::Invalid {
+            reason: format!("{} '{}': {}", e.key, e.text, e.source),
+            table: e.table,
+        }
     }
 }
 
@@ -68,7 +81,7 @@ pub fn create_table_sql(
     database: &str,
     table: &ResolvedTable,
     dedup_window: u64,
-) -> Result<String, String> {
+) -> Result<String, OptionError> {
     let q = super::client::quote_ident;
     let cols: Vec<String> = table
         .definition
@@ -112,7 +125,7 @@ pub struct TableOptions {
 
 impl TableOptions {
     /// The options of `table`, or an error naming the option and what is wrong with it.
-    pub fn of(table: &ResolvedTable) -> Result<Self, String> {
+    pub fn of(table: &ResolvedTable) -> Result<Self, OptionError> {
         let columns: Vec<String> = table
             .definition
             .columns
@@ -120,15 +133,19 @@ impl TableOptions {
             .map(|c| c.name.clone())
             .collect();
         let d = &table.definition;
-        let check =
-            |key: &str, text: &Option<String>, f: fn(&str, &[String]) -> Result<String, String>| {
-                text.as_deref()
-                    .map(|t| {
-                        f(t, &columns)
-                            .map_err(|e| format!("table '{}': {key} '{t}': {e}", table.name()))
+        type Parse = fn(&str, &[String]) -> Result<String, super::expr::ExprError>;
+        let check = |key: &'static str, text: &Option<String>, f: Parse| {
+            text.as_deref()
+                .map(|t| {
+                    f(t, &columns).map_err(|source| OptionError {
+                        table: table.name().to_string(),
+                        key,
+                        text: t.to_string(),
+                        source,
                     })
-                    .transpose()
-            };
+                })
+                .transpose()
+        };
         Ok(Self {
             order_by: check("order_by", &d.order_by, super::expr::expression)?,
             partition_by: check("partition_by", &d.partition_by, super::expr::expression)?,
@@ -167,37 +184,32 @@ impl ChWriter {
             .client
             .table_columns(name)
             .await
-            .map_err(|e| sink_err(&format!("reading the columns of {name}"), &e))?;
+            .map_err(|e| SinkError::clickhouse(format!("reading the columns of {name}"), e))?;
         if existing.is_none() {
-            let ddl =
-                create_table_sql(&db, table, self.dedup_window).map_err(|message| SinkError {
-                    message,
-                    reconnect: false,
-                })?;
+            let ddl = create_table_sql(&db, table, self.dedup_window)?;
             self.client
                 .execute(&ddl)
                 .await
-                .map_err(|e| sink_err(&format!("creating table {name}"), &e))?;
+                .map_err(|e| SinkError::clickhouse(format!("creating table {name}"), e))?;
             tracing::info!(
                 table = name,
                 "created ClickHouse table from the registered schema"
             );
-            existing = self
-                .client
-                .table_columns(name)
-                .await
-                .map_err(|e| sink_err(&format!("reading the columns of {name}"), &e))?;
+            existing =
+                self.client.table_columns(name).await.map_err(|e| {
+                    SinkError::clickhouse(format!("reading the columns of {name}"), e)
+                })?;
         }
         let existing: HashMap<String, String> = existing.unwrap_or_default().into_iter().collect();
         let mut cols = Vec::new();
         for c in &table.definition.columns {
             let ty = match existing.get(&c.name) {
-                Some(t) => ChType::parse(t).map_err(|e| SinkError {
-                    message: format!(
-                        "table '{name}' column '{}' has type {t}, which sluice cannot write: {e}",
+                Some(t) => ChType::parse(t).map_err(|e| SinkError::TableShape {
+                    table: name.to_string(),
+                    reason: format!(
+                        "column '{}' has type {t}, which sluice cannot write: {e}",
                         c.name
                     ),
-                    reconnect: false,
                 })?,
                 None => {
                     let t = ch_type_for(&c.column_type, table.is_nullable(c), c.role);
@@ -210,7 +222,7 @@ impl ChWriter {
                         ))
                         .await
                         .map_err(|e| {
-                            sink_err(&format!("adding column {} to {name}", c.name), &e)
+                            SinkError::clickhouse(format!("adding column {} to {name}", c.name), e)
                         })?;
                     t
                 }
@@ -226,15 +238,13 @@ impl ChWriter {
     }
 
     /// One insert of `batches` with `token`; returns the rows and Native bytes sent.
-    /// `Err(Ok(message))`: ClickHouse refused the data for good; `Err(Err(e))`: retry
-    /// later.
     async fn insert<S>(
         &self,
         table: &str,
         columns: &Columns,
         token: &str,
         batches: S,
-    ) -> Result<(u64, u64), Result<String, SinkError>>
+    ) -> Result<(u64, u64), InsertFailure>
     where
         S: futures::Stream<Item = RecordBatch> + Send + 'static,
     {
@@ -266,15 +276,18 @@ impl ChWriter {
         let result = self.client.insert_native(table, &names, token, body).await;
         if let Some(e) = first_error.lock().expect("error slot").take() {
             // The data did not fit the column types: refused for good.
-            return Err(Ok(e));
+            return Err(InsertFailure::Data(e));
         }
         match result {
             Ok(()) => Ok((
                 counts.0.load(Ordering::Relaxed),
                 counts.1.load(Ordering::Relaxed),
             )),
-            Err(e) if !e.transient && e.code.is_some() => Err(Ok(e.to_string())),
-            Err(e) => Err(Err(sink_err(&format!("inserting into {table}"), &e))),
+            Err(e) if !e.transient && e.code.is_some() => Err(InsertFailure::Data(e.to_string())),
+            Err(e) => Err(InsertFailure::Sink(SinkError::clickhouse(
+                format!("inserting into {table}"),
+                e,
+            ))),
         }
     }
 
@@ -285,6 +298,15 @@ impl ChWriter {
     fn token(&self, table: &str, first: u64) -> String {
         format!("sluice:{}:{table}:{first}", self.wal_id)
     }
+}
+
+/// Why an insert did not go through.
+enum InsertFailure {
+    /// ClickHouse (or the encoder) refused the rows for what they hold: narrow them down
+    /// to the refused ones and dead-letter those.
+    Data(String),
+    /// ClickHouse or the way to it failed: the chunk is retried.
+    Sink(SinkError),
 }
 
 #[async_trait::async_trait]
@@ -303,7 +325,7 @@ impl StoreWriter for ChWriter {
         self.client
             .ping()
             .await
-            .map_err(|e| sink_err("reaching ClickHouse", &e))
+            .map_err(|e| SinkError::clickhouse("reaching ClickHouse", e))
     }
 
     /// ClickHouse keeps no offsets: what it has is in the sink's plan journal.
@@ -330,11 +352,9 @@ impl StoreWriter for ChWriter {
         // take stops the sink with both types named (the rows stay in the WAL until the
         // table or the registration is fixed), instead of dead-lettering the whole table.
         if let Err(e) = encode_block(&first_batch.slice(0, 0), &columns, &mut Vec::new()) {
-            return Err(SinkError {
-                message: format!(
-                    "table '{table}' in ClickHouse does not fit its registered schema: {e}"
-                ),
-                reconnect: false,
+            return Err(SinkError::TableShape {
+                table: table.to_string(),
+                reason: format!("in ClickHouse, it does not fit its registered schema: {e}"),
             });
         }
         let token = self.token(table, first);
@@ -362,21 +382,21 @@ impl StoreWriter for ChWriter {
                 written.bytes = bytes;
                 return Ok(written);
             }
-            Err(Err(e)) => return Err(e),
-            Err(Ok(_)) => {}
+            Err(InsertFailure::Sink(e)) => return Err(e),
+            Err(InsertFailure::Data(_)) => {}
         }
         // Refused: narrow it down by halves, each under a token derived from the chunk's.
-        let all: Rows = match &chunk.live {
+        let all: Vec<Slice> = match &chunk.live {
             Some(live) => live
                 .sealed()
                 .await
                 .into_iter()
-                .map(|(seq, b)| (seq, b.clone(), b))
+                .map(|(seq, b)| Slice::as_received(seq, b))
                 .collect(),
             None => chunk
                 .parts
                 .iter()
-                .map(|p| (p.seq, p.batch.clone(), p.batch.clone()))
+                .map(|p| Slice::as_received(p.seq, p.batch.clone()))
                 .collect(),
         };
         let (first, last) = (chunk.first_seq(), chunk.last_seq());
@@ -384,11 +404,11 @@ impl StoreWriter for ChWriter {
         let (l, r) = halves(all);
         let mut work = vec![(r, format!("{token}/r")), (l, format!("{token}/l"))];
         while let Some((rows, token)) = work.pop() {
-            let n: usize = rows.iter().map(|r| r.1.num_rows()).sum();
+            let n: usize = rows.iter().map(|r| r.rows.num_rows()).sum();
             if n == 0 {
                 continue;
             }
-            let batches: Vec<RecordBatch> = rows.iter().map(|r| r.1.clone()).collect();
+            let batches: Vec<RecordBatch> = rows.iter().map(|r| r.rows.clone()).collect();
             match self
                 .insert(table, &columns, &token, futures::stream::iter(batches))
                 .await
@@ -397,16 +417,16 @@ impl StoreWriter for ChWriter {
                     written.rows += n as u64;
                     written.bytes += bytes;
                 }
-                Err(Err(e)) => return Err(e),
-                Err(Ok(message)) if n == 1 => {
-                    let (seq, _, rows) = rows.into_iter().next().expect("one row");
+                Err(InsertFailure::Sink(e)) => return Err(e),
+                Err(InsertFailure::Data(message)) if n == 1 => {
+                    let one = rows.into_iter().next().expect("one row");
                     refused.push(Refused {
-                        seq,
-                        rows,
+                        seq: one.seq,
+                        rows: one.original,
                         error: message,
                     });
                 }
-                Err(Ok(_)) => {
+                Err(InsertFailure::Data(_)) => {
                     let (l, r) = halves(rows);
                     work.push((r, format!("{token}/r")));
                     work.push((l, format!("{token}/l")));

@@ -19,7 +19,6 @@
 //! which retries.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arrow::array::{Array, AsArray, Int64Array, RecordBatch};
@@ -33,7 +32,7 @@ use super::copy::{encode_batch, PgType, HEADER, TRAILER};
 use super::quote_ident;
 use crate::config::PostgresConfig;
 use crate::runner::{
-    halves, Chunk, CommittedRanges, DeadLetter, Refused, Rows, SinkError, StoreWriter, Written,
+    halves, Chunk, CommittedRanges, DeadLetter, Refused, SinkError, Slice, StoreWriter, Written,
 };
 
 /// The sink's name: metrics label and WAL position key.
@@ -70,29 +69,16 @@ impl SeriesCache {
 
 /// Writes chunks into PostgreSQL.
 pub struct PgWriter {
-    pub url: String,
-    pub cfg: PostgresConfig,
-    pub dead_letter: DeadLetter,
-    pub wal_id: String,
-    /// Whether the database has TimescaleDB (set by the server after migrating).
-    pub timescale: AtomicBool,
+    url: String,
+    dead_letter: DeadLetter,
+    wal_id: String,
+    /// Whether the database has TimescaleDB ([`PgWriter::on_timescaledb`]).
+    timescale: bool,
     /// Tables (and the version) whose PostgreSQL table is known to match.
     ensured: Mutex<HashMap<String, u64>>,
     /// Days (since the epoch) whose `metrics_points` partition exists.
     partitions: Mutex<HashSet<i64>>,
     series: Mutex<SeriesCache>,
-}
-
-fn pg_err(context: &str, e: &tokio_postgres::Error) -> SinkError {
-    let reconnect = e.is_closed() || e.code().is_none();
-    let detail = match e.as_db_error() {
-        Some(db) => format!("{} ({})", db.message(), db.code().code()),
-        None => e.to_string(),
-    };
-    SinkError {
-        message: format!("{context}: {detail}"),
-        reconnect,
-    }
 }
 
 /// Why a table could not be made ready for a chunk.
@@ -125,13 +111,13 @@ fn is_transient(e: &tokio_postgres::Error) -> bool {
 
 /// A failed DDL statement: retried when the error may pass, otherwise permanent with the
 /// statement and the server's message.
-fn ddl_err(context: &str, statement: &str, e: &tokio_postgres::Error) -> DdlError {
-    if is_transient(e) {
-        DdlError::Retry(pg_err(context, e))
+fn ddl_err(context: &str, statement: &str, e: tokio_postgres::Error) -> DdlError {
+    if is_transient(&e) {
+        DdlError::Retry(SinkError::postgres(context, e))
     } else {
         DdlError::Permanent(format!(
             "{context}: `{statement}` failed: {}",
-            data_message(e)
+            data_message(&e)
         ))
     }
 }
@@ -178,13 +164,18 @@ fn types_match(expected: &PgType, actual: &str) -> bool {
 }
 
 /// Canonical text of a labels value: keys sorted, no spaces; `{}` for null.
-fn canonical_labels(text: Option<&str>) -> Result<String, String> {
+fn canonical_labels(text: Option<&str>) -> Result<String, serde_json::Error> {
     match text {
         None => Ok("{}".into()),
-        Some(t) => serde_json::from_str::<serde_json::Value>(t)
-            .map(|v| v.to_string())
-            .map_err(|e| format!("labels are not JSON: {e}")),
+        Some(t) => serde_json::from_str::<serde_json::Value>(t).map(|v| v.to_string()),
     }
+}
+
+/// The `metric_series` ids of a `metrics` batch's rows, or why its rows cannot have any
+/// (they are dead-lettered).
+enum SeriesIds {
+    Found(Int64Array),
+    Refused(String),
 }
 
 /// The chunk's rows as the target table gets them, with the original rows beside them
@@ -193,8 +184,7 @@ struct Prepared {
     target: String,
     columns: Vec<String>,
     types: Vec<PgType>,
-    /// (seq, rows to copy, original rows)
-    parts: Vec<(u64, RecordBatch, RecordBatch)>,
+    parts: Vec<Slice>,
 }
 
 impl PgWriter {
@@ -202,10 +192,9 @@ impl PgWriter {
         let capacity = cfg.series_cache_size;
         Self {
             url,
-            cfg,
             dead_letter,
             wal_id,
-            timescale: AtomicBool::new(false),
+            timescale: false,
             ensured: Mutex::new(HashMap::new()),
             partitions: Mutex::new(HashSet::new()),
             series: Mutex::new(SeriesCache {
@@ -214,6 +203,13 @@ impl PgWriter {
                 cold: HashMap::new(),
             }),
         }
+    }
+
+    /// Writes for a database with TimescaleDB (as migrating found it): new tables become
+    /// hypertables, and `metrics_points` needs no daily partitions.
+    pub fn on_timescaledb(mut self, timescale: bool) -> Self {
+        self.timescale = timescale;
+        self
     }
 
     /// Creates the table from the registered schema if it is missing, adds registered
@@ -234,13 +230,13 @@ impl PgWriter {
         let tx = client
             .transaction()
             .await
-            .map_err(|e| DdlError::Retry(pg_err("begin", &e)))?;
+            .map_err(|e| DdlError::Retry(SinkError::postgres("begin", e)))?;
         tx.execute(
             "SELECT pg_advisory_xact_lock(hashtext('sluice.table.' || $1))",
             &[&name],
         )
         .await
-        .map_err(|e| pg_err("lock", &e))?;
+        .map_err(|e| SinkError::postgres("lock", e))?;
         let existing: Vec<(String, String)> = tx
             .query(
                 "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod)
@@ -249,11 +245,11 @@ impl PgWriter {
                 &[&qname],
             )
             .await
-            .map_err(|e| pg_err("reading columns", &e))?
+            .map_err(|e| SinkError::postgres("reading columns", e))?
             .iter()
             .map(|r| (r.get(0), r.get(1)))
             .collect();
-        let timescale = self.timescale.load(Ordering::Relaxed);
+        let timescale = self.timescale;
         if existing.is_empty() {
             let cols: Vec<String> = table
                 .definition
@@ -272,7 +268,7 @@ impl PgWriter {
             let ddl = format!("CREATE TABLE IF NOT EXISTS {qname} ({})", cols.join(", "));
             tx.batch_execute(&ddl)
                 .await
-                .map_err(|e| ddl_err(&format!("creating table {name}"), &ddl, &e))?;
+                .map_err(|e| ddl_err(&format!("creating table {name}"), &ddl, e))?;
             if timescale {
                 // The text goes through `::text::regclass`: a parameter the server types
                 // as regclass cannot be bound from a Rust string.
@@ -287,7 +283,7 @@ impl PgWriter {
                                 "SELECT create_hypertable('{qname}', '{}', if_not_exists => TRUE)",
                                 table.time_column
                             ),
-                            &e,
+                            e,
                         )
                     })?;
                 if let Some(r) = &table.definition.retention {
@@ -303,7 +299,7 @@ impl PgWriter {
                             &format!(
                                 "SELECT add_retention_policy('{qname}', INTERVAL '{r}', if_not_exists => TRUE)"
                             ),
-                            &e,
+                            e,
                         )
                     })?;
                 }
@@ -315,7 +311,7 @@ impl PgWriter {
                 );
                 tx.batch_execute(&sql)
                     .await
-                    .map_err(|e| ddl_err(&format!("indexing {name}"), &sql, &e))?;
+                    .map_err(|e| ddl_err(&format!("indexing {name}"), &sql, e))?;
             }
             tracing::info!(
                 table = name,
@@ -337,7 +333,7 @@ impl PgWriter {
                             want.sql_name()
                         );
                         tx.batch_execute(&sql).await.map_err(|e| {
-                            ddl_err(&format!("adding column {} to {name}", c.name), &sql, &e)
+                            ddl_err(&format!("adding column {} to {name}", c.name), &sql, e)
                         })?;
                     }
                     Some(actual) if !types_match(&want, actual) => {
@@ -355,7 +351,9 @@ impl PgWriter {
                 }
             }
         }
-        tx.commit().await.map_err(|e| pg_err("commit", &e))?;
+        tx.commit()
+            .await
+            .map_err(|e| SinkError::postgres("commit", e))?;
         self.ensured
             .lock()
             .expect("ensured")
@@ -368,7 +366,7 @@ impl PgWriter {
         &self,
         client: &Client,
         batch: &RecordBatch,
-    ) -> Result<Result<Int64Array, String>, SinkError> {
+    ) -> Result<SeriesIds, SinkError> {
         let names = batch
             .column_by_name("metric_name")
             .map(|c| c.as_string::<i32>().clone());
@@ -376,14 +374,14 @@ impl PgWriter {
             .column_by_name("labels")
             .map(|c| c.as_string::<i32>().clone());
         let (Some(names), Some(labels)) = (names, labels) else {
-            return Ok(Err(
+            return Ok(SeriesIds::Refused(
                 "the metrics table needs metric_name and labels columns".into(),
             ));
         };
         let mut keys = Vec::with_capacity(batch.num_rows());
         for i in 0..batch.num_rows() {
             if names.is_null(i) {
-                return Ok(Err(format!("row {i}: metric_name is null")));
+                return Ok(SeriesIds::Refused(format!("row {i}: metric_name is null")));
             }
             let l = if labels.is_null(i) {
                 None
@@ -392,7 +390,11 @@ impl PgWriter {
             };
             match canonical_labels(l) {
                 Ok(c) => keys.push((names.value(i).to_string(), c)),
-                Err(e) => return Ok(Err(format!("row {i}: {e}"))),
+                Err(e) => {
+                    return Ok(SeriesIds::Refused(format!(
+                        "row {i}: labels are not JSON: {e}"
+                    )))
+                }
             }
         }
         let mut ids = vec![0i64; keys.len()];
@@ -422,7 +424,7 @@ impl PgWriter {
                     &[&n, &l],
                 )
                 .await
-                .map_err(|e| pg_err("upserting metric_series", &e))?;
+                .map_err(|e| SinkError::postgres("upserting metric_series", e))?;
             let rows = client
                 .query(
                     "SELECT t.i, ms.series_id
@@ -431,7 +433,7 @@ impl PgWriter {
                     &[&n, &l],
                 )
                 .await
-                .map_err(|e| pg_err("reading metric_series ids", &e))?;
+                .map_err(|e| SinkError::postgres("reading metric_series ids", e))?;
             let mut found: HashMap<&(String, String), i64> = HashMap::new();
             for r in rows {
                 let i: i64 = r.get(0);
@@ -441,25 +443,22 @@ impl PgWriter {
             let mut cache = self.series.lock().expect("series cache");
             for &i in &missing {
                 let Some(id) = found.get(&keys[i]) else {
-                    return Err(SinkError {
-                        message: format!(
-                            "metric_series has no id for {:?} after the upsert",
-                            keys[i]
-                        ),
-                        reconnect: false,
-                    });
+                    return Err(SinkError::Unexpected(format!(
+                        "metric_series has no id for {:?} after the upsert",
+                        keys[i]
+                    )));
                 };
                 ids[i] = *id;
                 cache.insert(keys[i].clone(), *id);
             }
         }
-        Ok(Ok(Int64Array::from(ids)))
+        Ok(SeriesIds::Found(Int64Array::from(ids)))
     }
 
     /// Makes sure `metrics_points` has a partition for every day of `batch`'s times
     /// (plain PostgreSQL only).
     async fn ensure_partitions(&self, client: &Client, times: &dyn Array) -> Result<(), SinkError> {
-        if self.timescale.load(Ordering::Relaxed) {
+        if self.timescale {
             return Ok(());
         }
         let ts = times.as_primitive::<arrow::datatypes::TimestampMicrosecondType>();
@@ -479,12 +478,11 @@ impl PgWriter {
             let to = from + chrono::Duration::days(1) - chrono::Duration::microseconds(1);
             super::maintenance::ensure_partitions(client, from, to)
                 .await
-                .map_err(|e| SinkError {
-                    message: format!(
+                .map_err(|e| {
+                    SinkError::Unexpected(format!(
                         "creating the metrics_points partition for {}: {e}",
                         from.date_naive()
-                    ),
-                    reconnect: false,
+                    ))
                 })?;
             self.partitions.lock().expect("partitions").insert(d);
         }
@@ -516,7 +514,7 @@ impl PgWriter {
             let parts = chunk
                 .parts
                 .iter()
-                .map(|p| (p.seq, p.batch.clone(), p.batch.clone()))
+                .map(|p| Slice::as_received(p.seq, p.batch.clone()))
                 .collect();
             return Ok((
                 Prepared {
@@ -540,8 +538,8 @@ impl PgWriter {
         let mut parts = Vec::new();
         for p in &chunk.parts {
             let ids = match self.series_ids(client, &p.batch).await? {
-                Ok(ids) => ids,
-                Err(e) => {
+                SeriesIds::Found(ids) => ids,
+                SeriesIds::Refused(e) => {
                     refused.push(Refused {
                         seq: p.seq,
                         rows: p.batch.clone(),
@@ -554,10 +552,7 @@ impl PgWriter {
                 p.batch.column_by_name("time").expect("metrics has time"),
                 schema.field(0).data_type(),
             )
-            .map_err(|e| SinkError {
-                message: format!("metrics time column: {e}"),
-                reconnect: false,
-            })?;
+            .map_err(|e| SinkError::arrow("metrics time column", e))?;
             self.ensure_partitions(client, time.as_ref()).await?;
             let value = p
                 .batch
@@ -565,11 +560,12 @@ impl PgWriter {
                 .expect("metrics has value")
                 .clone();
             let points = RecordBatch::try_new(schema.clone(), vec![time, Arc::new(ids), value])
-                .map_err(|e| SinkError {
-                    message: format!("metrics points: {e}"),
-                    reconnect: false,
-                })?;
-            parts.push((p.seq, points, p.batch.clone()));
+                .map_err(|e| SinkError::arrow("metrics points", e))?;
+            parts.push(Slice {
+                seq: p.seq,
+                rows: points,
+                original: p.batch.clone(),
+            });
         }
         Ok((
             Prepared {
@@ -604,7 +600,7 @@ impl PgWriter {
                 ],
             )
             .await
-            .map_err(|e| pg_err("claiming the WAL range in sluice_sink_offsets", &e))?;
+            .map_err(|e| SinkError::postgres("claiming the WAL range in sluice_sink_offsets", e))?;
         Ok(claimed.is_some())
     }
 
@@ -617,9 +613,14 @@ impl PgWriter {
         chunk: &Chunk,
         message: String,
     ) -> Result<Written, SinkError> {
-        let tx = conn.transaction().await.map_err(|e| pg_err("begin", &e))?;
+        let tx = conn
+            .transaction()
+            .await
+            .map_err(|e| SinkError::postgres("begin", e))?;
         if !self.claim(&tx, chunk).await? {
-            tx.rollback().await.map_err(|e| pg_err("rollback", &e))?;
+            tx.rollback()
+                .await
+                .map_err(|e| SinkError::postgres("rollback", e))?;
             return Ok(Written {
                 already_committed: true,
                 table_error: Some(message),
@@ -646,7 +647,9 @@ impl PgWriter {
                 &refused,
             )
             .await?;
-        tx.commit().await.map_err(|e| pg_err("commit", &e))?;
+        tx.commit()
+            .await
+            .map_err(|e| SinkError::postgres("commit", e))?;
         Ok(Written {
             dead_letter_rows,
             table_error: Some(message),
@@ -655,12 +658,21 @@ impl PgWriter {
     }
 }
 
-/// Classifies a COPY failure: `Ok(message)` is a data error (bisect), `Err` any other.
-fn copy_failure(e: tokio_postgres::Error) -> Result<String, SinkError> {
+/// Why a COPY did not go through.
+enum CopyFailure {
+    /// PostgreSQL (or the encoder) refused the rows for what they hold: narrow the rows
+    /// down to the refused ones and dead-letter those.
+    Data(String),
+    /// The server or the connection failed: the chunk is retried.
+    Sink(SinkError),
+}
+
+/// Classifies a COPY failure.
+fn copy_failure(e: tokio_postgres::Error) -> CopyFailure {
     if is_data_error(&e) {
-        Ok(data_message(&e))
+        CopyFailure::Data(data_message(&e))
     } else {
-        Err(pg_err("COPY", &e))
+        CopyFailure::Sink(SinkError::postgres("COPY", e))
     }
 }
 
@@ -669,19 +681,19 @@ async fn copy_rows(
     tx: &tokio_postgres::Transaction<'_>,
     sql: &str,
     types: &[PgType],
-    rows: &[(u64, RecordBatch, RecordBatch)],
-) -> Result<u64, Result<String, SinkError>> {
+    rows: &[Slice],
+) -> Result<u64, CopyFailure> {
     let sink = tx.copy_in::<_, Bytes>(sql).await.map_err(copy_failure)?;
     futures::pin_mut!(sink);
     sink.send(Bytes::from_static(HEADER))
         .await
         .map_err(copy_failure)?;
     let mut bytes = (HEADER.len() + TRAILER.len()) as u64;
-    for (_, batch, _) in rows {
+    for slice in rows {
         let mut buf = Vec::new();
-        if let Err(e) = encode_batch(batch, types, &mut buf) {
+        if let Err(e) = encode_batch(&slice.rows, types, &mut buf) {
             // The batch does not fit the column types: data, not the server.
-            return Err(Ok(e.to_string()));
+            return Err(CopyFailure::Data(e.to_string()));
         }
         bytes += buf.len() as u64;
         sink.send(Bytes::from(buf)).await.map_err(copy_failure)?;
@@ -706,10 +718,7 @@ impl StoreWriter for PgWriter {
     }
 
     async fn connect(&self) -> Result<Client, SinkError> {
-        super::connect(&self.url).await.map_err(|e| SinkError {
-            message: format!("connecting to PostgreSQL: {e}"),
-            reconnect: true,
-        })
+        Ok(super::connect(&self.url).await?)
     }
 
     async fn committed(
@@ -723,7 +732,7 @@ impl StoreWriter for PgWriter {
                 &[&wal_id],
             )
             .await
-            .map_err(|e| pg_err("reading sluice_sink_offsets", &e))?;
+            .map_err(|e| SinkError::postgres("reading sluice_sink_offsets", e))?;
         let mut c = CommittedRanges::default();
         for r in rows {
             let t: String = r.get(0);
@@ -745,7 +754,7 @@ impl StoreWriter for PgWriter {
             &[&wal_id, &(seq as i64)],
         )
         .await
-        .map_err(|e| pg_err("forgetting old sluice_sink_offsets", &e))?;
+        .map_err(|e| SinkError::postgres("forgetting old sluice_sink_offsets", e))?;
         Ok(())
     }
 
@@ -766,9 +775,14 @@ impl StoreWriter for PgWriter {
             quote_ident(&prepared.target),
             cols.join(", ")
         );
-        let tx = conn.transaction().await.map_err(|e| pg_err("begin", &e))?;
+        let tx = conn
+            .transaction()
+            .await
+            .map_err(|e| SinkError::postgres("begin", e))?;
         if !self.claim(&tx, chunk).await? {
-            tx.rollback().await.map_err(|e| pg_err("rollback", &e))?;
+            tx.rollback()
+                .await
+                .map_err(|e| SinkError::postgres("rollback", e))?;
             return Ok(Written {
                 already_committed: true,
                 ..Default::default()
@@ -777,33 +791,33 @@ impl StoreWriter for PgWriter {
         // Copy under savepoints; on a data error split the rows until the bad ones are
         // alone, and dead-letter those.
         let mut written = Written::default();
-        let mut work: Vec<Rows> = vec![prepared.parts];
+        let mut work: Vec<Vec<Slice>> = vec![prepared.parts];
         while let Some(rows) = work.pop() {
             if rows.is_empty() {
                 continue;
             }
             tx.batch_execute("SAVEPOINT sluice_copy")
                 .await
-                .map_err(|e| pg_err("savepoint", &e))?;
+                .map_err(|e| SinkError::postgres("savepoint", e))?;
             match copy_rows(&tx, &sql, &prepared.types, &rows).await {
                 Ok(bytes) => {
                     tx.batch_execute("RELEASE SAVEPOINT sluice_copy")
                         .await
-                        .map_err(|e| pg_err("release savepoint", &e))?;
-                    written.rows += rows.iter().map(|r| r.1.num_rows() as u64).sum::<u64>();
+                        .map_err(|e| SinkError::postgres("release savepoint", e))?;
+                    written.rows += rows.iter().map(|r| r.rows.num_rows() as u64).sum::<u64>();
                     written.bytes += bytes;
                 }
-                Err(Err(e)) => return Err(e),
-                Err(Ok(message)) => {
+                Err(CopyFailure::Sink(e)) => return Err(e),
+                Err(CopyFailure::Data(message)) => {
                     tx.batch_execute("ROLLBACK TO SAVEPOINT sluice_copy")
                         .await
-                        .map_err(|e| pg_err("rollback to savepoint", &e))?;
-                    let n: usize = rows.iter().map(|r| r.1.num_rows()).sum();
+                        .map_err(|e| SinkError::postgres("rollback to savepoint", e))?;
+                    let n: usize = rows.iter().map(|r| r.rows.num_rows()).sum();
                     if n == 1 {
-                        let (seq, _, original) = rows.into_iter().next().expect("one row");
+                        let one = rows.into_iter().next().expect("one row");
                         refused.push(Refused {
-                            seq,
-                            rows: original,
+                            seq: one.seq,
+                            rows: one.original,
                             error: message,
                         });
                     } else {
@@ -818,7 +832,9 @@ impl StoreWriter for PgWriter {
             .dead_letter
             .record(PG_SINK, table, first, last, &refused)
             .await?;
-        tx.commit().await.map_err(|e| pg_err("commit", &e))?;
+        tx.commit()
+            .await
+            .map_err(|e| SinkError::postgres("commit", e))?;
         Ok(written)
     }
 }
