@@ -649,7 +649,6 @@ mod sink_tests {
     use super::*;
     use crate::runner::{ChunkTargets, Routed, Router};
     use sluice_core::buffer::MemoryBudget;
-    use sluice_core::registry::FileRegistryStore;
     use sluice_test_support::batches::sample;
     use sluice_wal::WalRecord;
 
@@ -663,17 +662,7 @@ mod sink_tests {
 
     async fn setup() -> Setup {
         let dir = tempfile::tempdir().unwrap();
-        let registry = Registry::open(Box::new(FileRegistryStore::open(dir.path()).unwrap()))
-            .await
-            .unwrap();
-        let schema = flight_schema::TableSchema::from_json(
-            br#"{"name": "t", "columns": [{"name": "time", "type": "timestamp"},
-                                          {"name": "v", "type": "int64"}]}"#,
-            None,
-        )
-        .unwrap();
-        registry.register(schema).await.unwrap();
-        let registry = Arc::new(registry);
+        let registry = crate::runner::route::tests::registry(dir.path()).await;
         let metrics = Arc::new(Metrics::new());
         let buffers = Arc::new(Buffers::new(registry.clone(), metrics.clone()));
         let cfg = ArchiveConfig::default();

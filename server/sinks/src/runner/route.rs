@@ -297,12 +297,13 @@ impl Replans {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use sluice_core::registry::FileRegistryStore;
     use sluice_test_support::batches::sample;
 
-    async fn registry(dir: &std::path::Path) -> Arc<Registry> {
+    /// A registry in `dir` with the seed tables and `t (time timestamp, v int64)`.
+    pub(crate) async fn registry(dir: &std::path::Path) -> Arc<Registry> {
         let reg = Registry::open(Box::new(FileRegistryStore::open(dir).unwrap()))
             .await
             .unwrap();
