@@ -316,8 +316,8 @@ impl Config {
             }
         }
         if let Some(url) = &self.postgres.url {
-            if let Err(message) = sluice_sinks::postgres::check_url(url) {
-                return err("postgres.url", message);
+            if let Err(e) = sluice_sinks::postgres::check_url(url) {
+                return err("postgres.url", e.to_string());
             }
         }
         if self.postgres.pool_size == 0 || self.postgres.pool_size > 64 {

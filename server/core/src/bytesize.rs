@@ -4,6 +4,15 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+/// Why a string is not a byte size.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ByteSizeError {
+    #[error("'{0}' is not a size (examples: 1048576, \"64MiB\", \"1GiB\")")]
+    NotANumber(String),
+    #[error("unknown size unit '{unit}' in '{text}' (use B, KiB, MiB, GiB, TiB)")]
+    Unit { unit: String, text: String },
+}
+
 /// A byte size: an integer, or a string such as `"64MiB"`, `"1GB"`, `"512k"`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct ByteSize(pub u64);
@@ -23,7 +32,7 @@ impl ByteSize {
     }
 
     /// Parses `123`, `64MiB`, `64MB`, `1g`, `512 KiB` (binary units for k/m/g/t).
-    pub fn parse(s: &str) -> Result<Self, String> {
+    pub fn parse(s: &str) -> Result<Self, ByteSizeError> {
         let s = s.trim();
         let split = s
             .find(|c: char| !(c.is_ascii_digit() || c == '.'))
@@ -31,7 +40,7 @@ impl ByteSize {
         let (num, unit) = s.split_at(split);
         let num: f64 = num
             .parse()
-            .map_err(|_| format!("'{s}' is not a size (examples: 1048576, \"64MiB\", \"1GiB\")"))?;
+            .map_err(|_| ByteSizeError::NotANumber(s.to_string()))?;
         let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
             "" | "b" => 1,
             "k" | "kb" | "kib" => 1 << 10,
@@ -39,9 +48,10 @@ impl ByteSize {
             "g" | "gb" | "gib" => 1 << 30,
             "t" | "tb" | "tib" => 1 << 40,
             u => {
-                return Err(format!(
-                    "unknown size unit '{u}' in '{s}' (use B, KiB, MiB, GiB, TiB)"
-                ))
+                return Err(ByteSizeError::Unit {
+                    unit: u.to_string(),
+                    text: s.to_string(),
+                })
             }
         };
         Ok(ByteSize((num * mult as f64) as u64))

@@ -125,7 +125,7 @@ impl ChType {
     /// Parses a type as ClickHouse prints it in `system.columns` (and the usual aliases
     /// `Boolean`, `Decimal32(s)` .. `Decimal256(s)`, `Decimal(p)`).
     pub fn parse(s: &str) -> Result<ChType, NativeError> {
-        let invalid = |reason: String| NativeError::InvalidType {
+        let invalid = |reason: TypeSyntax| NativeError::InvalidType {
             type_name: s.to_string(),
             reason,
         };
@@ -133,10 +133,7 @@ impl ChType {
         let ty = parser.parse_type().map_err(invalid)?;
         parser.skip_ws();
         if parser.pos != s.len() {
-            return Err(invalid(format!(
-                "unexpected '{}' after the type",
-                &s[parser.pos..]
-            )));
+            return Err(invalid(TypeSyntax::Trailing(s[parser.pos..].to_string())));
         }
         Ok(ty)
     }
@@ -263,13 +260,38 @@ pub fn ch_type_for(column_type: &ColumnType, nullable: bool, role: Option<Role>)
     }
 }
 
+/// What is wrong with a type string.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum TypeSyntax {
+    #[error("unterminated string literal")]
+    UnterminatedString,
+    #[error("bad number '{0}'")]
+    BadNumber(String),
+    #[error("expected a type at byte {0}")]
+    ExpectedType(usize),
+    #[error("expected ',' or ')' at byte {0}")]
+    ExpectedSeparator(usize),
+    #[error("unexpected '{0}' after the type")]
+    Trailing(String),
+    #[error("bad arguments for {0}")]
+    BadArguments(String),
+    #[error("Decimal({0}, {1}) needs 1 <= precision <= 76 and scale <= precision")]
+    DecimalRange(u64, u64),
+    #[error("unknown type '{0}'")]
+    Unknown(String),
+}
+
 /// Why a type could not be parsed or a batch could not be encoded.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum NativeError {
     /// A type string that [`ChType::parse`] does not understand (a ClickHouse type sluice
     /// does not support, or a typo in configuration).
     #[error("unsupported ClickHouse type '{type_name}': {reason}")]
-    InvalidType { type_name: String, reason: String },
+    InvalidType {
+        type_name: String,
+        #[source]
+        reason: TypeSyntax,
+    },
     /// Caller bug: one target column per batch column is required.
     #[error("the batch has {columns} columns but {targets} ClickHouse columns were given")]
     ColumnCount { columns: usize, targets: usize },
@@ -1332,7 +1354,7 @@ impl TypeParser<'_> {
         &rest[..len]
     }
 
-    fn quoted(&mut self) -> Result<String, String> {
+    fn quoted(&mut self) -> Result<String, TypeSyntax> {
         // At the opening quote.
         self.pos += 1;
         let mut text = String::new();
@@ -1350,10 +1372,10 @@ impl TypeParser<'_> {
                 c => text.push(c),
             }
         }
-        Err("unterminated string literal".into())
+        Err(TypeSyntax::UnterminatedString)
     }
 
-    fn arg(&mut self) -> Result<TypeArg, String> {
+    fn arg(&mut self) -> Result<TypeArg, TypeSyntax> {
         self.skip_ws();
         match self.peek() {
             Some('\'') => self.quoted().map(TypeArg::Text),
@@ -1361,16 +1383,16 @@ impl TypeParser<'_> {
                 let word = self.word();
                 word.parse()
                     .map(TypeArg::Number)
-                    .map_err(|_| format!("bad number '{word}'"))
+                    .map_err(|_| TypeSyntax::BadNumber(word.to_string()))
             }
             _ => self.parse_type().map(TypeArg::Type),
         }
     }
 
-    fn parse_type(&mut self) -> Result<ChType, String> {
+    fn parse_type(&mut self) -> Result<ChType, TypeSyntax> {
         let name = self.word().to_string();
         if name.is_empty() {
-            return Err(format!("expected a type at byte {}", self.pos));
+            return Err(TypeSyntax::ExpectedType(self.pos));
         }
         let mut args = Vec::new();
         if self.eat('(') && !self.eat(')') {
@@ -1380,7 +1402,7 @@ impl TypeParser<'_> {
                     break;
                 }
                 if !self.eat(',') {
-                    return Err(format!("expected ',' or ')' at byte {}", self.pos));
+                    return Err(TypeSyntax::ExpectedSeparator(self.pos));
                 }
             }
         }
@@ -1389,16 +1411,14 @@ impl TypeParser<'_> {
 }
 
 /// The type called `name` with `args`.
-fn type_of(name: &str, args: Vec<TypeArg>) -> Result<ChType, String> {
+fn type_of(name: &str, args: Vec<TypeArg>) -> Result<ChType, TypeSyntax> {
     use TypeArg::{Number, Text, Type};
-    let bad_args = || format!("bad arguments for {name}");
+    let bad_args = || TypeSyntax::BadArguments(name.to_string());
     let decimal = |p: u64, s: u64| {
         if (1..=76).contains(&p) && s <= p {
             Ok(ChType::Decimal(p as u8, s as u8))
         } else {
-            Err(format!(
-                "Decimal({p}, {s}) needs 1 <= precision <= 76 and scale <= precision"
-            ))
+            Err(TypeSyntax::DecimalRange(p, s))
         }
     };
     let mut args = args.into_iter();
@@ -1451,7 +1471,7 @@ fn type_of(name: &str, args: Vec<TypeArg>) -> Result<ChType, String> {
             _,
             _,
         ) => return Err(bad_args()),
-        _ => return Err(format!("unknown type '{name}'")),
+        _ => return Err(TypeSyntax::Unknown(name.to_string())),
     })
 }
 

@@ -24,7 +24,7 @@ pub mod tls;
 pub enum ConnectError {
     /// The connection string's TLS settings (`sslmode`, `sslrootcert`) are wrong.
     #[error("postgres.url: {0}")]
-    Options(String),
+    Options(#[from] tls::OptionsError),
     /// PostgreSQL, the network or the TLS handshake refused.
     #[error("{}", migrate::describe(.0))]
     Postgres(#[from] tokio_postgres::Error),
@@ -33,11 +33,11 @@ pub enum ConnectError {
 /// Opens one connection, encrypted as the URL's `sslmode` asks, and drives it on a
 /// background task.
 pub async fn connect(url: &str) -> Result<tokio_postgres::Client, ConnectError> {
-    let options = tls::ConnOptions::parse(url).map_err(ConnectError::Options)?;
+    let options = tls::ConnOptions::parse(url)?;
     Ok(if options.mode == tls::SslMode::Disable {
         open(&options.rest, tokio_postgres::NoTls).await?
     } else {
-        let connector = options.connector().map_err(ConnectError::Options)?;
+        let connector = options.connector()?;
         open(&options.rest, connector).await?
     })
 }
@@ -58,13 +58,12 @@ where
 }
 
 /// Checks `url` without connecting: its syntax and TLS settings (the CA file is read).
-pub fn check_url(url: &str) -> Result<(), String> {
+pub fn check_url(url: &str) -> Result<(), tls::OptionsError> {
     let options = tls::ConnOptions::parse(url)?;
-    if options.rest.parse::<tokio_postgres::Config>().is_err() {
-        return Err(
-            "is not a PostgreSQL connection string (postgresql://user:pass@host:port/db)".into(),
-        );
-    }
+    options
+        .rest
+        .parse::<tokio_postgres::Config>()
+        .map_err(tls::OptionsError::NotPostgres)?;
     if options.mode != tls::SslMode::Disable {
         options.connector()?;
     }

@@ -37,6 +37,46 @@ use rustls::{CertificateError, DigitallySignedStruct, RootCertStore, SignatureSc
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_postgres::tls::{ChannelBinding, MakeTlsConnect, TlsConnect};
 
+/// What is wrong with a connection string's TLS settings or syntax.
+#[derive(Debug, thiserror::Error)]
+pub enum OptionsError {
+    #[error("sslmode `{0}` is not one of disable, allow, prefer, require, verify-ca, verify-full")]
+    SslMode(String),
+    #[error("{0}: client certificates are not supported; authenticate with a password (SCRAM over TLS is channel-bound) or trust")]
+    ClientCertificate(String),
+    #[error("connection string: `{0}` has no `=value`")]
+    NoValue(String),
+    #[error("connection string: `{0}`'s quote is not closed")]
+    OpenQuote(String),
+    #[error("connection URL: bad percent escape in `{0}`")]
+    PercentEscape(String),
+    #[error("connection URL: `{0}` is not UTF-8")]
+    NotUtf8(String),
+    #[error("no system CA certificates could be loaded ({0}); set sslrootcert to a PEM file")]
+    NoSystemRoots(String),
+    #[error("sslrootcert {}: {source}", .path.display())]
+    RootCertFile {
+        path: PathBuf,
+        #[source]
+        source: rustls::pki_types::pem::Error,
+    },
+    #[error("sslrootcert {}: {source}", .path.display())]
+    RootCert {
+        path: PathBuf,
+        #[source]
+        source: rustls::Error,
+    },
+    #[error("sslrootcert {}: no PEM certificate (BEGIN CERTIFICATE) in it", .0.display())]
+    NoRootCert(PathBuf),
+    #[error("sslrootcert: {0}")]
+    Verifier(#[source] rustls::client::VerifierBuilderError),
+    #[error("TLS setup: {0}")]
+    Tls(#[source] rustls::Error),
+    /// What is left once the TLS settings are taken out is no connection string.
+    #[error("is not a PostgreSQL connection string (postgresql://user:pass@host:port/db)")]
+    NotPostgres(#[source] tokio_postgres::Error),
+}
+
 /// `sslmode` as libpq spells it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SslMode {
@@ -49,7 +89,7 @@ pub enum SslMode {
 }
 
 impl SslMode {
-    fn parse(value: &str) -> Result<Self, String> {
+    fn parse(value: &str) -> Result<Self, OptionsError> {
         Ok(match value {
             "disable" => Self::Disable,
             "allow" => Self::Allow,
@@ -57,12 +97,7 @@ impl SslMode {
             "require" => Self::Require,
             "verify-ca" => Self::VerifyCa,
             "verify-full" => Self::VerifyFull,
-            other => {
-                return Err(format!(
-                    "sslmode `{other}` is not one of disable, allow, prefer, require, \
-                     verify-ca, verify-full"
-                ))
-            }
+            other => return Err(OptionsError::SslMode(other.to_string())),
         })
     }
 
@@ -99,7 +134,7 @@ pub struct ConnOptions {
 
 impl ConnOptions {
     /// Splits a `postgresql://` URL or a `key=value` connection string.
-    pub fn parse(conn: &str) -> Result<Self, String> {
+    pub fn parse(conn: &str) -> Result<Self, OptionsError> {
         let is_url = conn.starts_with("postgresql://") || conn.starts_with("postgres://");
         let mut pairs = if is_url {
             url_params(conn)?
@@ -114,10 +149,7 @@ impl ConnOptions {
                 "sslrootcert" if value == "system" => root_cert = Some(Roots::System),
                 "sslrootcert" => root_cert = Some(Roots::File(PathBuf::from(value))),
                 "sslcert" | "sslkey" | "sslpassword" => {
-                    return Err(format!(
-                        "{key}: client certificates are not supported; authenticate with a \
-                         password (SCRAM over TLS is channel-bound) or trust"
-                    ))
+                    return Err(OptionsError::ClientCertificate(key.clone()))
                 }
                 _ => {}
             }
@@ -146,7 +178,7 @@ impl ConnOptions {
     }
 
     /// The rustls connector for these options (the certificate check of the table above).
-    pub fn connector(&self) -> Result<RustlsConnect, String> {
+    pub fn connector(&self) -> Result<RustlsConnect, OptionsError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let check = match (self.mode, &self.root_cert) {
             (SslMode::VerifyFull, _) => Check::Full,
@@ -159,7 +191,7 @@ impl ConnOptions {
             let roots = load_roots(self.root_cert.as_ref().unwrap_or(&Roots::System))?;
             let webpki = WebPkiServerVerifier::builder_with_provider(roots, provider.clone())
                 .build()
-                .map_err(|e| format!("sslrootcert: {e}"))?;
+                .map_err(OptionsError::Verifier)?;
             Arc::new(WebPki {
                 inner: webpki,
                 check_name: check == Check::Full,
@@ -167,7 +199,7 @@ impl ConnOptions {
         };
         let mut config = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
-            .map_err(|e| format!("TLS setup: {e}"))?
+            .map_err(OptionsError::Tls)?
             .dangerous()
             .with_custom_certificate_verifier(verifier)
             .with_no_client_auth();
@@ -187,36 +219,36 @@ enum Check {
     Full,
 }
 
-fn load_roots(roots: &Roots) -> Result<Arc<RootCertStore>, String> {
+fn load_roots(roots: &Roots) -> Result<Arc<RootCertStore>, OptionsError> {
     let mut store = RootCertStore::empty();
     match roots {
         Roots::System => {
             let found = rustls_native_certs::load_native_certs();
             let (added, _ignored) = store.add_parsable_certificates(found.certs);
             if added == 0 {
-                return Err(format!(
-                    "no system CA certificates could be loaded ({}); set sslrootcert to a PEM file",
+                return Err(OptionsError::NoSystemRoots(
                     found
                         .errors
                         .first()
-                        .map_or("none found".to_string(), |e| e.to_string())
+                        .map_or("none found".to_string(), |e| e.to_string()),
                 ));
             }
         }
         Roots::File(path) => {
-            let shown = path.display();
-            for cert in CertificateDer::pem_file_iter(path)
-                .map_err(|e| format!("sslrootcert {shown}: {e}"))?
-            {
-                let cert = cert.map_err(|e| format!("sslrootcert {shown}: {e}"))?;
+            let file_err = |source| OptionsError::RootCertFile {
+                path: path.clone(),
+                source,
+            };
+            for cert in CertificateDer::pem_file_iter(path).map_err(file_err)? {
                 store
-                    .add(cert)
-                    .map_err(|e| format!("sslrootcert {shown}: {e}"))?;
+                    .add(cert.map_err(file_err)?)
+                    .map_err(|source| OptionsError::RootCert {
+                        path: path.clone(),
+                        source,
+                    })?;
             }
             if store.is_empty() {
-                return Err(format!(
-                    "sslrootcert {shown}: no PEM certificate (BEGIN CERTIFICATE) in it"
-                ));
+                return Err(OptionsError::NoRootCert(path.clone()));
             }
         }
     }
@@ -483,7 +515,7 @@ fn der(b: &[u8], tag: u8) -> Option<(&[u8], &[u8])> {
 }
 
 /// `key=value&...` of a URL, percent-decoded.
-fn url_params(url: &str) -> Result<Vec<(String, String)>, String> {
+fn url_params(url: &str) -> Result<Vec<(String, String)>, OptionsError> {
     let Some((_, query)) = url.split_once('?') else {
         return Ok(Vec::new());
     };
@@ -498,7 +530,7 @@ fn url_params(url: &str) -> Result<Vec<(String, String)>, String> {
 }
 
 /// `key=value key='quoted value'` pairs of a libpq keyword/value string.
-fn keyword_pairs(conn: &str) -> Result<Vec<(String, String)>, String> {
+fn keyword_pairs(conn: &str) -> Result<Vec<(String, String)>, OptionsError> {
     let mut pairs = Vec::new();
     let mut chars = conn.chars().peekable();
     loop {
@@ -512,7 +544,7 @@ fn keyword_pairs(conn: &str) -> Result<Vec<(String, String)>, String> {
         }
         while chars.next_if(|c| c.is_whitespace()).is_some() {}
         if chars.next() != Some('=') {
-            return Err(format!("connection string: `{key}` has no `=value`"));
+            return Err(OptionsError::NoValue(key));
         }
         while chars.next_if(|c| c.is_whitespace()).is_some() {}
         let mut value = String::new();
@@ -522,9 +554,7 @@ fn keyword_pairs(conn: &str) -> Result<Vec<(String, String)>, String> {
                     Some('\'') => break,
                     Some('\\') => value.extend(chars.next()),
                     Some(c) => value.push(c),
-                    None => {
-                        return Err(format!("connection string: `{key}`'s quote is not closed"))
-                    }
+                    None => return Err(OptionsError::OpenQuote(key)),
                 }
             }
         } else {
@@ -540,7 +570,7 @@ fn keyword_pairs(conn: &str) -> Result<Vec<(String, String)>, String> {
     }
 }
 
-fn percent_decode(s: &str) -> Result<String, String> {
+fn percent_decode(s: &str) -> Result<String, OptionsError> {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -549,7 +579,7 @@ fn percent_decode(s: &str) -> Result<String, String> {
             let hex = s
                 .get(i + 1..i + 3)
                 .and_then(|h| u8::from_str_radix(h, 16).ok())
-                .ok_or_else(|| format!("connection URL: bad percent escape in `{s}`"))?;
+                .ok_or_else(|| OptionsError::PercentEscape(s.to_string()))?;
             out.push(hex);
             i += 3;
         } else {
@@ -557,7 +587,7 @@ fn percent_decode(s: &str) -> Result<String, String> {
             i += 1;
         }
     }
-    String::from_utf8(out).map_err(|_| format!("connection URL: `{s}` is not UTF-8"))
+    String::from_utf8(out).map_err(|_| OptionsError::NotUtf8(s.to_string()))
 }
 
 fn percent_encode(s: &str) -> String {
@@ -628,21 +658,37 @@ mod tests {
     #[test]
     fn bad_options_are_named() {
         let e = ConnOptions::parse("postgres://h/db?sslmode=verify").unwrap_err();
-        assert!(e.contains("sslmode `verify`"), "{e}");
+        assert!(
+            matches!(e, OptionsError::SslMode(ref m) if m == "verify"),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains("sslmode `verify`"), "{e}");
         let e = ConnOptions::parse("postgres://h/db?sslcert=/c.pem").unwrap_err();
         assert!(
-            e.contains("sslcert: client certificates are not supported"),
+            e.to_string()
+                .contains("sslcert: client certificates are not supported"),
             "{e}"
         );
         let e = ConnOptions::parse("host=h password='open").unwrap_err();
-        assert!(e.contains("`password`'s quote is not closed"), "{e}");
+        assert!(
+            e.to_string().contains("`password`'s quote is not closed"),
+            "{e}"
+        );
         let e =
             ConnOptions::parse("postgres://h/db?sslmode=verify-ca&sslrootcert=/nonexistent.pem")
                 .unwrap()
                 .connector()
                 .err()
                 .unwrap();
-        assert!(e.starts_with("sslrootcert /nonexistent.pem:"), "{e}");
+        assert!(matches!(e, OptionsError::RootCertFile { .. }), "{e:?}");
+        assert!(
+            e.to_string().starts_with("sslrootcert /nonexistent.pem:"),
+            "{e}"
+        );
+        assert!(
+            std::error::Error::source(&e).is_some(),
+            "the io cause is kept"
+        );
     }
 
     #[test]
