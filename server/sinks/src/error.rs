@@ -16,16 +16,27 @@ use crate::clickhouse::client::ChError;
 /// writing dead letters or the plan journal.
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
-    /// PostgreSQL refused a statement, or the connection failed under it.
-    #[error("{context}: {}", pg_detail(.source))]
+    /// PostgreSQL refused a statement, or the connection failed under it. The message
+    /// has the server's text, SQLSTATE, detail and hint; a missing Sluice table says to
+    /// run `sluice migrate`.
+    #[error("{context}: {}", pg_message(.source))]
     Postgres {
         context: String,
         #[source]
         source: tokio_postgres::Error,
     },
-    /// No connection to PostgreSQL could be opened.
-    #[error("connecting to PostgreSQL: {0}")]
-    PgConnect(#[from] crate::postgres::ConnectError),
+    /// No connection to PostgreSQL could be opened (or its URL's TLS settings are wrong).
+    #[error("{context}: {source}")]
+    PgConnect {
+        context: String,
+        #[source]
+        source: crate::postgres::ConnectError,
+    },
+    /// The store is not in the state Sluice needs and will not be by itself: not
+    /// migrated, on another path than configured (TimescaleDB or not), an extension
+    /// missing, a table Sluice owns changed by hand.
+    #[error("{0}")]
+    Precondition(String),
     /// ClickHouse answered with an error, or could not be reached.
     #[error("{context}: {source}")]
     ClickHouse {
@@ -89,6 +100,14 @@ pub enum SinkError {
         #[source]
         source: serde_json::Error,
     },
+    /// `metrics_points` rows that span more days than partitions are made for at once
+    /// (a stray timestamp must not create years of partitions).
+    #[error("metrics_points rows span {days} days ({first} to {last}); partitions are created for at most {} days at once", crate::postgres::maintenance::MAX_RANGE_DAYS)]
+    PartitionSpan {
+        days: i64,
+        first: chrono::NaiveDate,
+        last: chrono::NaiveDate,
+    },
     /// The WAL could not be read, or a record in it does not decode.
     #[error(transparent)]
     Wal(#[from] sluice_wal::WalError),
@@ -108,16 +127,36 @@ pub enum SinkError {
     Unexpected(String),
 }
 
-/// Short form of a PostgreSQL error: the server's message and SQLSTATE, or the client's
-/// own error text.
-fn pg_detail(e: &tokio_postgres::Error) -> String {
-    match e.as_db_error() {
-        Some(db) => format!("{} ({})", db.message(), db.code().code()),
-        None => match std::error::Error::source(e) {
-            Some(cause) => format!("{e}: {cause}"),
-            None => e.to_string(),
-        },
+/// A PostgreSQL error in words (see [`crate::postgres::migrate::describe`]), with what to
+/// do where Sluice knows it.
+fn pg_message(e: &tokio_postgres::Error) -> String {
+    let text = crate::postgres::migrate::describe(e);
+    if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) {
+        format!("{text} (run `sluice migrate` against this database)")
+    } else if pg_transport(e) {
+        format!("PostgreSQL unavailable: {text}")
+    } else {
+        text
     }
+}
+
+/// Whether a PostgreSQL error without a server answer is about reaching the server (the
+/// connection, a timeout, authentication) rather than a bug of the client's.
+fn pg_transport(e: &tokio_postgres::Error) -> bool {
+    if e.code().is_some() {
+        return false;
+    }
+    let text = e.to_string();
+    e.is_closed()
+        || std::error::Error::source(e).is_some_and(|c| c.is::<std::io::Error>())
+        || [
+            "error communicating",
+            "error connecting",
+            "timeout",
+            "authentication",
+        ]
+        .iter()
+        .any(|p| text.starts_with(p))
 }
 
 impl SinkError {
@@ -147,7 +186,7 @@ impl SinkError {
     pub fn reconnect(&self) -> bool {
         match self {
             SinkError::Postgres { source, .. } => source.is_closed() || source.code().is_none(),
-            SinkError::PgConnect(_) => true,
+            SinkError::PgConnect { .. } => true,
             _ => false,
         }
     }
@@ -156,21 +195,29 @@ impl SinkError {
 impl Classify for SinkError {
     fn class(&self) -> ErrorClass {
         match self {
-            SinkError::Postgres { source, .. } => {
-                if source.code().is_none_or(|c| {
-                    ["08", "40", "53", "57", "58"]
-                        .iter()
-                        .any(|class| c.code().starts_with(class))
-                }) {
-                    ErrorClass::Unavailable
-                } else {
-                    ErrorClass::Internal
+            // 08 connection exception, 40 rollback (serialization, deadlock), 53
+            // resources, 57 operator intervention (shutdown), 58 system (I/O).
+            SinkError::Postgres { source, .. } => match source.code() {
+                Some(c) if *c == tokio_postgres::error::SqlState::UNDEFINED_TABLE => {
+                    ErrorClass::InvalidInput
                 }
-            }
-            SinkError::PgConnect(crate::postgres::ConnectError::Options(_)) => {
-                ErrorClass::InvalidInput
-            }
-            SinkError::PgConnect(_) => ErrorClass::Unavailable,
+                Some(c)
+                    if ["08", "40", "53", "57", "58"]
+                        .iter()
+                        .any(|class| c.code().starts_with(class)) =>
+                {
+                    ErrorClass::Unavailable
+                }
+                Some(_) => ErrorClass::Internal,
+                // No server answer: the way to the server, or a connection in an unknown
+                // state; retrying on a new one is what helps.
+                None => ErrorClass::Unavailable,
+            },
+            SinkError::PgConnect {
+                source: crate::postgres::ConnectError::Options(_),
+                ..
+            } => ErrorClass::InvalidInput,
+            SinkError::PgConnect { .. } => ErrorClass::Unavailable,
             SinkError::ClickHouse { source, .. } if source.transient => ErrorClass::Unavailable,
             // Permanent answers: the statement, the data or the set-up (credentials, the
             // database) is wrong, as the client's own classification says.
@@ -185,22 +232,44 @@ impl Classify for SinkError {
                 ErrorClass::Unavailable
             }
             SinkError::Wal(e) => e.class(),
-            SinkError::TableShape { .. } | SinkError::TableOption(_) | SinkError::Config { .. } => {
-                ErrorClass::InvalidInput
-            }
+            SinkError::TableShape { .. }
+            | SinkError::TableOption(_)
+            | SinkError::Config { .. }
+            | SinkError::Precondition(_)
+            | SinkError::PartitionSpan { .. } => ErrorClass::InvalidInput,
             _ => ErrorClass::Internal,
         }
     }
 }
 
+impl From<crate::postgres::ConnectError> for SinkError {
+    fn from(source: crate::postgres::ConnectError) -> Self {
+        SinkError::PgConnect {
+            context: "connecting to PostgreSQL".into(),
+            source,
+        }
+    }
+}
+
+/// What a sink's failure is to a client or an operator: a wrong setting is an invalid
+/// argument; a store in the wrong state, or refusing for good, a failed precondition;
+/// the rest by its class.
 impl From<SinkError> for sluice_core::error::Error {
     fn from(e: SinkError) -> Self {
         use sluice_core::error::Error;
         let message = e.to_string();
-        match e.class() {
-            ErrorClass::InvalidInput => Error::FailedPrecondition(message),
-            ErrorClass::Unavailable => Error::Unavailable(message),
-            ErrorClass::Internal => Error::Internal(message),
+        match (&e, e.class()) {
+            (SinkError::Config { .. }, _)
+            | (
+                SinkError::PgConnect {
+                    source: crate::postgres::ConnectError::Options(_),
+                    ..
+                },
+                _,
+            ) => Error::InvalidArgument(message),
+            (_, ErrorClass::InvalidInput) => Error::FailedPrecondition(message),
+            (_, ErrorClass::Unavailable) => Error::Unavailable(message),
+            (_, ErrorClass::Internal) => Error::Internal(message),
         }
     }
 }

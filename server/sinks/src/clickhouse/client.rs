@@ -177,16 +177,6 @@ impl ChError {
     }
 }
 
-impl From<ChError> for sluice_core::error::Error {
-    fn from(e: ChError) -> Self {
-        if e.transient {
-            sluice_core::error::Error::Unavailable(e.message)
-        } else {
-            sluice_core::error::Error::FailedPrecondition(e.message)
-        }
-    }
-}
-
 /// Longest error message kept: a parse error can quote a lot of data.
 const MAX_MESSAGE: usize = 8 * 1024;
 
@@ -1121,8 +1111,9 @@ mod tests {
             .unwrap_err();
         assert!(e.code.is_some() && !e.transient, "{e:?}");
 
-        let as_error: sluice_core::error::Error = ChError::from_code(252, "Too many parts").into();
-        assert!(as_error.is_retryable());
+        let as_error =
+            crate::error::SinkError::clickhouse("x", ChError::from_code(252, "Too many parts"));
+        assert!(flight_schema::Classify::is_retryable(&as_error));
     }
 
     #[test]

@@ -32,7 +32,9 @@
 use std::fmt;
 
 use super::client::{quote_ident, ChClient, ChError};
-use sluice_core::error::{Error, Result};
+use crate::error::SinkError;
+
+type Result<T, E = SinkError> = std::result::Result<T, E>;
 
 /// The storage policy of the seed design's hot/warm/cold tiering.
 pub const STORAGE_POLICY: &str = "hot_warm_cold";
@@ -154,13 +156,8 @@ ENGINE = MergeTree
 ORDER BY version";
 
 /// A ClickHouse error with what sluice was doing, keeping its classification.
-fn ch_error(context: &str, e: ChError) -> Error {
-    let message = format!("{context}: {e}");
-    if e.transient {
-        Error::Unavailable(message)
-    } else {
-        Error::FailedPrecondition(message)
-    }
+fn ch_error(context: &str, e: ChError) -> SinkError {
+    SinkError::clickhouse(context, e)
 }
 
 /// Applies every migration the database has not had yet; a no-op when it is up to date.
@@ -220,7 +217,7 @@ pub async fn migrate(client: &ChClient) -> Result<MigrationReport> {
     }
     if tiered {
         if !available {
-            return Err(Error::FailedPrecondition(format!(
+            return Err(SinkError::Precondition(format!(
                 "database {db} was migrated with the storage policy {STORAGE_POLICY}, which the server no longer has (see deploy/clickhouse/storage.xml)"
             )));
         }
@@ -230,7 +227,7 @@ pub async fn migrate(client: &ChClient) -> Result<MigrationReport> {
             .filter(|v| !volumes.iter().any(|have| have == v))
             .collect();
         if !missing.is_empty() {
-            return Err(Error::FailedPrecondition(format!(
+            return Err(SinkError::Precondition(format!(
                 "the storage policy {STORAGE_POLICY} has no volume(s) {} that the tiered tables move data to (it has {}); see deploy/clickhouse/storage.xml",
                 missing.join(", "),
                 volumes.join(", ")
@@ -452,6 +449,7 @@ mod tests {
     use super::super::client::{test_client, TestClient};
     use super::*;
     use crate::config::HttpCompression;
+    use flight_schema::Classify;
     use sluice_test_support::ch::{shared, TestDb, TestServer};
 
     #[test]
@@ -830,12 +828,18 @@ mod tests {
             .await
             .unwrap();
         let e = migrate(&db.client()).await.unwrap_err();
-        assert!(matches!(e, Error::FailedPrecondition(_)), "{e:?}");
+        // ClickHouse's permanent answer: the set-up is wrong, a failed precondition.
+        assert!(matches!(e, SinkError::ClickHouse { .. }), "{e:?}");
+        assert_eq!(e.class(), flight_schema::ErrorClass::InvalidInput);
         assert!(
             e.to_string()
                 .starts_with("migration 0001_logs_events.plain.sql: cannot record it: Code: 16."),
             "{e}"
         );
+        assert!(matches!(
+            sluice_core::error::Error::from(e),
+            sluice_core::error::Error::FailedPrecondition(_)
+        ));
         assert!(db
             .client()
             .query_json("SELECT * FROM sluice_schema_migrations")

@@ -36,7 +36,9 @@ use tokio_postgres::Client;
 
 use super::migrate::{describe, pg_error};
 use crate::config::JobsMode;
-use sluice_core::error::Result;
+use crate::error::SinkError;
+
+type Result<T, E = SinkError> = std::result::Result<T, E>;
 use sluice_core::metrics::Metrics;
 
 /// How soon a job Sluice ran and saw fail is run again.

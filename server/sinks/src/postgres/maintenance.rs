@@ -37,7 +37,10 @@ use tokio_postgres::{Client, SimpleQueryMessage};
 use super::migrate::{describe, pg_error};
 use super::quote_ident;
 use crate::config::PostgresConfig;
-use sluice_core::error::{Error, Result};
+use crate::error::SinkError;
+use flight_schema::Classify;
+
+type Result<T, E = SinkError> = std::result::Result<T, E>;
 
 /// Prefix of the daily partitions; the rest of the name is the day, `YYYYMMDD`.
 pub const PARTITION_PREFIX: &str = "metrics_points_p";
@@ -114,7 +117,7 @@ async fn layout(client: &Client) -> Result<Layout> {
         .await
         .map_err(|e| pg_error("cannot inspect metrics_points", e))?;
     let Some(row) = rows.first() else {
-        return Err(Error::FailedPrecondition(
+        return Err(SinkError::Precondition(
             "PostgreSQL has no metrics_points table: run `sluice migrate` against this database"
                 .into(),
         ));
@@ -221,9 +224,11 @@ pub async fn ensure_partitions(
     let (first, last) = (from.date_naive(), to.date_naive());
     let span = (last - first).num_days();
     if span >= MAX_RANGE_DAYS {
-        return Err(Error::InvalidArgument(format!(
-            "metrics_points rows span {span} days ({first} to {last}); partitions are created for at most {MAX_RANGE_DAYS} days at once"
-        )));
+        return Err(SinkError::PartitionSpan {
+            days: span,
+            first,
+            last,
+        });
     }
     ensure_partitions_for_days(client, first.iter_days().take(span as usize + 1)).await
 }
@@ -283,8 +288,10 @@ async fn drop_expired(
     cfg: &PostgresConfig,
     now: DateTime<Utc>,
 ) -> Result<Vec<String>> {
-    let retention = chrono::Duration::from_std(cfg.retention)
-        .map_err(|_| Error::InvalidArgument("postgres.retention is too large".into()))?;
+    let retention = chrono::Duration::from_std(cfg.retention).map_err(|_| SinkError::Config {
+        key: "postgres.retention",
+        reason: "is too large".into(),
+    })?;
     let Some(cutoff) = now.checked_sub_signed(retention) else {
         return Ok(Vec::new());
     };
@@ -407,7 +414,7 @@ pub async fn run(
             };
             if let Err(e) = watched {
                 tracing::warn!(error = %e, "watching TimescaleDB's jobs failed; retrying next round");
-                if matches!(e, Error::Unavailable(_)) {
+                if e.is_retryable() {
                     client = None;
                 }
             }
@@ -422,7 +429,7 @@ pub async fn run(
             ),
             Err(e) => {
                 tracing::warn!(error = %e, "PostgreSQL maintenance failed; retrying next round");
-                if matches!(e, Error::Unavailable(_)) {
+                if e.is_retryable() {
                     client = None;
                 }
             }
@@ -602,7 +609,8 @@ mod tests {
         let e = ensure_partitions(&client, at("1970-01-01T00:00:00Z"), now)
             .await
             .unwrap_err();
-        assert!(matches!(e, Error::InvalidArgument(_)), "{e}");
+        assert!(matches!(e, SinkError::PartitionSpan { .. }), "{e}");
+        assert_eq!(e.class(), flight_schema::ErrorClass::InvalidInput);
         ensure_partitions_for_days(&client, [day("1970-01-01"), day("2024-03-21")])
             .await
             .unwrap();

@@ -37,10 +37,11 @@ use std::fmt;
 
 pub use crate::config::TimescaleMode;
 
-use tokio_postgres::error::SqlState;
 use tokio_postgres::Client;
 
-use sluice_core::error::{Error, Result};
+use crate::error::SinkError;
+
+type Result<T, E = SinkError> = std::result::Result<T, E>;
 
 /// Which databases a migration file is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -241,14 +242,14 @@ async fn migrate_locked(client: &mut Client, mode: TimescaleMode) -> Result<Migr
     let usable = timescaledb_usability(client).await?;
     let timescaledb = match (decided, mode) {
         (Some(true), TimescaleMode::Off) => {
-            return Err(Error::FailedPrecondition(
+            return Err(SinkError::Precondition(
                 "this database was set up on TimescaleDB (a database keeps its path), but \
                  postgres.timescaledb is \"off\": set it to \"auto\""
                     .into(),
             ))
         }
         (Some(false), TimescaleMode::Require) => {
-            return Err(Error::FailedPrecondition(
+            return Err(SinkError::Precondition(
                 "this database was set up on plain PostgreSQL (a database keeps its path), \
                  but postgres.timescaledb is \"require\": migrate a new database, or set it \
                  to \"auto\""
@@ -269,7 +270,7 @@ async fn migrate_locked(client: &mut Client, mode: TimescaleMode) -> Result<Migr
         match usable {
             Usability::Usable => {}
             Usability::NotInstalled => {
-                return Err(Error::FailedPrecondition(if decided == Some(true) {
+                return Err(SinkError::Precondition(if decided == Some(true) {
                     "this database was migrated with TimescaleDB, but the timescaledb \
                      extension is no longer available on the server"
                         .into()
@@ -280,7 +281,7 @@ async fn migrate_locked(client: &mut Client, mode: TimescaleMode) -> Result<Migr
                 }))
             }
             Usability::NotPreloaded => {
-                return Err(Error::FailedPrecondition(
+                return Err(SinkError::Precondition(
                     "the timescaledb extension is installed but not loaded: add timescaledb \
                      to shared_preload_libraries in postgresql.conf and restart PostgreSQL, \
                      or set postgres.timescaledb = \"off\" to use plain PostgreSQL"
@@ -292,7 +293,7 @@ async fn migrate_locked(client: &mut Client, mode: TimescaleMode) -> Result<Migr
             .batch_execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
             .await
             .map_err(|e| {
-                Error::FailedPrecondition(format!(
+                SinkError::Precondition(format!(
                     "CREATE EXTENSION timescaledb failed: {}",
                     describe(&e)
                 ))
@@ -464,57 +465,26 @@ pub(crate) fn describe(e: &tokio_postgres::Error) -> String {
     }
 }
 
-/// [`pg_error`] for a failed connect; wrong TLS settings in the URL are `InvalidArgument`.
-pub(crate) fn connect_error(context: &str, e: super::ConnectError) -> Error {
-    match e {
-        super::ConnectError::Postgres(e) => pg_error(context, e),
-        options @ super::ConnectError::Options(_) => {
-            Error::InvalidArgument(format!("{context}: {options}"))
-        }
+/// A failed connect, with what it was for.
+pub(crate) fn connect_error(context: &str, source: super::ConnectError) -> SinkError {
+    SinkError::PgConnect {
+        context: context.to_string(),
+        source,
     }
 }
 
-/// Classifies a PostgreSQL error: connection trouble, server shutdown, lock/serialization
-/// failures and resource shortages are `Unavailable` (retry later); a missing sluice table
-/// is `FailedPrecondition` (run `sluice migrate`); anything else is `Internal`.
-pub(crate) fn pg_error(context: &str, e: tokio_postgres::Error) -> Error {
-    let text = describe(&e);
-    if let Some(code) = e.code() {
-        let class = &code.code()[..2];
-        if *code == SqlState::UNDEFINED_TABLE {
-            return Error::FailedPrecondition(format!(
-                "{context}: {text} (run `sluice migrate` against this database)"
-            ));
-        }
-        // 08 connection exception, 53 insufficient resources, 57 operator intervention
-        // (shutdown), 40 transaction rollback (serialization failure, deadlock).
-        if matches!(class, "08" | "53" | "57" | "40") {
-            return Error::Unavailable(format!("{context}: {text}"));
-        }
-        return Error::Internal(format!("{context}: {text}"));
-    }
-    let transport = e.is_closed()
-        || std::error::Error::source(&e).is_some_and(|c| c.is::<std::io::Error>())
-        || [
-            "error communicating",
-            "error connecting",
-            "timeout",
-            "authentication",
-        ]
-        .iter()
-        .any(|p| text.starts_with(p));
-    if transport {
-        Error::Unavailable(format!("{context}: PostgreSQL unavailable: {text}"))
-    } else {
-        Error::Internal(format!("{context}: {text}"))
-    }
+/// A PostgreSQL error with what Sluice was doing; [`SinkError`] classifies it.
+pub(crate) fn pg_error(context: &str, e: tokio_postgres::Error) -> SinkError {
+    SinkError::postgres(context, e)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use flight_schema::Classify;
     use sluice_test_support::pg::{Flavor, TestDb};
     use sluice_test_support::pg_test;
+    use tokio_postgres::error::SqlState;
 
     #[test]
     fn the_list_matches_the_directory() {
@@ -960,16 +930,23 @@ mod tests {
             .query("SELECT * FROM no_such_table", &[])
             .await
             .unwrap_err();
+        let e = pg_error("x", missing);
+        assert_eq!(e.class(), flight_schema::ErrorClass::InvalidInput);
+        let m = sluice_core::error::Error::from(e);
         assert!(matches!(
-            pg_error("x", missing),
-            Error::FailedPrecondition(m) if m.contains("no_such_table") && m.contains("sluice migrate")
-        ));
+            m,
+            sluice_core::error::Error::FailedPrecondition(ref m)
+                if m.contains("no_such_table") && m.contains("sluice migrate")
+        ), "{m:?}");
         drop(other);
         drop(client);
         let closed = crate::postgres::connect("postgresql://postgres@127.0.0.1:1/postgres")
             .await
             .unwrap_err();
-        assert!(matches!(connect_error("x", closed), Error::Unavailable(_)));
+        assert!(matches!(
+            sluice_core::error::Error::from(connect_error("x", closed)),
+            sluice_core::error::Error::Unavailable(_)
+        ));
     }
     }
 

@@ -51,9 +51,9 @@ impl PgRegistryStore {
 }
 
 async fn open(url: &str) -> Result<Client> {
-    super::connect(url)
-        .await
-        .map_err(|e| connect_error("cannot connect to PostgreSQL for the schema registry", e))
+    super::connect(url).await.map_err(|e| {
+        connect_error("cannot connect to PostgreSQL for the schema registry", e).into()
+    })
 }
 
 fn stored_version(
@@ -177,7 +177,7 @@ impl RegistryStore for PgRegistryStore {
                 tx.rollback().await.map_err(what)?;
                 return Ok(Appended::Conflict);
             }
-            Err(e) => return Err(what(e)),
+            Err(e) => return Err(what(e).into()),
         }
         tx.execute(
             "INSERT INTO table_registry (table_name, schema, version, created_at, updated_at)

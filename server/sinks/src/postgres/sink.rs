@@ -845,17 +845,13 @@ impl StoreWriter for PgWriter {
 pub async fn highest_committed(
     client: &tokio_postgres::Client,
     wal_id: &str,
-) -> sluice_core::error::Result<u64> {
+) -> Result<u64, SinkError> {
     let row = client
         .query_one(
             "SELECT coalesce(max(last_seq), 0) FROM sluice.sluice_sink_offsets WHERE wal_id = $1",
             &[&wal_id],
         )
         .await
-        .map_err(|e| {
-            sluice_core::error::Error::Unavailable(format!(
-                "PostgreSQL: reading sluice_sink_offsets: {e}"
-            ))
-        })?;
+        .map_err(|e| SinkError::postgres("reading sluice_sink_offsets", e))?;
     Ok(row.get::<_, i64>(0).max(0) as u64)
 }
