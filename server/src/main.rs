@@ -162,21 +162,50 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// Why a command other than `serve` failed (printed as `sluice: <message>`).
+#[derive(Debug, thiserror::Error)]
+enum CliError {
+    #[error(transparent)]
+    Server(#[from] sluice::error::Error),
+    #[error(transparent)]
+    Wal(#[from] sluice_wal::WalError),
+    #[error(transparent)]
+    Archive(#[from] sluice_sinks::SinkError),
+    #[error("{} does not exist: there is no WAL to look at", .0.display())]
+    NoWal(std::path::PathBuf),
+    #[error(
+        "nothing to migrate: set postgres.url / SLUICE__POSTGRES__URL or clickhouse.url / \
+         SLUICE__CLICKHOUSE__URL"
+    )]
+    NothingToMigrate,
+    /// A store's migration failed.
+    #[error("{store}: {source}")]
+    Store {
+        store: &'static str,
+        #[source]
+        source: sluice_sinks::SinkError,
+    },
+    #[error("clickhouse: {0}")]
+    ClickHouseClient(#[source] sluice_sinks::clickhouse::client::ChError),
+    #[error("cannot connect to PostgreSQL at postgres.url: {0}")]
+    PgConnect(#[source] sluice_sinks::postgres::ConnectError),
+}
+
 /// `sluice wal check|repair`.
-async fn wal_command(cfg: &Config, action: &WalCommand) -> Result<std::process::ExitCode, String> {
+async fn wal_command(
+    cfg: &Config,
+    action: &WalCommand,
+) -> Result<std::process::ExitCode, CliError> {
     use sluice_wal::scan;
     let data_dir = &cfg.server.data_dir;
-    let _lock = sluice::server::DataDirLock::acquire(data_dir, "wal").map_err(|e| e.to_string())?;
+    let _lock = sluice::server::DataDirLock::acquire(data_dir, "wal")?;
     let dir = data_dir.join("wal");
     if !dir.is_dir() {
-        return Err(format!(
-            "{} does not exist: there is no WAL to look at",
-            dir.display()
-        ));
+        return Err(CliError::NoWal(dir));
     }
     match action {
         WalCommand::Check { .. } => {
-            let scan = scan::scan_dir(&dir).map_err(|e| e.to_string())?;
+            let scan = scan::scan_dir(&dir)?;
             let records: usize = scan.segments.iter().map(|s| s.records.len()).sum();
             let first = scan.segments.iter().find_map(|s| s.first_seq());
             println!(
@@ -209,12 +238,9 @@ async fn wal_command(cfg: &Config, action: &WalCommand) -> Result<std::process::
             Ok(std::process::ExitCode::from(1))
         }
         WalCommand::Repair { new_id, .. } => {
-            let (store, _) = sluice_sinks::archive::open_store(&cfg.archive, data_dir)
-                .map_err(|e| e.to_string())?;
-            let floor = sluice::server::wal_floor(cfg, store.as_ref(), &dir)
-                .await
-                .map_err(|e| e.to_string())?;
-            let report = scan::repair(&dir, *new_id, floor).map_err(|e| e.to_string())?;
+            let (store, _) = sluice_sinks::archive::open_store(&cfg.archive, data_dir)?;
+            let floor = sluice::server::wal_floor(cfg, store.as_ref(), &dir).await?;
+            let report = scan::repair(&dir, *new_id, floor)?;
             print!("{report}");
             Ok(std::process::ExitCode::SUCCESS)
         }
@@ -223,28 +249,28 @@ async fn wal_command(cfg: &Config, action: &WalCommand) -> Result<std::process::
 
 /// `sluice migrate`: applies the migrations of every configured store and prints, per
 /// store, what was applied and which path the database is on.
-async fn migrate(cfg: &Config) -> Result<(), String> {
+async fn migrate(cfg: &Config) -> Result<(), CliError> {
     if cfg.postgres.url.is_none() && cfg.clickhouse.url.is_none() {
-        return Err(
-            "nothing to migrate: set postgres.url / SLUICE__POSTGRES__URL \
-                    or clickhouse.url / SLUICE__CLICKHOUSE__URL"
-                .into(),
-        );
+        return Err(CliError::NothingToMigrate);
     }
     if let Some(url) = &cfg.postgres.url {
         migrate_postgres(cfg, url).await?;
     }
     if cfg.clickhouse.url.is_some() {
+        let store = |source| CliError::Store {
+            store: "clickhouse",
+            source,
+        };
         let client = sluice_sinks::clickhouse::client::ChClient::new(&cfg.clickhouse)
-            .map_err(|e| format!("clickhouse: {e}"))?;
+            .map_err(CliError::ClickHouseClient)?;
         let report = sluice_sinks::clickhouse::migrate::migrate(&client)
             .await
-            .map_err(|e| format!("clickhouse: {e}"))?;
+            .map_err(store)?;
         println!("clickhouse: {report}");
         let window = cfg.clickhouse.dedup_window;
         for table in sluice_sinks::clickhouse::migrate::set_dedup_window(&client, window)
             .await
-            .map_err(|e| format!("clickhouse: {e}"))?
+            .map_err(store)?
         {
             println!("clickhouse: {table}: non_replicated_deduplication_window set to {window} (clickhouse.dedup_window)");
         }
@@ -252,19 +278,23 @@ async fn migrate(cfg: &Config) -> Result<(), String> {
     Ok(())
 }
 
-async fn migrate_postgres(cfg: &Config, url: &str) -> Result<(), String> {
+async fn migrate_postgres(cfg: &Config, url: &str) -> Result<(), CliError> {
     use sluice_sinks::postgres::{maintenance, migrate};
+    let store = |source| CliError::Store {
+        store: "postgres",
+        source,
+    };
     let mut client = sluice_sinks::postgres::connect(url)
         .await
-        .map_err(|e| format!("cannot connect to PostgreSQL at postgres.url: {e}"))?;
+        .map_err(CliError::PgConnect)?;
     let report = migrate::migrate_with(&mut client, cfg.postgres.timescaledb)
         .await
-        .map_err(|e| format!("postgres: {e}"))?;
+        .map_err(store)?;
     if !report.timescaledb {
         // Partitions from today on, so rows can land right away.
         maintenance::run_once(&client, &cfg.postgres, chrono::Utc::now())
             .await
-            .map_err(|e| format!("postgres: {e}"))?;
+            .map_err(store)?;
     }
     println!("postgres: {report}");
     Ok(())
