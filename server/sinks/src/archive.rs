@@ -420,6 +420,18 @@ impl StoreWriter for ArchiveWriter {
         self.memory.used_fraction() > 0.5
     }
 
+    /// A record the recent buffer holds: its batch as received, already decoded (a
+    /// record the archive reads back from disk, having fallen behind the WAL's feed).
+    fn cached(&self, table: &str, seq: u64) -> Option<RecordBatch> {
+        let state = self.buffers.table(table);
+        let s = state.lock().expect("table lock");
+        let i = s.batches.partition_point(|b| b.seq < seq);
+        s.batches
+            .get(i)
+            .filter(|b| b.seq == seq)
+            .map(|b| b.batch.clone())
+    }
+
     async fn connect(&self) -> Result<(), SinkError> {
         Ok(())
     }
@@ -755,6 +767,17 @@ mod sink_tests {
         assert_eq!(manifests["t"].archived_seq, 4);
         let files = parquet_files(&s.archive_dir);
         assert!(!files.is_empty());
+        // What the buffer holds is found by seq (the rows need no decoding), the rest not.
+        let fresh = sample(&s.registry.get("t").unwrap(), 7, 5);
+        assert!(s.buffers.push("t", 5, fresh.clone(), 70, None));
+        assert_eq!(s.writer.cached("t", 5), Some(fresh));
+        assert_eq!(
+            s.writer.cached("t", 4),
+            None,
+            "archived, no longer buffered"
+        );
+        assert_eq!(s.writer.cached("t", 6), None);
+        assert_eq!(s.writer.cached("u", 5), None);
         // A record the feed pushes after the archive took it does not come back.
         let t = s.registry.get("t").unwrap();
         assert!(!s.buffers.push("t", 4, sample(&t, 1, 9), 10, None));

@@ -195,6 +195,8 @@ impl<W: StoreWriter> SinkRunner<W> {
         }
         let writer = self.writer.clone();
         let router = router.under_pressure(Box::new(move || writer.memory_pressed()));
+        let writer = self.writer.clone();
+        let router = router.with_cache(Box::new(move |table, seq| writer.cached(table, seq)));
         Some(match &self.journal {
             Some(j) => {
                 let journaled = match j.load() {

@@ -60,7 +60,12 @@ pub struct Router {
     every_table: bool,
     /// Whether memory runs short ([`super::StoreWriter::memory_pressed`]).
     pressure: Option<Pressure>,
+    /// Decoded rows the sink holds already ([`super::StoreWriter::cached`]).
+    cache: Option<Cache>,
 }
+
+/// Looks up the decoded rows of `(table, seq)`.
+pub type Cache = Box<dyn Fn(&str, u64) -> Option<RecordBatch> + Send>;
 
 /// Asks whether memory runs short.
 pub type Pressure = Box<dyn Fn() -> bool + Send>;
@@ -85,7 +90,14 @@ impl Router {
             filled: HashSet::new(),
             every_table: false,
             pressure: None,
+            cache: None,
         }
+    }
+
+    /// Takes a record's rows from `cache` when it has them instead of decoding them.
+    pub fn with_cache(mut self, cache: Cache) -> Self {
+        self.cache = Some(cache);
+        self
     }
 
     /// Takes the records of every table, routed to this store or not.
@@ -175,7 +187,14 @@ impl Router {
                 table: rec.table.clone(),
                 version: rec.version,
             })?;
-        let batch = rec.decode(written.arrow_schema.clone())?;
+        let cached = match (&rec.batch, &self.cache) {
+            (None, Some(cache)) => cache(&rec.table, rec.seq),
+            _ => None,
+        };
+        let batch = match cached {
+            Some(b) => b,
+            None => rec.decode(written.arrow_schema.clone())?,
+        };
         sluice_sql::query::adapt_batch(&batch, &current.arrow_schema).map_err(|source| {
             SinkError::Adapt {
                 table: rec.table.clone(),

@@ -110,6 +110,11 @@ pub trait StoreWriter: Send + Sync + 'static {
     fn memory_pressed(&self) -> bool {
         false
     }
+    /// The decoded rows of a record the sink holds already (the archive: the recent
+    /// buffer), so that a record read back from disk need not be decoded again.
+    fn cached(&self, _table: &str, _seq: u64) -> Option<arrow::array::RecordBatch> {
+        None
+    }
     async fn connect(&self) -> Result<Self::Conn, SinkError>;
     /// The WAL ranges of `wal_id` the store already holds.
     async fn committed(
