@@ -304,8 +304,11 @@ impl<W: StoreWriter> SinkRunner<W> {
             let mut ready = Vec::new();
             for rec in records {
                 let (seq, table) = (rec.seq, rec.table.clone());
+                // Decoding happens here: the tracker is locked only after it, so the
+                // workers settling chunks meanwhile do not wait on it.
+                let routed = router.take(rec);
                 let mut t = self.tracker.lock().expect("sink tracker");
-                match router.take(rec) {
+                match routed {
                     Routed::Skipped => {}
                     Routed::Taken(chunks) => {
                         t.owe(seq);
