@@ -65,6 +65,9 @@ pub struct ServerConfig {
     /// Time an HTTP client has to send a request's body.
     #[serde(with = "humantime_serde")]
     pub body_timeout: Duration,
+    /// Largest HTTP write body (`/write/...`), as received and again once decompressed;
+    /// a larger one is refused with 413.
+    pub max_body_size: ByteSize,
 }
 
 impl Default for ServerConfig {
@@ -74,6 +77,7 @@ impl Default for ServerConfig {
             http_addr: "127.0.0.1:8080".parse().unwrap(),
             data_dir: PathBuf::from("./sluice-data"),
             max_message_size: ByteSize::mib(64),
+            max_body_size: ByteSize::mib(64),
             shutdown_timeout: Duration::from_secs(30),
             max_connections: 0,
             idle_timeout: Duration::from_secs(120),
@@ -262,6 +266,9 @@ impl Config {
         }
         if self.server.max_message_size.as_u64() < 1024 {
             return err("server.max_message_size", "must be at least 1KiB".into());
+        }
+        if self.server.max_body_size.as_u64() < 1024 {
+            return err("server.max_body_size", "must be at least 1KiB".into());
         }
         if self.buffer.max_bytes.as_u64() > budget / 2 {
             return err(

@@ -359,6 +359,7 @@ pub async fn run(config: Config, on_ready: impl FnOnce(BoundAddrs)) -> Result<()
         registry,
         query,
         metrics,
+        max_body_size: config.server.max_body_size.as_usize(),
         readiness: Arc::new(ServerReadiness {
             archive: archive_status,
             wal: wal.clone(),

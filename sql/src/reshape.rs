@@ -201,6 +201,24 @@ fn parenthesized(text: &Option<String>) -> String {
 /// The result has exactly `table.arrow_schema` (the same `Arc`) and as many rows as
 /// `batch`.
 pub fn reshape(table: &ResolvedTable, batch: &RecordBatch) -> Result<RecordBatch, ReshapeError> {
+    reshape_inner(table, batch, false)
+}
+
+/// [`reshape`], except that a null in a column with a default takes the default, as a
+/// missing column does: for row formats (JSON) where a field left out of some rows and
+/// a null read the same.
+pub fn reshape_nulls_as_defaults(
+    table: &ResolvedTable,
+    batch: &RecordBatch,
+) -> Result<RecordBatch, ReshapeError> {
+    reshape_inner(table, batch, true)
+}
+
+fn reshape_inner(
+    table: &ResolvedTable,
+    batch: &RecordBatch,
+    nulls_as_defaults: bool,
+) -> Result<RecordBatch, ReshapeError> {
     let name = table.name();
     let target = &table.arrow_schema;
     let rows = batch.num_rows();
@@ -217,8 +235,29 @@ pub fn reshape(table: &ResolvedTable, batch: &RecordBatch) -> Result<RecordBatch
             })
     };
 
+    let default_of = |column: &str| {
+        table
+            .column(column)
+            .and_then(|c| c.default.as_ref())
+            .filter(|d| !d.is_null())
+    };
+    let bad_default =
+        |column: &str, default: &Json, ty: ColumnType, reason| ReshapeError::BadDefault {
+            table: name.to_string(),
+            column: column.to_string(),
+            default: default.to_string(),
+            to: ty.name(),
+            reason,
+        };
+    let defaults_to_fill = nulls_as_defaults
+        && schema
+            .fields()
+            .iter()
+            .zip(batch.columns())
+            .any(|(f, a)| a.null_count() > 0 && default_of(f.name()).is_some());
+
     // Fast path: the batch already has the registered schema.
-    if schema.fields() == target.fields() {
+    if schema.fields() == target.fields() && !defaults_to_fill {
         for (field, array) in target.fields().iter().zip(batch.columns()) {
             if column_type(field.name())? == ColumnType::Jsonb {
                 validate_json(array).map_err(|f| {
@@ -258,8 +297,23 @@ pub fn reshape(table: &ResolvedTable, batch: &RecordBatch) -> Result<RecordBatch
         let array = match schema.index_of(column) {
             Ok(index) => {
                 let input = batch.column(index);
-                convert(input, ty, field.data_type())
-                    .map_err(|f| fail_to_error(f, name, column, input.data_type(), ty))?
+                let array = convert(input, ty, field.data_type())
+                    .map_err(|f| fail_to_error(f, name, column, input.data_type(), ty))?;
+                match default_of(column) {
+                    Some(default) if nulls_as_defaults && array.null_count() > 0 => {
+                        let one = default_value(ty, default, field.data_type())
+                            .map_err(|reason| bad_default(column, default, ty, reason))?;
+                        let valid = arrow::compute::is_not_null(array.as_ref())
+                            .map_err(|e| bad_default(column, default, ty, e.to_string()))?;
+                        arrow::compute::kernels::zip::zip(
+                            &valid,
+                            &array,
+                            &arrow::array::Scalar::new(one),
+                        )
+                        .map_err(|e| bad_default(column, default, ty, e.to_string()))?
+                    }
+                    _ => array,
+                }
             }
             Err(_) if *column == table.time_column => {
                 return Err(ReshapeError::MissingTimeColumn {
@@ -267,18 +321,9 @@ pub fn reshape(table: &ResolvedTable, batch: &RecordBatch) -> Result<RecordBatch
                     column: column.clone(),
                 })
             }
-            Err(_) => match table.column(column).and_then(|c| c.default.as_ref()) {
-                Some(default) if !default.is_null() => {
-                    default_array(ty, default, field.data_type(), rows).map_err(|reason| {
-                        ReshapeError::BadDefault {
-                            table: name.to_string(),
-                            column: column.clone(),
-                            default: default.to_string(),
-                            to: ty.name(),
-                            reason,
-                        }
-                    })?
-                }
+            Err(_) => match default_of(column) {
+                Some(default) => default_array(ty, default, field.data_type(), rows)
+                    .map_err(|reason| bad_default(column, default, ty, reason))?,
                 _ if field.is_nullable() => new_null_array(field.data_type(), rows),
                 _ => {
                     return Err(ReshapeError::MissingColumn {

@@ -10,6 +10,7 @@ mod hostile;
 mod memory;
 mod pg_copy;
 mod postgres;
+mod rest;
 
 use std::sync::Arc;
 

@@ -29,6 +29,14 @@ pub enum Error {
     /// The disk holding the WAL is full: RESOURCE_EXHAUSTED over gRPC, 507 over HTTP.
     #[error("{0}")]
     InsufficientStorage(String),
+    /// A request body past its size limit: OUT_OF_RANGE over gRPC (as tonic answers a
+    /// message over its limit), 413 over HTTP.
+    #[error("{0}")]
+    PayloadTooLarge(String),
+    /// A body in a content type or encoding the route does not take: INVALID_ARGUMENT
+    /// over gRPC, 415 over HTTP.
+    #[error("{0}")]
+    UnsupportedMediaType(String),
     #[error("{0}")]
     Unavailable(String),
     #[error("internal error: {0}")]
@@ -61,6 +69,8 @@ impl Error {
             Error::LimitExceeded(m) => Error::LimitExceeded(with(m)),
             Error::DeadlineExceeded(m) => Error::DeadlineExceeded(with(m)),
             Error::InsufficientStorage(m) => Error::InsufficientStorage(with(m)),
+            Error::PayloadTooLarge(m) => Error::PayloadTooLarge(with(m)),
+            Error::UnsupportedMediaType(m) => Error::UnsupportedMediaType(with(m)),
             Error::Unavailable(m) => Error::Unavailable(with(m)),
             Error::Internal(m) => Error::Internal(with(m)),
         }

@@ -105,7 +105,11 @@ pub fn status(e: Error) -> tonic::Status {
     match e {
         // A query past its limits fails again however often it is sent: the client's
         // error, as over HTTP (400), not RESOURCE_EXHAUSTED, which clients retry.
-        Error::InvalidArgument(m) | Error::LimitExceeded(m) => tonic::Status::invalid_argument(m),
+        Error::InvalidArgument(m) | Error::LimitExceeded(m) | Error::UnsupportedMediaType(m) => {
+            tonic::Status::invalid_argument(m)
+        }
+        // As tonic answers a message over the size limit.
+        Error::PayloadTooLarge(m) => tonic::Status::out_of_range(m),
         Error::NotFound(m) => tonic::Status::not_found(m),
         Error::FailedPrecondition(m) => tonic::Status::failed_precondition(m),
         Error::ResourceExhausted(m) | Error::InsufficientStorage(m) => {
@@ -133,6 +137,8 @@ impl axum::response::IntoResponse for HttpError {
         use axum::http::StatusCode;
         let status = match &self.0 {
             Error::InvalidArgument(_) | Error::LimitExceeded(_) => StatusCode::BAD_REQUEST,
+            Error::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Error::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Error::NotFound(_) => StatusCode::NOT_FOUND,
             Error::FailedPrecondition(_) => StatusCode::CONFLICT,
             Error::ResourceExhausted(_) => StatusCode::TOO_MANY_REQUESTS,

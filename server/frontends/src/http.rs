@@ -4,6 +4,7 @@
 //! |---|---|
 //! | POST `/schema/register` | register a table (JSON with `name`) → `{"name","version"}` |
 //! | GET `/schema`, `/schema/{table}` | registered schemas |
+//! | POST `/write/{table}`, `/write/metrics`, `/write/logs` | JSON array or NDJSON rows (gzip/zstd) → `{"rows"}` once durable ([`crate::write`]) |
 //! | POST `/query` `{"sql"}` | JSON rows, or an Arrow IPC stream with `Accept: application/vnd.apache.arrow.stream` |
 //! | GET `/healthz`, `/readyz`, `/metrics` | liveness, readiness with sink state, Prometheus text |
 
@@ -34,6 +35,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/schema", get(list_schemas))
         .route("/schema/{table}", get(get_schema))
         .route("/query", post(query))
+        .route("/write/{table}", post(crate::write::write))
         .layer(axum::middleware::from_fn(same_site_json))
         .layer(crate::edge::http_catch_panic())
         .with_state(state)

@@ -4,6 +4,7 @@
 //! trait, answers back. A front end never talks to a store.
 //! - [`flight`]: Arrow Flight (DoPut, DoGet, actions).
 //! - [`http`]: the HTTP API (schema, SQL, health, metrics).
+//! - [`write`]: REST JSON writes (`POST /write/{table}`), JSON to Arrow column by column.
 //! - [`state`]: what the doors share ([`state::AppState`]).
 //! - [`query`]: where SQL runs: its own runtime, limits, results streamed.
 //! - [`edge`]: what every request passes first (panics caught, decode errors
@@ -18,3 +19,4 @@ pub mod http;
 pub mod listen;
 pub mod query;
 pub mod state;
+pub mod write;

@@ -23,6 +23,8 @@ pub struct AppState {
     pub query: Arc<crate::query::QueryService>,
     pub metrics: Arc<Metrics>,
     pub readiness: Arc<dyn Readiness>,
+    /// Largest HTTP write body, received and decompressed (`server.max_body_size`).
+    pub max_body_size: usize,
 }
 
 impl AppState {
