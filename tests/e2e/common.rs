@@ -558,6 +558,24 @@ pub fn test_certificates(dir: &Path, san: &str) -> (PathBuf, PathBuf) {
 
 /// Every id of every acked batch (`batch * rows..(batch + 1) * rows`) is in `ids`, and no
 /// id is there twice.
+/// Every `id` of `events` through SQL (over Flight).
+pub async fn event_ids(server: &Sluice) -> Vec<i64> {
+    use arrow::array::AsArray;
+    let mut client = server.flight().await;
+    let batches = query(&mut client, "SELECT id FROM events ORDER BY id")
+        .await
+        .expect("query events");
+    batches
+        .iter()
+        .flat_map(|b| {
+            b.column(0)
+                .as_primitive::<arrow::datatypes::Int64Type>()
+                .values()
+                .to_vec()
+        })
+        .collect()
+}
+
 pub fn assert_each_acked_once(what: &str, ids: &[i64], acked_batches: &[i64], rows: i64) {
     let mut counts: std::collections::HashMap<i64, u32> = std::collections::HashMap::new();
     for id in ids {

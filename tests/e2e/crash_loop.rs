@@ -6,9 +6,6 @@
 use std::path::Path;
 use std::time::Duration;
 
-use arrow::array::AsArray;
-use arrow::datatypes::Int64Type;
-
 use crate::common::*;
 use sluice_test_support::pg::PgServer;
 
@@ -83,12 +80,7 @@ async fn crash_loop_into_the_embedded_default_keeps_every_ack_once() {
     let acked = crash_rounds(dir.path(), &env, &mut rng).await;
     assert!(acked.len() >= ROUNDS, "{} batches acked", acked.len());
     let server = Sluice::start(dir.path(), &env);
-    let mut client = server.flight().await;
-    let batches = query(&mut client, "SELECT id FROM events").await.unwrap();
-    let ids: Vec<i64> = batches
-        .iter()
-        .flat_map(|b| b.column(0).as_primitive::<Int64Type>().values().to_vec())
-        .collect();
+    let ids = event_ids(&server).await;
     assert_each_acked_once("SQL", &ids, &acked, ROWS);
 }
 
@@ -130,12 +122,7 @@ async fn crash_loop_into_postgres_keeps_every_ack_once(flavor) {
         .map(|r| r.get(0))
         .collect();
     assert_each_acked_once("PostgreSQL", &ids, &acked, ROWS);
-    let mut client = server.flight().await;
-    let batches = query(&mut client, "SELECT id FROM events").await.unwrap();
-    let sql: Vec<i64> = batches
-        .iter()
-        .flat_map(|b| b.column(0).as_primitive::<Int64Type>().values().to_vec())
-        .collect();
+    let sql = event_ids(&server).await;
     assert_each_acked_once("SQL (buffer and archive)", &sql, &acked, ROWS);
 }
 }

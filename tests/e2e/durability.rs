@@ -48,6 +48,35 @@ fn archive_ids(data_dir: &Path) -> Vec<i64> {
     ids
 }
 
+/// Waits (max_age is short in these tests) until the buffer has drained to the archive,
+/// then checks the Parquet files hold `rows_in_sql` rows, every acked one once.
+async fn assert_archive_holds_each_once(
+    server: &Sluice,
+    data_dir: &Path,
+    rows_in_sql: usize,
+    acked: &[i64],
+    rows: i64,
+) {
+    let url = server.url("/metrics");
+    eventually(
+        Duration::from_secs(60),
+        "the buffer to drain to the archive",
+        || async {
+            get_text(&url)
+                .await
+                .contains(r#"sluice_buffer_rows{table="events"} 0"#)
+        },
+    )
+    .await;
+    let archived = archive_ids(data_dir);
+    assert_eq!(
+        archived.len(),
+        rows_in_sql,
+        "archive and SQL hold the same rows"
+    );
+    assert_each_acked_once("archive", &archived, acked, rows);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_mid_stream_loses_and_duplicates_nothing() {
     let dir = tempfile::tempdir().unwrap();
@@ -65,32 +94,11 @@ async fn kill_9_mid_stream_loses_and_duplicates_nothing() {
 
     let server = Sluice::start(dir.path(), &[("BUFFER__MAX_AGE", "1s")]);
     let mut client = server.flight().await;
-    let batches = query(&mut client, "SELECT id FROM events").await.unwrap();
-    let ids: Vec<i64> = batches
-        .iter()
-        .flat_map(|b| b.column(0).as_primitive::<Int64Type>().values().to_vec())
-        .collect();
+    let ids = event_ids(&server).await;
     assert_each_acked_once("SQL", &ids, &acked, BATCH);
 
     // Everything reaches the archive (max_age 1s), each row once.
-    let url = server.url("/metrics");
-    eventually(
-        Duration::from_secs(30),
-        "the buffer to drain to the archive",
-        || async {
-            get_text(&url)
-                .await
-                .contains(r#"sluice_buffer_rows{table="events"} 0"#)
-        },
-    )
-    .await;
-    let archived = archive_ids(dir.path());
-    assert_eq!(
-        archived.len(),
-        ids.len(),
-        "archive and SQL hold the same rows"
-    );
-    assert_each_acked_once("archive", &archived, &acked, BATCH);
+    assert_archive_holds_each_once(&server, dir.path(), ids.len(), &acked, BATCH).await;
     // And SQL still answers the same after the move to Parquet.
     assert_eq!(
         query_i64(&mut client, "SELECT count(*) FROM events").await as usize,
@@ -101,7 +109,7 @@ async fn kill_9_mid_stream_loses_and_duplicates_nothing() {
         ids.len()
     );
     // WAL segments are released once archived: only the live segment remains.
-    let m = get_text(&url).await;
+    let m = get_text(&server.url("/metrics")).await;
     assert!(m.contains("sluice_wal_segments 1"), "{m}");
 }
 
@@ -264,30 +272,8 @@ async fn kill_9_during_replay_while_the_archive_runs_keeps_every_ack_once() {
         dir.path(),
         &[("WAL__SEGMENT_SIZE", "4MiB"), ("BUFFER__MAX_AGE", "1s")],
     );
-    let mut client = server.flight().await;
-    let batches = query(&mut client, "SELECT id FROM events").await.unwrap();
-    let ids: Vec<i64> = batches
-        .iter()
-        .flat_map(|b| b.column(0).as_primitive::<Int64Type>().values().to_vec())
-        .collect();
+    let ids = event_ids(&server).await;
     assert_eq!(ids.len(), (BATCHES * ROWS) as usize);
     assert_each_acked_once("SQL", &ids, &acked, ROWS);
-    let url = server.url("/metrics");
-    eventually(
-        Duration::from_secs(60),
-        "the buffer to drain to the archive",
-        || async {
-            get_text(&url)
-                .await
-                .contains(r#"sluice_buffer_rows{table="events"} 0"#)
-        },
-    )
-    .await;
-    let archived = archive_ids(dir.path());
-    assert_eq!(
-        archived.len(),
-        ids.len(),
-        "archive and SQL hold the same rows"
-    );
-    assert_each_acked_once("archive", &archived, &acked, ROWS);
+    assert_archive_holds_each_once(&server, dir.path(), ids.len(), &acked, ROWS).await;
 }

@@ -5,23 +5,11 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use arrow::array::{AsArray, Int64Array, RecordBatch, TimestampMicrosecondArray};
-use arrow::datatypes::{DataType, Field, Int64Type, Schema, TimeUnit};
+use arrow::array::{Int64Array, RecordBatch, TimestampMicrosecondArray};
+use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
 
 use crate::common::*;
 use sluice_test_support::pg::PgServer;
-
-/// Every `id` of `events` through SQL (over Flight).
-async fn event_ids(server: &Sluice) -> Vec<i64> {
-    let mut client = server.flight().await;
-    let batches = query(&mut client, "SELECT id FROM events ORDER BY id")
-        .await
-        .expect("query events");
-    batches
-        .iter()
-        .flat_map(|b| b.column(0).as_primitive::<Int64Type>().values().to_vec())
-        .collect()
-}
 
 fn wal_seqs(out: &PutOutcome) -> Vec<u64> {
     out.acks
