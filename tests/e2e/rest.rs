@@ -280,3 +280,124 @@ async fn get_rows(server: &Sluice, sql: &str) -> serde_json::Value {
         .await
         .unwrap()
 }
+
+/// With the memory budget full (a stalled archive holds every buffered batch), a REST
+/// write waits a moment and is then answered 429 with `Retry-After`, storing nothing of
+/// that request, instead of holding the request open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_memory_budget_answers_429_with_retry_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Sluice::start(
+        dir.path(),
+        &[
+            ("MEMORY__BUDGET", "16MiB"),
+            ("SERVER__MAX_MESSAGE_SIZE", "4MiB"),
+            ("BUFFER__MAX_BYTES", "4MiB"),
+            ("ARCHIVE__THROTTLE_BYTES_PER_SEC", "1KiB"),
+        ],
+    );
+    let mut client = server.flight().await;
+    action(&mut client, "register_table", EV).await.unwrap();
+    let mut stored = 0u64;
+    let mut refused = None;
+    for round in 0..200 {
+        let (status, answer, headers) = post(
+            &server,
+            "/write/ev",
+            "application/x-ndjson",
+            None,
+            ndjson(round * 5000, 5000),
+        )
+        .await;
+        match status {
+            200 => stored += answer["rows"].as_u64().unwrap(),
+            429 => {
+                refused = Some((answer, headers));
+                break;
+            }
+            other => panic!("unexpected {other}: {answer}"),
+        }
+    }
+    let (answer, headers) = refused.expect("a 429 once the memory budget is full");
+    assert!(
+        stored > 0,
+        "some writes went through before the budget filled"
+    );
+    assert_eq!(headers["retry-after"], "1");
+    let message = answer["error"].as_str().unwrap();
+    assert!(
+        message.contains("memory budget (memory.budget) stayed full"),
+        "{message}"
+    );
+    assert_eq!(
+        query_i64(&mut client, "SELECT count(*) FROM ev").await as u64,
+        stored,
+        "nothing of the refused request is stored"
+    );
+    let page = get_text(&server.url("/metrics")).await;
+    assert!(
+        page.contains(r#"sluice_ingest_refused_batches_total{reason="memory_full",table="ev"} 1"#),
+        "{page}"
+    );
+}
+
+sluice_test_support::pg_test! {
+/// `/write/metrics` in its friendly form lands in PostgreSQL's metric_series and
+/// metrics_points, as the seed design asks: one series per name and label set.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_metrics_lands_in_metric_series_and_points(flavor) {
+    let pg = sluice_test_support::pg::PgServer::start_on(flavor);
+    let dir = tempfile::tempdir().unwrap();
+    let server = Sluice::start(
+        dir.path(),
+        &[
+            ("POSTGRES__URL", pg.url.as_str()),
+            ("POSTGRES__LINGER", "50ms"),
+        ],
+    );
+    let mut body = Vec::new();
+    for i in 0..300i64 {
+        let host = ["a", "b", "c"][(i % 3) as usize];
+        writeln!(
+            body,
+            r#"{{"name": "cpu_usage", "labels": {{"host": "{host}", "dc": "x"}}, "value": {i}, "time": {}}}"#,
+            1_796_119_200_000i64 + i * 1000
+        )
+        .unwrap();
+    }
+    let (status, answer, _) = post(
+        &server,
+        "/write/metrics",
+        "application/x-ndjson",
+        Some("gzip"),
+        gzip(&body),
+    )
+    .await;
+    assert_eq!((status, &answer), (200, &serde_json::json!({"rows": 300})));
+    wait_sink_caught_up(&server, "postgres").await;
+    let db = pg.client().await;
+    let rows = db
+        .query(
+            "SELECT ms.metric_name, ms.labels->>'host', count(*), sum(mp.value)::float8,
+                    min(mp.time) = '2026-12-01T10:00:00Z'::timestamptz
+             FROM metrics_points mp JOIN metric_series ms USING (series_id)
+             GROUP BY 1, 2 ORDER BY 2",
+            &[],
+        )
+        .await
+        .unwrap();
+    let got: Vec<(String, String, i64, f64, bool)> = rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)))
+        .collect();
+    let sum = |k: i64| (0..300i64).filter(|i| i % 3 == k).sum::<i64>() as f64;
+    assert_eq!(
+        got,
+        vec![
+            ("cpu_usage".into(), "a".into(), 100, sum(0), true),
+            ("cpu_usage".into(), "b".into(), 100, sum(1), false),
+            ("cpu_usage".into(), "c".into(), 100, sum(2), false),
+        ]
+    );
+}
+}

@@ -34,7 +34,7 @@ use tracing::Instrument;
 use crate::edge::status;
 use crate::state::AppState;
 use sluice_core::error::Error;
-use sluice_ingest::RawIpc;
+use sluice_ingest::{MemoryWait, RawIpc};
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
@@ -364,7 +364,7 @@ impl FlightService for FlightFrontEnd {
                             request_id += 1;
                             rows += batch.num_rows() as u64;
                             ingest
-                                .submit(&table, batch, raw, "flight")
+                                .submit(&table, batch, raw, "flight", MemoryWait::Forever)
                                 .await
                                 .map(|p| (request_id, p))
                                 .map_err(|e| {

@@ -12,7 +12,8 @@
 //! [`Ingest::submit`](sluice_ingest::Ingest::submit): one WAL record per batch of at most
 //! [`BATCH_ROWS`] rows / [`BATCH_BYTES`] bytes of JSON. The answer, `{"rows": n}`, comes once
 //! all of them are durable. A refused request stores nothing, and its error names the
-//! line (1-based, of the decompressed body), the field and what was wrong.
+//! line (1-based, of the decompressed body), the field and what was wrong. A request
+//! waits at most [`MEMORY_WAIT`] for room in the memory budget, then is answered 429.
 //!
 //! # JSON to columns
 //! - `timestamp*` columns take RFC 3339 strings (no offset = UTC) or integers, which are
@@ -44,11 +45,15 @@ use tracing::Instrument;
 use crate::edge::HttpError;
 use crate::state::AppState;
 use sluice_core::error::{Error, Result};
+use sluice_ingest::MemoryWait;
 
 /// Most rows of one batch (one WAL record) a request is cut into.
 pub const BATCH_ROWS: usize = 65_536;
 /// Most bytes of JSON records one batch is decoded from.
 pub const BATCH_BYTES: usize = 16 << 20;
+/// How long a request waits for room in the memory budget before it is answered 429
+/// (`Retry-After`), so the client sends it again rather than hold the request open.
+pub const MEMORY_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 /// Deepest nesting of objects and arrays a record may have (the record itself is level
 /// 1). arrow-json describes a value it cannot take recursively, so a deeper one would
 /// overflow the stack; `jsonb` values are parsed with serde_json, which stops at 128.
@@ -93,7 +98,8 @@ pub async fn write(
             .map_err(Error::internal)??;
         let mut pending = Vec::with_capacity(batches.len());
         for (batch, line) in batches {
-            match state.ingest.submit(&table, batch, None, "rest").await {
+            let wait = MemoryWait::AtMost(MEMORY_WAIT);
+            match state.ingest.submit(&table, batch, None, "rest", wait).await {
                 Ok(p) => pending.push(p),
                 // Batches already submitted stay: say which lines were stored.
                 Err(e) if !pending.is_empty() => {

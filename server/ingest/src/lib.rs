@@ -53,17 +53,31 @@ pub struct RawIpc {
     pub body: bytes::Bytes,
 }
 
+/// How long a write may wait for room in the memory budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemoryWait {
+    /// Until there is room: the caller's stream stalls (Flight: the client's DoPut waits,
+    /// which is the backpressure of a stream).
+    Forever,
+    /// At most this long; then the write is refused as `ResourceExhausted` (HTTP 429
+    /// with `Retry-After`), so that a request/response client sends it again later
+    /// instead of holding a request open.
+    AtMost(std::time::Duration),
+}
+
 /// What the protocol front ends call; they never see stores.
 #[async_trait::async_trait]
 pub trait Ingest: Send + Sync {
     /// Validates `batch` for `table` and submits it to the WAL. Waits (without reading
-    /// more input) while the memory budget is full. The returned write is not yet durable.
+    /// more input) while the memory budget is full, as `wait` allows. The returned write
+    /// is not yet durable.
     async fn submit(
         &self,
         table: &str,
         batch: RecordBatch,
         raw: Option<RawIpc>,
         protocol: &str,
+        wait: MemoryWait,
     ) -> Result<PendingWrite>;
 
     /// Checks that `table` can be written to at all (registered, routed to a sink).
@@ -287,6 +301,7 @@ impl Ingest for Pipeline {
         batch: RecordBatch,
         raw: Option<RawIpc>,
         protocol: &str,
+        wait: MemoryWait,
     ) -> Result<PendingWrite> {
         let resolved = match self.lookup(table).await {
             Ok(t) => t,
@@ -319,7 +334,21 @@ impl Ingest for Pipeline {
         let bytes = data_size(&reshaped);
         // In flight: the batch and its IPC encoding. Buffered: the batch, and the received
         // message too when reshape copied columns out of it.
-        let charge = self.memory.charge(2 * bytes).await.ok_or_else(|| {
+        let charge = match wait {
+            MemoryWait::Forever => self.memory.charge(2 * bytes).await,
+            MemoryWait::AtMost(limit) => {
+                match tokio::time::timeout(limit, self.memory.charge(2 * bytes)).await {
+                    Ok(charge) => charge,
+                    Err(_) => {
+                        self.refuse(table, &reshaped, "memory_full");
+                        return Err(Error::ResourceExhausted(format!(
+                            "table '{table}': the memory budget (memory.budget) stayed full for {limit:?}: the sinks are behind; send again later"
+                        )));
+                    }
+                }
+            }
+        };
+        let charge = charge.ok_or_else(|| {
             Error::ResourceExhausted(format!(
                 "table '{table}': a batch of {bytes} bytes does not fit the memory budget twice"
             ))
