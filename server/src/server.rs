@@ -402,6 +402,7 @@ pub async fn run(config: Config, on_ready: impl FnOnce(BoundAddrs)) -> Result<()
             .max_frame_size(Some(1 << 20))
             .layer(sluice_frontends::edge::GrpcEdgeLayer)
             .add_service(flight)
+            .add_service(sluice_frontends::otlp::logs_service(state.clone(), max_msg))
             .serve_with_incoming_shutdown(conns.clone().incoming(grpc_listener), async move {
                 let _ = grpc_shutdown.recv().await;
             }),

@@ -132,21 +132,26 @@ impl From<Error> for HttpError {
     }
 }
 
+/// The one mapping of an [`Error`] to an HTTP status code.
+pub fn http_status(e: &Error) -> axum::http::StatusCode {
+    use axum::http::StatusCode;
+    match e {
+        Error::InvalidArgument(_) | Error::LimitExceeded(_) => StatusCode::BAD_REQUEST,
+        Error::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+        Error::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        Error::NotFound(_) => StatusCode::NOT_FOUND,
+        Error::FailedPrecondition(_) => StatusCode::CONFLICT,
+        Error::ResourceExhausted(_) => StatusCode::TOO_MANY_REQUESTS,
+        Error::InsufficientStorage(_) => StatusCode::INSUFFICIENT_STORAGE,
+        Error::DeadlineExceeded(_) => StatusCode::GATEWAY_TIMEOUT,
+        Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
 impl axum::response::IntoResponse for HttpError {
     fn into_response(self) -> axum::response::Response {
-        use axum::http::StatusCode;
-        let status = match &self.0 {
-            Error::InvalidArgument(_) | Error::LimitExceeded(_) => StatusCode::BAD_REQUEST,
-            Error::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            Error::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            Error::NotFound(_) => StatusCode::NOT_FOUND,
-            Error::FailedPrecondition(_) => StatusCode::CONFLICT,
-            Error::ResourceExhausted(_) => StatusCode::TOO_MANY_REQUESTS,
-            Error::InsufficientStorage(_) => StatusCode::INSUFFICIENT_STORAGE,
-            Error::DeadlineExceeded(_) => StatusCode::GATEWAY_TIMEOUT,
-            Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-            Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
-        };
+        let status = http_status(&self.0);
         let mut resp = (
             status,
             axum::Json(serde_json::json!({"error": self.0.to_string()})),

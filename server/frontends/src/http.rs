@@ -5,6 +5,7 @@
 //! | POST `/schema/register` | register a table (JSON with `name`) → `{"name","version"}` |
 //! | GET `/schema`, `/schema/{table}` | registered schemas |
 //! | POST `/write/{table}`, `/write/metrics`, `/write/logs` | JSON array or NDJSON rows (gzip/zstd) → `{"rows"}` once durable ([`crate::write`]) |
+//! | POST `/v1/logs` | OTLP/HTTP logs, protobuf ([`crate::otlp`]) |
 //! | POST `/query` `{"sql"}` | JSON rows, or an Arrow IPC stream with `Accept: application/vnd.apache.arrow.stream` |
 //! | GET `/healthz`, `/readyz`, `/metrics` | liveness, readiness with sink state, Prometheus text |
 
@@ -36,6 +37,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/schema/{table}", get(get_schema))
         .route("/query", post(query))
         .route("/write/{table}", post(crate::write::write))
+        .route("/v1/logs", post(crate::otlp::http_logs))
         .layer(axum::middleware::from_fn(same_site_json))
         .layer(crate::edge::http_catch_panic())
         .with_state(state)
@@ -84,7 +86,11 @@ async fn same_site_json(req: axum::extract::Request, next: axum::middleware::Nex
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
     let media = content_type.split(';').next().unwrap_or("").trim();
-    if !JSON_TYPES.iter().any(|t| media.eq_ignore_ascii_case(t)) {
+    // OTLP/HTTP's protobuf bodies: a browser cannot send them cross-site without asking
+    // first either.
+    let otlp =
+        req.uri().path().starts_with("/v1/") && media.eq_ignore_ascii_case(crate::otlp::PROTOBUF);
+    if !otlp && !JSON_TYPES.iter().any(|t| media.eq_ignore_ascii_case(t)) {
         return refuse(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             format!(

@@ -4,6 +4,7 @@
 //! trait, answers back. A front end never talks to a store.
 //! - [`flight`]: Arrow Flight (DoPut, DoGet, actions).
 //! - [`http`]: the HTTP API (schema, SQL, health, metrics).
+//! - [`otlp`]: OTLP logs over gRPC (`LogsService`) and HTTP (`POST /v1/logs`).
 //! - [`write`]: REST JSON writes (`POST /write/{table}`), JSON to Arrow column by column.
 //! - [`state`]: what the doors share ([`state::AppState`]).
 //! - [`query`]: where SQL runs: its own runtime, limits, results streamed.
@@ -17,6 +18,7 @@ pub mod edge;
 pub mod flight;
 pub mod http;
 pub mod listen;
+pub mod otlp;
 pub mod query;
 pub mod state;
 pub mod write;

@@ -96,30 +96,11 @@ pub async fn write(
         let batches = tokio::task::spawn_blocking(move || decode(&resolved, &body))
             .await
             .map_err(Error::internal)??;
-        let mut pending = Vec::with_capacity(batches.len());
-        for (batch, line) in batches {
-            let wait = MemoryWait::AtMost(MEMORY_WAIT);
-            match state.ingest.submit(&table, batch, None, "rest", wait).await {
-                Ok(p) => pending.push(p),
-                // Batches already submitted stay: say which lines were stored.
-                Err(e) if !pending.is_empty() => {
-                    let mut stored = 0;
-                    for p in pending {
-                        stored += p.rows;
-                        p.durable().await?;
-                    }
-                    return Err(e.context(&format!(
-                        "the records before line {line} ({stored} rows) were stored; send the rest again from line {line}"
-                    )));
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        let mut rows = 0;
-        for p in pending {
-            rows += p.rows;
-            p.durable().await?;
-        }
+        let (batches, lines): (Vec<_>, Vec<_>) = batches.into_iter().unzip();
+        let rows = submit_all(&state, &table, batches, "rest", |i| {
+            format!("line {}", lines[i])
+        })
+        .await?;
         Ok(Json(serde_json::json!({ "rows": rows })).into_response())
     }
     .instrument(span)
@@ -127,9 +108,52 @@ pub async fn write(
     .map_err(HttpError)
 }
 
+/// Submits a request's batches (all of them decoded and reshaped already) and waits until
+/// every one is durable; returns the rows. Each waits at most [`MEMORY_WAIT`] for memory.
+/// If a later batch is refused after earlier ones were submitted (a disk that filled
+/// meanwhile), the error says what was stored: "the records before `start(i)`".
+pub(crate) async fn submit_all(
+    state: &AppState,
+    table: &str,
+    batches: Vec<RecordBatch>,
+    protocol: &str,
+    start: impl Fn(usize) -> String,
+) -> Result<u64> {
+    let mut pending = Vec::with_capacity(batches.len());
+    for (i, batch) in batches.into_iter().enumerate() {
+        let wait = MemoryWait::AtMost(MEMORY_WAIT);
+        match state
+            .ingest
+            .submit(table, batch, None, protocol, wait)
+            .await
+        {
+            Ok(p) => pending.push(p),
+            // Batches already submitted stay: say which were stored.
+            Err(e) if !pending.is_empty() => {
+                let mut stored = 0;
+                for p in pending {
+                    stored += p.rows;
+                    p.durable().await?;
+                }
+                let from = start(i);
+                return Err(e.context(&format!(
+                    "the records before {from} ({stored} rows) were stored; send the rest again from {from}"
+                )));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    let mut rows = 0;
+    for p in pending {
+        rows += p.rows;
+        p.durable().await?;
+    }
+    Ok(rows)
+}
+
 /// Reads the body (at most `limit` bytes) and undoes its `Content-Encoding` (the result
 /// at most `limit` bytes as well).
-async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Vec<u8>> {
+pub(crate) async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Vec<u8>> {
     let too_large = |what: &str| {
         Error::PayloadTooLarge(format!(
             "the request body is larger than {limit} bytes{what} (server.max_body_size): split it"

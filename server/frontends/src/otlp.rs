@@ -1,0 +1,578 @@
+//! OTLP logs: the OpenTelemetry protocol's `LogsService` over gRPC (on the Flight port,
+//! gzip accepted) and `POST /v1/logs` over HTTP (protobuf, gzip or zstd).
+//!
+//! # What flows through it
+//! An `ExportLogsServiceRequest` (the official protobufs, `opentelemetry-proto`) is turned
+//! column by column into Arrow arrays of the `logs_events` seed table ([`logs_batch`]):
+//!
+//! | column | from |
+//! |---|---|
+//! | `timestamp` | `time_unix_nano`, or `observed_time_unix_nano` when it is 0, or the time of receipt when both are |
+//! | `service` | resource attribute `service.name` (`unknown_service` without one, as the OpenTelemetry SDKs say) |
+//! | `host` | resource attribute `host.name` ("" without one) |
+//! | `level` | `severity_text`, or from `severity_number` when the text is empty: 1–4 `trace`, 5–8 `debug`, 9–12 `info`, 13–16 `warn`, 17–20 `error`, 21–24 `fatal` ("" for 0) |
+//! | `trace_id`, `span_id` | lowercase hex ("" when absent) |
+//! | `message` | the body: a string as it is, any other value as JSON ("" without a body) |
+//! | `labels` | the record's attributes as they are, the resource's under `resource.`, the scope's under `scope.`, plus `scope.name` and `scope.version` when set; string values as they are, others as JSON (bytes as base64) |
+//!
+//! The batch goes through [`Ingest::submit`](sluice_ingest::Ingest::submit) like any other
+//! (registry, reshape, WAL, sinks), cut into batches of at most
+//! [`BATCH_ROWS`](crate::write::BATCH_ROWS) rows; the answer comes once every row is
+//! durable. A record that cannot be stored (a time past what a signed 64-bit nanosecond
+//! count holds) is counted in `partial_success.rejected_log_records` with a message, and
+//! the rest are stored. A full memory budget or WAL disk budget is UNAVAILABLE over gRPC
+//! and 503 with `Retry-After` over HTTP, which OTLP exporters retry.
+//!
+//! OTLP/JSON is refused (415) until its decoder lands: the `opentelemetry-proto` crate's
+//! serde support drops values silently, so it is not used.
+
+use std::sync::Arc;
+
+use arrow::array::{
+    Array, ArrayRef, MapBuilder, MapFieldNames, RecordBatch, StringBuilder,
+    TimestampNanosecondBuilder,
+};
+use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use base64::Engine;
+use opentelemetry_proto::tonic::collector::logs::v1::logs_service_server::{
+    LogsService, LogsServiceServer,
+};
+use opentelemetry_proto::tonic::collector::logs::v1::{
+    ExportLogsPartialSuccess, ExportLogsServiceRequest, ExportLogsServiceResponse,
+};
+use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
+use prost::Message;
+use tonic::codec::CompressionEncoding;
+use tracing::Instrument;
+
+use crate::edge::status;
+use crate::state::AppState;
+use crate::write::{read_body, submit_all, BATCH_ROWS};
+use sluice_core::error::{Error, Result};
+
+/// The seed table OTLP logs land in.
+pub const LOGS_TABLE: &str = "logs_events";
+/// Media type of OTLP/HTTP protobuf bodies.
+pub const PROTOBUF: &str = "application/x-protobuf";
+
+/// The gRPC `LogsService`, gzip accepted and answered, messages up to `max_message`.
+pub fn logs_service(state: Arc<AppState>, max_message: usize) -> LogsServiceServer<OtlpLogs> {
+    LogsServiceServer::new(OtlpLogs { state })
+        .accept_compressed(CompressionEncoding::Gzip)
+        .send_compressed(CompressionEncoding::Gzip)
+        .max_decoding_message_size(max_message)
+}
+
+/// The gRPC logs door.
+pub struct OtlpLogs {
+    state: Arc<AppState>,
+}
+
+#[tonic::async_trait]
+impl LogsService for OtlpLogs {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportLogsServiceRequest>,
+    ) -> std::result::Result<tonic::Response<ExportLogsServiceResponse>, tonic::Status> {
+        let span = tracing::info_span!("otlp_logs", protocol = "otlp_grpc");
+        export_logs(&self.state, request.into_inner(), "otlp_grpc")
+            .instrument(span)
+            .await
+            .map(tonic::Response::new)
+            .map_err(grpc_status)
+    }
+}
+
+/// OTLP's retry rule: a write refused for lack of room is UNAVAILABLE (which exporters
+/// retry), not RESOURCE_EXHAUSTED (which they retry only with RetryInfo); the rest as on
+/// every door.
+fn grpc_status(e: Error) -> tonic::Status {
+    if e.is_retryable() {
+        tonic::Status::unavailable(e.to_string())
+    } else {
+        status(e)
+    }
+}
+
+/// Stores the request's log records (those that can be) and says what it could not.
+pub async fn export_logs(
+    state: &AppState,
+    request: ExportLogsServiceRequest,
+    protocol: &str,
+) -> Result<ExportLogsServiceResponse> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i64);
+    let logs = logs_batch(&request, now)?;
+    let rows = logs.batch.num_rows();
+    let batches: Vec<RecordBatch> = (0..rows)
+        .step_by(BATCH_ROWS)
+        .map(|from| logs.batch.slice(from, BATCH_ROWS.min(rows - from)))
+        .collect();
+    submit_all(state, LOGS_TABLE, batches, protocol, |i| {
+        format!(
+            "log record {} (counting the ones taken)",
+            i * BATCH_ROWS + 1
+        )
+    })
+    .await?;
+    Ok(ExportLogsServiceResponse {
+        partial_success: (logs.rejected > 0).then(|| ExportLogsPartialSuccess {
+            rejected_log_records: logs.rejected as i64,
+            error_message: logs.errors.join("; "),
+        }),
+    })
+}
+
+/// The `logs_events` rows of a request, and the records that could not be taken.
+pub struct LogRows {
+    pub batch: RecordBatch,
+    pub rejected: usize,
+    /// The first few reasons (at most [`MAX_ERRORS`]).
+    pub errors: Vec<String>,
+}
+
+/// Reasons kept for a partial success message.
+pub const MAX_ERRORS: usize = 5;
+
+/// The Arrow batch (the columns of `logs_events`, names and order as registered) of every
+/// log record of `request`; `now_ns` is the time of receipt. See the module doc.
+pub fn logs_batch(request: &ExportLogsServiceRequest, now_ns: i64) -> Result<LogRows> {
+    let names = MapFieldNames {
+        entry: "entries".into(),
+        key: "key".into(),
+        value: "value".into(),
+    };
+    let mut timestamp = TimestampNanosecondBuilder::new().with_timezone("UTC");
+    let (mut service, mut host, mut level) = (
+        StringBuilder::new(),
+        StringBuilder::new(),
+        StringBuilder::new(),
+    );
+    let (mut trace_id, mut span_id, mut message) = (
+        StringBuilder::new(),
+        StringBuilder::new(),
+        StringBuilder::new(),
+    );
+    let mut labels = MapBuilder::new(Some(names), StringBuilder::new(), StringBuilder::new());
+    let (mut rejected, mut errors) = (0usize, Vec::new());
+    let mut index = 0usize;
+    for resource_logs in &request.resource_logs {
+        let resource_attrs: &[KeyValue] = resource_logs
+            .resource
+            .as_ref()
+            .map_or(&[], |r| &r.attributes);
+        let resource_string = |key: &str| {
+            resource_attrs
+                .iter()
+                .find(|kv| kv.key == key)
+                .map(|kv| kv.value.as_ref().map(label_value).unwrap_or_default())
+        };
+        let service_name =
+            resource_string("service.name").unwrap_or_else(|| "unknown_service".to_string());
+        let host_name = resource_string("host.name").unwrap_or_default();
+        for scope_logs in &resource_logs.scope_logs {
+            for record in &scope_logs.log_records {
+                index += 1;
+                let nanos = [record.time_unix_nano, record.observed_time_unix_nano]
+                    .into_iter()
+                    .find(|t| *t != 0)
+                    .map_or(Ok(now_ns), i64::try_from);
+                let Ok(nanos) = nanos else {
+                    rejected += 1;
+                    if errors.len() < MAX_ERRORS {
+                        errors.push(format!(
+                            "log record {index}: time_unix_nano {} is past what a signed 64-bit nanosecond count holds",
+                            record.time_unix_nano
+                        ));
+                    }
+                    continue;
+                };
+                timestamp.append_value(nanos);
+                service.append_value(&service_name);
+                host.append_value(&host_name);
+                level.append_value(level_of(&record.severity_text, record.severity_number));
+                trace_id.append_value(hex(&record.trace_id));
+                span_id.append_value(hex(&record.span_id));
+                message.append_value(record.body.as_ref().map(label_value).unwrap_or_default());
+                for kv in &record.attributes {
+                    labels.keys().append_value(&kv.key);
+                    labels
+                        .values()
+                        .append_value(kv.value.as_ref().map(label_value).unwrap_or_default());
+                }
+                for kv in resource_attrs {
+                    labels.keys().append_value(format!("resource.{}", kv.key));
+                    labels
+                        .values()
+                        .append_value(kv.value.as_ref().map(label_value).unwrap_or_default());
+                }
+                if let Some(scope) = &scope_logs.scope {
+                    for (key, value) in [
+                        ("scope.name", &scope.name),
+                        ("scope.version", &scope.version),
+                    ] {
+                        if !value.is_empty() {
+                            labels.keys().append_value(key);
+                            labels.values().append_value(value);
+                        }
+                    }
+                    for kv in &scope.attributes {
+                        labels.keys().append_value(format!("scope.{}", kv.key));
+                        labels
+                            .values()
+                            .append_value(kv.value.as_ref().map(label_value).unwrap_or_default());
+                    }
+                }
+                labels.append(true).map_err(Error::internal)?;
+            }
+        }
+    }
+    let labels = labels.finish();
+    let schema = Arc::new(Schema::new(vec![
+        Field::new(
+            "timestamp",
+            DataType::Timestamp(TimeUnit::Nanosecond, Some("UTC".into())),
+            false,
+        ),
+        Field::new("service", DataType::Utf8, false),
+        Field::new("host", DataType::Utf8, false),
+        Field::new("level", DataType::Utf8, false),
+        Field::new("trace_id", DataType::Utf8, false),
+        Field::new("span_id", DataType::Utf8, false),
+        Field::new("message", DataType::Utf8, false),
+        Field::new("labels", labels.data_type().clone(), false),
+    ]));
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(timestamp.finish()),
+        Arc::new(service.finish()),
+        Arc::new(host.finish()),
+        Arc::new(level.finish()),
+        Arc::new(trace_id.finish()),
+        Arc::new(span_id.finish()),
+        Arc::new(message.finish()),
+        Arc::new(labels),
+    ];
+    let batch = RecordBatch::try_new(schema, columns).map_err(Error::internal)?;
+    Ok(LogRows {
+        batch,
+        rejected,
+        errors,
+    })
+}
+
+/// The level word of a record (see the module doc).
+fn level_of(text: &str, number: i32) -> &str {
+    if !text.is_empty() {
+        return text;
+    }
+    match number {
+        1..=4 => "trace",
+        5..=8 => "debug",
+        9..=12 => "info",
+        13..=16 => "warn",
+        17..=20 => "error",
+        21..=24 => "fatal",
+        _ => "",
+    }
+}
+
+/// Lowercase hex of an id ("" for none).
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        let _ = write!(s, "{b:02x}");
+    }
+    s
+}
+
+/// A value as a label or message: a string as it is, anything else as JSON text.
+fn label_value(v: &AnyValue) -> String {
+    match &v.value {
+        Some(any_value::Value::StringValue(s)) => s.clone(),
+        None => String::new(),
+        Some(_) => any_json(v).to_string(),
+    }
+}
+
+/// An OTLP value as JSON: numbers as numbers (NaN and infinities as the strings protobuf's
+/// JSON mapping uses), bytes as base64, arrays and key-value lists nested.
+fn any_json(v: &AnyValue) -> serde_json::Value {
+    use serde_json::Value as J;
+    match &v.value {
+        None => J::Null,
+        Some(any_value::Value::StringValue(s)) => J::String(s.clone()),
+        Some(any_value::Value::BoolValue(b)) => J::Bool(*b),
+        Some(any_value::Value::IntValue(i)) => J::from(*i),
+        Some(any_value::Value::DoubleValue(d)) => serde_json::Number::from_f64(*d)
+            .map(J::Number)
+            .unwrap_or_else(|| {
+                J::String(if d.is_nan() {
+                    "NaN".into()
+                } else if *d > 0.0 {
+                    "Infinity".into()
+                } else {
+                    "-Infinity".into()
+                })
+            }),
+        Some(any_value::Value::BytesValue(b)) => {
+            J::String(base64::engine::general_purpose::STANDARD.encode(b))
+        }
+        Some(any_value::Value::ArrayValue(a)) => J::Array(a.values.iter().map(any_json).collect()),
+        Some(any_value::Value::KvlistValue(l)) => J::Object(
+            l.values
+                .iter()
+                .map(|kv| (kv.key.clone(), kv.value.as_ref().map_or(J::Null, any_json)))
+                .collect(),
+        ),
+    }
+}
+
+/// `POST /v1/logs`: OTLP/HTTP with a protobuf body (gzip or zstd allowed); the answer is
+/// an `ExportLogsServiceResponse` in protobuf, or on failure a `google.rpc.Status`.
+pub async fn http_logs(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let span = tracing::info_span!("otlp_logs", protocol = "otlp_http");
+    async move {
+        let media = headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
+        if media != PROTOBUF {
+            return http_error(Error::UnsupportedMediaType(format!(
+                "OTLP/HTTP here takes {PROTOBUF} bodies (got '{media}'); OTLP/JSON is not supported yet: set the exporter's protocol to http/protobuf"
+            )));
+        }
+        let bytes = match read_body(body, &headers, state.max_body_size).await {
+            Ok(b) => b,
+            Err(e) => return http_error(e),
+        };
+        let request = match ExportLogsServiceRequest::decode(&bytes[..]) {
+            Ok(r) => r,
+            Err(e) => {
+                return http_error(Error::InvalidArgument(format!(
+                    "the body is not an OTLP ExportLogsServiceRequest: {e}"
+                )))
+            }
+        };
+        match export_logs(&state, request, "otlp_http").await {
+            Ok(resp) => (
+                [(header::CONTENT_TYPE, PROTOBUF)],
+                resp.encode_to_vec(),
+            )
+                .into_response(),
+            Err(e) => http_error(e),
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+/// `google.rpc.Status`, the body of an OTLP/HTTP error.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct RpcStatus {
+    #[prost(int32, tag = "1")]
+    pub code: i32,
+    #[prost(string, tag = "2")]
+    pub message: String,
+}
+
+/// An OTLP/HTTP error: the status code of the one HTTP mapping, except that a write
+/// refused for lack of room is 503 (which exporters retry) with `Retry-After`; the body
+/// is a protobuf `google.rpc.Status`.
+fn http_error(e: Error) -> Response {
+    let retryable = e.is_retryable();
+    let status_code = if retryable {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        crate::edge::http_status(&e)
+    };
+    let message = e.to_string();
+    let body = RpcStatus {
+        code: status(e).code() as i32,
+        message,
+    }
+    .encode_to_vec();
+    let mut out = (status_code, [(header::CONTENT_TYPE, PROTOBUF)], body).into_response();
+    if retryable {
+        out.headers_mut()
+            .insert("retry-after", axum::http::HeaderValue::from_static("1"));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{Array, AsArray};
+    use opentelemetry_proto::tonic::common::v1::{ArrayValue, InstrumentationScope, KeyValueList};
+    use opentelemetry_proto::tonic::logs::v1::{LogRecord, ResourceLogs, ScopeLogs};
+    use opentelemetry_proto::tonic::resource::v1::Resource;
+
+    fn kv(key: &str, value: any_value::Value) -> KeyValue {
+        KeyValue {
+            key: key.into(),
+            value: Some(AnyValue { value: Some(value) }),
+        }
+    }
+
+    fn s(v: &str) -> any_value::Value {
+        any_value::Value::StringValue(v.into())
+    }
+
+    pub fn request() -> ExportLogsServiceRequest {
+        let record = |time: u64, observed: u64, text: &str, number: i32, body| LogRecord {
+            time_unix_nano: time,
+            observed_time_unix_nano: observed,
+            severity_text: text.into(),
+            severity_number: number,
+            body,
+            attributes: vec![kv("user", s("u1")), kv("n", any_value::Value::IntValue(7))],
+            trace_id: (1..=16).collect(),
+            span_id: vec![0xab; 8],
+            ..Default::default()
+        };
+        ExportLogsServiceRequest {
+            resource_logs: vec![ResourceLogs {
+                resource: Some(Resource {
+                    attributes: vec![kv("service.name", s("api")), kv("host.name", s("h1"))],
+                    ..Default::default()
+                }),
+                scope_logs: vec![ScopeLogs {
+                    scope: Some(InstrumentationScope {
+                        name: "lib".into(),
+                        version: "1.2".into(),
+                        attributes: vec![kv("k", any_value::Value::BoolValue(true))],
+                        ..Default::default()
+                    }),
+                    log_records: vec![
+                        record(
+                            1_796_119_200_000_000_001,
+                            5,
+                            "",
+                            17,
+                            Some(AnyValue {
+                                value: Some(s("hello")),
+                            }),
+                        ),
+                        record(
+                            0,
+                            1_796_119_200_000_000_002,
+                            "Warning",
+                            13,
+                            Some(AnyValue {
+                                value: Some(any_value::Value::KvlistValue(KeyValueList {
+                                    values: vec![kv(
+                                        "a",
+                                        any_value::Value::ArrayValue(ArrayValue {
+                                            values: vec![
+                                                AnyValue {
+                                                    value: Some(any_value::Value::DoubleValue(
+                                                        f64::NAN,
+                                                    )),
+                                                },
+                                                AnyValue {
+                                                    value: Some(any_value::Value::BytesValue(
+                                                        vec![0, 255],
+                                                    )),
+                                                },
+                                            ],
+                                        }),
+                                    )],
+                                })),
+                            }),
+                        ),
+                        record(u64::MAX, 0, "", 9, None),
+                        record(0, 0, "", 0, None),
+                    ],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+        }
+    }
+
+    #[test]
+    fn log_records_map_column_by_column() {
+        let rows = logs_batch(&request(), 42).unwrap();
+        assert_eq!(rows.rejected, 1);
+        assert!(rows.errors[0].contains("log record 3"), "{:?}", rows.errors);
+        let b = &rows.batch;
+        assert_eq!(b.num_rows(), 3);
+        let ts = b
+            .column(0)
+            .as_primitive::<arrow::datatypes::TimestampNanosecondType>();
+        assert_eq!(
+            ts.values().to_vec(),
+            vec![1_796_119_200_000_000_001, 1_796_119_200_000_000_002, 42]
+        );
+        let text = |c: usize| -> Vec<String> {
+            b.column(c)
+                .as_string::<i32>()
+                .iter()
+                .map(|v| v.unwrap().to_string())
+                .collect()
+        };
+        assert_eq!(text(1), vec!["api"; 3]);
+        assert_eq!(text(2), vec!["h1"; 3]);
+        assert_eq!(text(3), vec!["error", "Warning", ""]);
+        assert_eq!(text(4)[0], "0102030405060708090a0b0c0d0e0f10");
+        assert_eq!(text(5)[0], "abababababababab");
+        assert_eq!(
+            text(6),
+            vec![
+                "hello".to_string(),
+                r#"{"a":["NaN","AP8="]}"#.to_string(),
+                String::new(),
+            ]
+        );
+        let labels = b.column(7).as_map();
+        let first = labels.value(0);
+        let pairs: Vec<(String, String)> = (0..first.len())
+            .map(|i| {
+                (
+                    first.column(0).as_string::<i32>().value(i).to_string(),
+                    first.column(1).as_string::<i32>().value(i).to_string(),
+                )
+            })
+            .collect();
+        let expected: Vec<(String, String)> = [
+            ("user", "u1"),
+            ("n", "7"),
+            ("resource.service.name", "api"),
+            ("resource.host.name", "h1"),
+            ("scope.name", "lib"),
+            ("scope.version", "1.2"),
+            ("scope.k", "true"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        assert_eq!(pairs, expected);
+    }
+
+    #[test]
+    fn the_batch_fits_the_seed_table() {
+        let table = flight_schema::seeds::seed_tables()
+            .into_iter()
+            .find(|t| t.name == LOGS_TABLE)
+            .unwrap()
+            .validate(1)
+            .unwrap();
+        let rows = logs_batch(&request(), 42).unwrap();
+        let b = sluice_sql::reshape::reshape(&table, &rows.batch).unwrap();
+        assert_eq!(b.num_rows(), 3);
+        assert_eq!(b.column(0).len(), 3);
+    }
+}

@@ -1,0 +1,165 @@
+//! OTLP logs through the real binary: the gRPC `LogsService` on the Flight port (gzip)
+//! and `POST /v1/logs` (protobuf, gzip), landing in `logs_events` column by column,
+//! with partial success and the refusals OTLP exporters understand.
+
+use std::io::Write;
+
+use opentelemetry_proto::tonic::collector::logs::v1::logs_service_client::LogsServiceClient;
+use opentelemetry_proto::tonic::collector::logs::v1::{
+    ExportLogsServiceRequest, ExportLogsServiceResponse,
+};
+use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
+use opentelemetry_proto::tonic::logs::v1::{LogRecord, ResourceLogs, ScopeLogs};
+use opentelemetry_proto::tonic::resource::v1::Resource;
+use prost::Message;
+
+use crate::common::*;
+
+fn kv(key: &str, value: &str) -> KeyValue {
+    KeyValue {
+        key: key.into(),
+        value: Some(AnyValue {
+            value: Some(any_value::Value::StringValue(value.into())),
+        }),
+    }
+}
+
+/// `n` records of `service`, bodies "`service` i", one with a time past i64 nanoseconds
+/// when `bad` is set.
+fn request(service: &str, n: u64, bad: bool) -> ExportLogsServiceRequest {
+    let mut records: Vec<LogRecord> = (0..n)
+        .map(|i| LogRecord {
+            time_unix_nano: 1_796_119_200_000_000_000 + i * 1_000_000,
+            severity_number: 9,
+            body: Some(AnyValue {
+                value: Some(any_value::Value::StringValue(format!("{service} {i}"))),
+            }),
+            attributes: vec![kv("i", &i.to_string())],
+            trace_id: vec![0x0f; 16],
+            ..Default::default()
+        })
+        .collect();
+    if bad {
+        records.push(LogRecord {
+            time_unix_nano: u64::MAX,
+            ..Default::default()
+        });
+    }
+    ExportLogsServiceRequest {
+        resource_logs: vec![ResourceLogs {
+            resource: Some(Resource {
+                attributes: vec![kv("service.name", service), kv("host.name", "h1")],
+                ..Default::default()
+            }),
+            scope_logs: vec![ScopeLogs {
+                log_records: records,
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn otlp_logs_over_grpc_and_http_land_in_logs_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Sluice::start(dir.path(), &[]);
+
+    // gRPC, gzip, with one record that cannot be stored: partial success.
+    let mut grpc = LogsServiceClient::connect(format!("http://{}", server.grpc))
+        .await
+        .unwrap()
+        .send_compressed(tonic::codec::CompressionEncoding::Gzip);
+    let resp = grpc
+        .export(request("api", 100, true))
+        .await
+        .unwrap()
+        .into_inner();
+    let partial = resp.partial_success.expect("one record rejected");
+    assert_eq!(partial.rejected_log_records, 1);
+    assert!(
+        partial.error_message.contains("log record 101"),
+        "{}",
+        partial.error_message
+    );
+
+    // HTTP protobuf, gzip: full success is an empty response.
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(&request("web", 50, false).encode_to_vec())
+        .unwrap();
+    let http = reqwest::Client::new();
+    let r = http
+        .post(server.url("/v1/logs"))
+        .header("content-type", "application/x-protobuf")
+        .header("content-encoding", "gzip")
+        .body(gz.finish().unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-type"], "application/x-protobuf");
+    let resp = ExportLogsServiceResponse::decode(r.bytes().await.unwrap()).unwrap();
+    assert_eq!(resp.partial_success, None);
+
+    // The rows, column by column.
+    let mut client = server.flight().await;
+    assert_eq!(
+        query_i64(&mut client, "SELECT count(*) FROM logs_events").await,
+        150
+    );
+    let rows: serde_json::Value = http
+        .post(server.url("/query"))
+        .json(&serde_json::json!({"sql":
+            "SELECT CAST(timestamp AS BIGINT) AS t, service, host, level, trace_id, span_id, message
+             FROM logs_events WHERE message IN ('api 3', 'web 0') ORDER BY service"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        rows,
+        serde_json::json!([
+            {"t": 1_796_119_200_003i64, "service": "api", "host": "h1", "level": "info",
+             "trace_id": "0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f", "span_id": "", "message": "api 3"},
+            {"t": 1_796_119_200_000i64, "service": "web", "host": "h1", "level": "info",
+             "trace_id": "0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f", "span_id": "", "message": "web 0"},
+        ])
+    );
+
+    // Refusals an exporter understands: JSON (not yet) is 415, garbage is 400, both
+    // with a google.rpc.Status body; nothing stored.
+    for (content_type, body, code) in [
+        ("application/json", b"{}".to_vec(), 415),
+        ("application/x-protobuf", vec![0xff; 64], 400),
+    ] {
+        let r = http
+            .post(server.url("/v1/logs"))
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), code);
+        #[derive(Clone, PartialEq, prost::Message)]
+        struct Status {
+            #[prost(int32, tag = "1")]
+            code: i32,
+            #[prost(string, tag = "2")]
+            message: String,
+        }
+        let s = Status::decode(r.bytes().await.unwrap()).unwrap();
+        assert!(!s.message.is_empty());
+    }
+    assert_eq!(
+        query_i64(&mut client, "SELECT count(*) FROM logs_events").await,
+        150
+    );
+    let page = get_text(&server.url("/metrics")).await;
+    for protocol in ["otlp_grpc", "otlp_http"] {
+        let line =
+            format!(r#"sluice_ingest_rows_total{{protocol="{protocol}",table="logs_events"}}"#);
+        assert!(page.contains(&line), "{line} missing: {page}");
+    }
+}
