@@ -296,6 +296,19 @@ where
 }
 
 /// GET `url` and decode the JSON body.
+/// Rows of a query as JSON, through `POST /query`.
+pub async fn get_rows(server: &Sluice, sql: &str) -> serde_json::Value {
+    reqwest::Client::new()
+        .post(server.url("/query"))
+        .json(&serde_json::json!({ "sql": sql }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 pub async fn get_json(url: &str) -> serde_json::Value {
     reqwest::get(url)
         .await

@@ -198,15 +198,11 @@ async fn register_put_and_query_exact_values() {
 
     // HTTP: /query JSON, /schema, /healthz, /metrics.
     let http = reqwest::Client::new();
-    let rows: serde_json::Value = http
-        .post(server.url("/query"))
-        .json(&serde_json::json!({"sql": "SELECT host, count(*) AS n FROM cpu GROUP BY host ORDER BY host"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let rows = get_rows(
+        &server,
+        "SELECT host, count(*) AS n FROM cpu GROUP BY host ORDER BY host",
+    )
+    .await;
     assert_eq!(
         rows,
         serde_json::json!([{"host": "a", "n": 3}, {"host": "b", "n": 3}])

@@ -107,17 +107,12 @@ async fn otlp_logs_over_grpc_and_http_land_in_logs_events() {
         query_i64(&mut client, "SELECT count(*) FROM logs_events").await,
         150
     );
-    let rows: serde_json::Value = http
-        .post(server.url("/query"))
-        .json(&serde_json::json!({"sql":
-            "SELECT CAST(timestamp AS BIGINT) AS t, service, host, level, trace_id, span_id, message
-             FROM logs_events WHERE message IN ('api 3', 'web 0') ORDER BY service"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let rows = get_rows(
+        &server,
+        "SELECT CAST(timestamp AS BIGINT) AS t, service, host, level, trace_id, span_id, message
+         FROM logs_events WHERE message IN ('api 3', 'web 0') ORDER BY service",
+    )
+    .await;
     assert_eq!(
         rows,
         serde_json::json!([

@@ -268,19 +268,6 @@ async fn rest_writes_land_once_durable_and_refusals_store_nothing() {
     );
 }
 
-/// Rows of a query as JSON, through `POST /query`.
-async fn get_rows(server: &Sluice, sql: &str) -> serde_json::Value {
-    reqwest::Client::new()
-        .post(server.url("/query"))
-        .json(&serde_json::json!({ "sql": sql }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
-}
-
 /// With the memory budget full (a stalled archive holds every buffered batch), a REST
 /// write waits a moment and is then answered 429 with `Retry-After`, storing nothing of
 /// that request, instead of holding the request open.
