@@ -204,6 +204,26 @@ async fn rest_writes_land_once_durable_and_refusals_store_nothing() {
         1002
     );
 
+    // Hostile bodies: nesting deep enough to overflow a recursive decoder, a string
+    // never closed, NUL bytes. Each is a 400 and the server stays up.
+    for body in [
+        format!(
+            r#"{{"time": 1, "id": 1, "host": {}{}}}"#,
+            "[".repeat(100_000),
+            "]".repeat(100_000)
+        )
+        .into_bytes(),
+        b"{\"time\": 1, \"id\": 1, \"host\": \"".to_vec(),
+        vec![0u8; 4096],
+    ] {
+        let (status, answer, _) = post(&server, "/write/ev", "application/json", None, body).await;
+        assert_eq!(status, 400, "{answer}");
+    }
+    assert_eq!(
+        reqwest::get(server.url("/healthz")).await.unwrap().status(),
+        200
+    );
+
     // Unknown table.
     let (status, answer, _) = post(
         &server,
