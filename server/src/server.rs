@@ -403,6 +403,10 @@ pub async fn run(config: Config, on_ready: impl FnOnce(BoundAddrs)) -> Result<()
             .layer(sluice_frontends::edge::GrpcEdgeLayer)
             .add_service(flight)
             .add_service(sluice_frontends::otlp::logs_service(state.clone(), max_msg))
+            .add_service(sluice_frontends::otlp::traces::trace_service(
+                state.clone(),
+                max_msg,
+            ))
             .serve_with_incoming_shutdown(conns.clone().incoming(grpc_listener), async move {
                 let _ = grpc_shutdown.recv().await;
             }),

@@ -158,3 +158,113 @@ async fn otlp_logs_over_grpc_and_http_land_in_logs_events() {
         assert!(page.contains(&line), "{line} missing: {page}");
     }
 }
+
+/// OTLP traces over gRPC and HTTP: spans land in `spans`, their events in `span_events`,
+/// links in `attr['links']`; one span past i64 nanoseconds is a partial success.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn otlp_traces_land_in_spans_and_span_events() {
+    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
+    use opentelemetry_proto::tonic::collector::trace::v1::{
+        ExportTraceServiceRequest, ExportTraceServiceResponse,
+    };
+    use opentelemetry_proto::tonic::trace::v1::span::{Event, Link};
+    use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span, Status};
+
+    let request = |service: &str, n: u64, bad: bool| {
+        let mut spans: Vec<Span> = (0..n)
+            .map(|i| Span {
+                trace_id: vec![i as u8 + 1; 16],
+                // Both requests use the same trace ids: the span ids tell them apart.
+                span_id: vec![if service == "api" { 0x22 } else { 0x23 }; 8],
+                name: format!("{service} op"),
+                kind: 2,
+                start_time_unix_nano: 1_796_119_200_000_000_000 + i * 1_000_000,
+                end_time_unix_nano: 1_796_119_200_005_000_000 + i * 1_000_000,
+                events: vec![Event {
+                    time_unix_nano: 1_796_119_200_001_000_000,
+                    name: "retry".into(),
+                    attributes: vec![kv("attempt", "2")],
+                    ..Default::default()
+                }],
+                links: vec![Link {
+                    trace_id: vec![0x44; 16],
+                    span_id: vec![0x55; 8],
+                    ..Default::default()
+                }],
+                status: Some(Status {
+                    code: if i == 0 { 2 } else { 1 },
+                    message: String::new(),
+                }),
+                ..Default::default()
+            })
+            .collect();
+        if bad {
+            spans.push(Span {
+                start_time_unix_nano: u64::MAX,
+                ..Default::default()
+            });
+        }
+        ExportTraceServiceRequest {
+            resource_spans: vec![ResourceSpans {
+                resource: Some(Resource {
+                    attributes: vec![kv("service.name", service)],
+                    ..Default::default()
+                }),
+                scope_spans: vec![ScopeSpans {
+                    spans,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+        }
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let server = Sluice::start(dir.path(), &[]);
+    let mut grpc = TraceServiceClient::connect(format!("http://{}", server.grpc))
+        .await
+        .unwrap()
+        .send_compressed(tonic::codec::CompressionEncoding::Gzip);
+    let resp = grpc
+        .export(request("api", 10, true))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(resp.partial_success.unwrap().rejected_spans, 1);
+    let r = reqwest::Client::new()
+        .post(server.url("/v1/traces"))
+        .header("content-type", "application/x-protobuf")
+        .body(request("web", 5, false).encode_to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let resp = ExportTraceServiceResponse::decode(r.bytes().await.unwrap()).unwrap();
+    assert_eq!(resp.partial_success, None);
+
+    let mut client = server.flight().await;
+    assert_eq!(
+        query_i64(&mut client, "SELECT count(*) FROM spans").await,
+        15
+    );
+    assert_eq!(
+        query_i64(&mut client, "SELECT count(*) FROM span_events").await,
+        15
+    );
+    let rows = get_rows(
+        &server,
+        "SELECT s.service, s.name, s.duration_ns, s.status_code, s.attr['span.kind'] AS kind,
+                e.name AS event
+         FROM spans s JOIN span_events e USING (trace_id, span_id)
+         WHERE s.trace_id = '01010101010101010101010101010101' ORDER BY s.service",
+    )
+    .await;
+    assert_eq!(
+        rows,
+        serde_json::json!([
+            {"service": "api", "name": "api op", "duration_ns": 5_000_000, "status_code": "Error",
+             "kind": "Server", "event": "retry"},
+            {"service": "web", "name": "web op", "duration_ns": 5_000_000, "status_code": "Error",
+             "kind": "Server", "event": "retry"},
+        ])
+    );
+}

@@ -5,7 +5,7 @@
 //! | POST `/schema/register` | register a table (JSON with `name`) → `{"name","version"}` |
 //! | GET `/schema`, `/schema/{table}` | registered schemas |
 //! | POST `/write/{table}`, `/write/metrics`, `/write/logs` | JSON array or NDJSON rows (gzip/zstd) → `{"rows"}` once durable ([`crate::write`]) |
-//! | POST `/v1/logs` | OTLP/HTTP logs, protobuf ([`crate::otlp`]) |
+//! | POST `/v1/logs`, `/v1/traces` | OTLP/HTTP logs and traces, protobuf ([`crate::otlp`]) |
 //! | POST `/query` `{"sql"}` | JSON rows, or an Arrow IPC stream with `Accept: application/vnd.apache.arrow.stream` |
 //! | GET `/healthz`, `/readyz`, `/metrics` | liveness, readiness with sink state, Prometheus text |
 
@@ -38,6 +38,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/query", post(query))
         .route("/write/{table}", post(crate::write::write))
         .route("/v1/logs", post(crate::otlp::http_logs))
+        .route("/v1/traces", post(crate::otlp::traces::http_traces))
         .layer(axum::middleware::from_fn(same_site_json))
         .layer(crate::edge::http_catch_panic())
         .with_state(state)

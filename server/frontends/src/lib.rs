@@ -4,7 +4,8 @@
 //! trait, answers back. A front end never talks to a store.
 //! - [`flight`]: Arrow Flight (DoPut, DoGet, actions).
 //! - [`http`]: the HTTP API (schema, SQL, health, metrics).
-//! - [`otlp`]: OTLP logs over gRPC (`LogsService`) and HTTP (`POST /v1/logs`).
+//! - [`otlp`]: OTLP logs and traces over gRPC (`LogsService`, `TraceService`) and HTTP
+//!   (`POST /v1/logs`, `/v1/traces`).
 //! - [`write`]: REST JSON writes (`POST /write/{table}`), JSON to Arrow column by column.
 //! - [`state`]: what the doors share ([`state::AppState`]).
 //! - [`query`]: where SQL runs: its own runtime, limits, results streamed.

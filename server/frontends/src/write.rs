@@ -96,11 +96,11 @@ pub async fn write(
         let batches = tokio::task::spawn_blocking(move || decode(&resolved, &body))
             .await
             .map_err(Error::internal)??;
-        let (batches, lines): (Vec<_>, Vec<_>) = batches.into_iter().unzip();
-        let rows = submit_all(&state, &table, batches, "rest", |i| {
-            format!("line {}", lines[i])
-        })
-        .await?;
+        let (batches, lines): (Vec<_>, Vec<_>) = batches
+            .into_iter()
+            .map(|(b, line)| ((table.as_str(), b), line))
+            .unzip();
+        let rows = submit_all(&state, batches, "rest", |i| format!("line {}", lines[i])).await?;
         Ok(Json(serde_json::json!({ "rows": rows })).into_response())
     }
     .instrument(span)
@@ -108,19 +108,19 @@ pub async fn write(
     .map_err(HttpError)
 }
 
-/// Submits a request's batches (all of them decoded and reshaped already) and waits until
-/// every one is durable; returns the rows. Each waits at most [`MEMORY_WAIT`] for memory.
+/// Submits a request's batches (all of them decoded and reshaped already; each with its
+/// table, so that a request touching several tables acks once all are durable) and waits
+/// until every one is durable; returns the rows. Each waits at most [`MEMORY_WAIT`] for memory.
 /// If a later batch is refused after earlier ones were submitted (a disk that filled
 /// meanwhile), the error says what was stored: "the records before `start(i)`".
 pub(crate) async fn submit_all(
     state: &AppState,
-    table: &str,
-    batches: Vec<RecordBatch>,
+    batches: Vec<(&str, RecordBatch)>,
     protocol: &str,
     start: impl Fn(usize) -> String,
 ) -> Result<u64> {
     let mut pending = Vec::with_capacity(batches.len());
-    for (i, batch) in batches.into_iter().enumerate() {
+    for (i, (table, batch)) in batches.into_iter().enumerate() {
         let wait = MemoryWait::AtMost(MEMORY_WAIT);
         match state
             .ingest

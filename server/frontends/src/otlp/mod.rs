@@ -1,5 +1,7 @@
 //! OTLP logs: the OpenTelemetry protocol's `LogsService` over gRPC (on the Flight port,
-//! gzip accepted) and `POST /v1/logs` over HTTP (protobuf, gzip or zstd).
+//! gzip accepted) and `POST /v1/logs` over HTTP (protobuf, gzip or zstd). Traces are in
+//! [`traces`]; what every OTLP door shares (the HTTP body handling, the error answers,
+//! the value-to-text rules) is here.
 //!
 //! # What flows through it
 //! An `ExportLogsServiceRequest` (the official protobufs, `opentelemetry-proto`) is turned
@@ -52,6 +54,8 @@ use tracing::Instrument;
 use crate::edge::status;
 use crate::state::AppState;
 use crate::write::{read_body, submit_all, BATCH_ROWS};
+
+pub mod traces;
 use sluice_core::error::{Error, Result};
 
 /// The seed table OTLP logs land in.
@@ -90,7 +94,7 @@ impl LogsService for OtlpLogs {
 /// OTLP's retry rule: a write refused for lack of room is UNAVAILABLE (which exporters
 /// retry), not RESOURCE_EXHAUSTED (which they retry only with RetryInfo); the rest as on
 /// every door.
-fn grpc_status(e: Error) -> tonic::Status {
+pub(crate) fn grpc_status(e: Error) -> tonic::Status {
     if e.is_retryable() {
         tonic::Status::unavailable(e.to_string())
     } else {
@@ -108,12 +112,8 @@ pub async fn export_logs(
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as i64);
     let logs = logs_batch(&request, now)?;
-    let rows = logs.batch.num_rows();
-    let batches: Vec<RecordBatch> = (0..rows)
-        .step_by(BATCH_ROWS)
-        .map(|from| logs.batch.slice(from, BATCH_ROWS.min(rows - from)))
-        .collect();
-    submit_all(state, LOGS_TABLE, batches, protocol, |i| {
+    let batches = cut(LOGS_TABLE, &logs.batch);
+    submit_all(state, batches, protocol, |i| {
         format!(
             "log record {} (counting the ones taken)",
             i * BATCH_ROWS + 1
@@ -126,6 +126,15 @@ pub async fn export_logs(
             error_message: logs.errors.join("; "),
         }),
     })
+}
+
+/// `batch` for `table` in slices of at most [`BATCH_ROWS`] rows (none when empty).
+pub(crate) fn cut<'a>(table: &'a str, batch: &RecordBatch) -> Vec<(&'a str, RecordBatch)> {
+    let rows = batch.num_rows();
+    (0..rows)
+        .step_by(BATCH_ROWS)
+        .map(|from| (table, batch.slice(from, BATCH_ROWS.min(rows - from))))
+        .collect()
 }
 
 /// The `logs_events` rows of a request, and the records that could not be taken.
@@ -282,7 +291,7 @@ fn level_of(text: &str, number: i32) -> &str {
 }
 
 /// Lowercase hex of an id ("" for none).
-fn hex(bytes: &[u8]) -> String {
+pub(crate) fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write;
     let mut s = String::with_capacity(bytes.len() * 2);
     for b in bytes {
@@ -292,7 +301,7 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 /// A value as a label or message: a string as it is, anything else as JSON text.
-fn label_value(v: &AnyValue) -> String {
+pub(crate) fn label_value(v: &AnyValue) -> String {
     match &v.value {
         Some(any_value::Value::StringValue(s)) => s.clone(),
         None => String::new(),
@@ -302,7 +311,7 @@ fn label_value(v: &AnyValue) -> String {
 
 /// An OTLP value as JSON: numbers as numbers (NaN and infinities as the strings protobuf's
 /// JSON mapping uses), bytes as base64, arrays and key-value lists nested.
-fn any_json(v: &AnyValue) -> serde_json::Value {
+pub(crate) fn any_json(v: &AnyValue) -> serde_json::Value {
     use serde_json::Value as J;
     match &v.value {
         None => J::Null,
@@ -341,42 +350,60 @@ pub async fn http_logs(
     body: Body,
 ) -> Response {
     let span = tracing::info_span!("otlp_logs", protocol = "otlp_http");
-    async move {
-        let media = headers
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.split(';').next())
-            .unwrap_or("")
-            .trim()
-            .to_ascii_lowercase();
-        if media != PROTOBUF {
-            return http_error(Error::UnsupportedMediaType(format!(
-                "OTLP/HTTP here takes {PROTOBUF} bodies (got '{media}'); OTLP/JSON is not supported yet: set the exporter's protocol to http/protobuf"
-            )));
-        }
-        let bytes = match read_body(body, &headers, state.max_body_size).await {
-            Ok(b) => b,
-            Err(e) => return http_error(e),
-        };
-        let request = match ExportLogsServiceRequest::decode(&bytes[..]) {
-            Ok(r) => r,
-            Err(e) => {
-                return http_error(Error::InvalidArgument(format!(
-                    "the body is not an OTLP ExportLogsServiceRequest: {e}"
-                )))
-            }
-        };
-        match export_logs(&state, request, "otlp_http").await {
-            Ok(resp) => (
-                [(header::CONTENT_TYPE, PROTOBUF)],
-                resp.encode_to_vec(),
-            )
-                .into_response(),
-            Err(e) => http_error(e),
-        }
-    }
+    http_export(
+        state,
+        headers,
+        body,
+        "ExportLogsServiceRequest",
+        |state, r| async move { export_logs(&state, r, "otlp_http").await },
+    )
     .instrument(span)
     .await
+}
+
+/// One OTLP/HTTP request: the body checked (protobuf, size, encoding) and decoded as
+/// `Req` (named `what` in errors), handed to `export`, its answer encoded.
+pub(crate) async fn http_export<Req, Resp, F, Fut>(
+    state: Arc<AppState>,
+    headers: HeaderMap,
+    body: Body,
+    what: &str,
+    export: F,
+) -> Response
+where
+    Req: Message + Default,
+    Resp: Message,
+    F: FnOnce(Arc<AppState>, Req) -> Fut,
+    Fut: std::future::Future<Output = Result<Resp>>,
+{
+    let media = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    if media != PROTOBUF {
+        return http_error(Error::UnsupportedMediaType(format!(
+            "OTLP/HTTP here takes {PROTOBUF} bodies (got '{media}'); OTLP/JSON is not supported yet: set the exporter's protocol to http/protobuf"
+        )));
+    }
+    let bytes = match read_body(body, &headers, state.max_body_size).await {
+        Ok(b) => b,
+        Err(e) => return http_error(e),
+    };
+    let request = match Req::decode(&bytes[..]) {
+        Ok(r) => r,
+        Err(e) => {
+            return http_error(Error::InvalidArgument(format!(
+                "the body is not an OTLP {what}: {e}"
+            )))
+        }
+    };
+    match export(state, request).await {
+        Ok(resp) => ([(header::CONTENT_TYPE, PROTOBUF)], resp.encode_to_vec()).into_response(),
+        Err(e) => http_error(e),
+    }
 }
 
 /// `google.rpc.Status`, the body of an OTLP/HTTP error.
@@ -391,7 +418,7 @@ pub struct RpcStatus {
 /// An OTLP/HTTP error: the status code of the one HTTP mapping, except that a write
 /// refused for lack of room is 503 (which exporters retry) with `Retry-After`; the body
 /// is a protobuf `google.rpc.Status`.
-fn http_error(e: Error) -> Response {
+pub(crate) fn http_error(e: Error) -> Response {
     let retryable = e.is_retryable();
     let status_code = if retryable {
         StatusCode::SERVICE_UNAVAILABLE
