@@ -151,11 +151,6 @@ pub const MAX_ERRORS: usize = 5;
 /// The Arrow batch (the columns of `logs_events`, names and order as registered) of every
 /// log record of `request`; `now_ns` is the time of receipt. See the module doc.
 pub fn logs_batch(request: &ExportLogsServiceRequest, now_ns: i64) -> Result<LogRows> {
-    let names = MapFieldNames {
-        entry: "entries".into(),
-        key: "key".into(),
-        value: "value".into(),
-    };
     let mut timestamp = TimestampNanosecondBuilder::new().with_timezone("UTC");
     let (mut service, mut host, mut level) = (
         StringBuilder::new(),
@@ -167,7 +162,7 @@ pub fn logs_batch(request: &ExportLogsServiceRequest, now_ns: i64) -> Result<Log
         StringBuilder::new(),
         StringBuilder::new(),
     );
-    let mut labels = MapBuilder::new(Some(names), StringBuilder::new(), StringBuilder::new());
+    let mut labels = labels_builder();
     let (mut rejected, mut errors) = (0usize, Vec::new());
     let mut index = 0usize;
     for resource_logs in &request.resource_logs {
@@ -175,15 +170,8 @@ pub fn logs_batch(request: &ExportLogsServiceRequest, now_ns: i64) -> Result<Log
             .resource
             .as_ref()
             .map_or(&[], |r| &r.attributes);
-        let resource_string = |key: &str| {
-            resource_attrs
-                .iter()
-                .find(|kv| kv.key == key)
-                .map(|kv| kv.value.as_ref().map(label_value).unwrap_or_default())
-        };
-        let service_name =
-            resource_string("service.name").unwrap_or_else(|| "unknown_service".to_string());
-        let host_name = resource_string("host.name").unwrap_or_default();
+        let service_name = service_name(resource_attrs);
+        let host_name = attribute(resource_attrs, "host.name").unwrap_or_default();
         for scope_logs in &resource_logs.scope_logs {
             for record in &scope_logs.log_records {
                 index += 1;
@@ -208,46 +196,15 @@ pub fn logs_batch(request: &ExportLogsServiceRequest, now_ns: i64) -> Result<Log
                 trace_id.append_value(hex(&record.trace_id));
                 span_id.append_value(hex(&record.span_id));
                 message.append_value(record.body.as_ref().map(label_value).unwrap_or_default());
-                for kv in &record.attributes {
-                    labels.keys().append_value(&kv.key);
-                    labels
-                        .values()
-                        .append_value(kv.value.as_ref().map(label_value).unwrap_or_default());
-                }
-                for kv in resource_attrs {
-                    labels.keys().append_value(format!("resource.{}", kv.key));
-                    labels
-                        .values()
-                        .append_value(kv.value.as_ref().map(label_value).unwrap_or_default());
-                }
-                if let Some(scope) = &scope_logs.scope {
-                    for (key, value) in [
-                        ("scope.name", &scope.name),
-                        ("scope.version", &scope.version),
-                    ] {
-                        if !value.is_empty() {
-                            labels.keys().append_value(key);
-                            labels.values().append_value(value);
-                        }
-                    }
-                    for kv in &scope.attributes {
-                        labels.keys().append_value(format!("scope.{}", kv.key));
-                        labels
-                            .values()
-                            .append_value(kv.value.as_ref().map(label_value).unwrap_or_default());
-                    }
-                }
+                put_all(&mut labels, "", &record.attributes);
+                put_context(&mut labels, resource_attrs, scope_logs.scope.as_ref());
                 labels.append(true).map_err(Error::internal)?;
             }
         }
     }
     let labels = labels.finish();
     let schema = Arc::new(Schema::new(vec![
-        Field::new(
-            "timestamp",
-            DataType::Timestamp(TimeUnit::Nanosecond, Some("UTC".into())),
-            false,
-        ),
+        ns_field("timestamp"),
         Field::new("service", DataType::Utf8, false),
         Field::new("host", DataType::Utf8, false),
         Field::new("level", DataType::Utf8, false),
@@ -272,6 +229,76 @@ pub fn logs_batch(request: &ExportLogsServiceRequest, now_ns: i64) -> Result<Log
         rejected,
         errors,
     })
+}
+
+/// Key-value builder of a `labels`/`attr` column (map names as registered tables have them).
+pub(crate) type Labels = MapBuilder<StringBuilder, StringBuilder>;
+
+pub(crate) fn labels_builder() -> Labels {
+    let names = MapFieldNames {
+        entry: "entries".into(),
+        key: "key".into(),
+        value: "value".into(),
+    };
+    MapBuilder::new(Some(names), StringBuilder::new(), StringBuilder::new())
+}
+
+/// One entry of the current row's map.
+pub(crate) fn put(map: &mut Labels, key: &str, value: &str) {
+    map.keys().append_value(key);
+    map.values().append_value(value);
+}
+
+/// Attributes as entries, each key after `prefix`, values as [`label_value`].
+pub(crate) fn put_all(map: &mut Labels, prefix: &str, attrs: &[KeyValue]) {
+    for kv in attrs {
+        map.keys().append_value(format!("{prefix}{}", kv.key));
+        map.values()
+            .append_value(kv.value.as_ref().map(label_value).unwrap_or_default());
+    }
+}
+
+/// Where a record came from: the resource's attributes as `resource.<key>`, the scope's as
+/// `scope.<key>`, and `scope.name` / `scope.version` when set.
+pub(crate) fn put_context(
+    map: &mut Labels,
+    resource_attrs: &[KeyValue],
+    scope: Option<&opentelemetry_proto::tonic::common::v1::InstrumentationScope>,
+) {
+    put_all(map, "resource.", resource_attrs);
+    if let Some(scope) = scope {
+        for (key, value) in [
+            ("scope.name", &scope.name),
+            ("scope.version", &scope.version),
+        ] {
+            if !value.is_empty() {
+                put(map, key, value);
+            }
+        }
+        put_all(map, "scope.", &scope.attributes);
+    }
+}
+
+/// An attribute's value as text ([`label_value`]), if the attributes have `key`.
+pub(crate) fn attribute(attrs: &[KeyValue], key: &str) -> Option<String> {
+    attrs
+        .iter()
+        .find(|kv| kv.key == key)
+        .map(|kv| kv.value.as_ref().map(label_value).unwrap_or_default())
+}
+
+/// The resource's `service.name`, or `unknown_service` as the OpenTelemetry SDKs say.
+pub(crate) fn service_name(resource_attrs: &[KeyValue]) -> String {
+    attribute(resource_attrs, "service.name").unwrap_or_else(|| "unknown_service".to_string())
+}
+
+/// A UTC nanosecond timestamp column.
+pub(crate) fn ns_field(name: &str) -> Field {
+    Field::new(
+        name,
+        DataType::Timestamp(TimeUnit::Nanosecond, Some("UTC".into())),
+        false,
+    )
 }
 
 /// The level word of a record (see the module doc).

@@ -21,10 +21,9 @@
 use std::sync::Arc;
 
 use arrow::array::{
-    Array, ArrayRef, Int64Builder, MapBuilder, MapFieldNames, RecordBatch, StringBuilder,
-    TimestampNanosecondBuilder,
+    Array, ArrayRef, Int64Builder, RecordBatch, StringBuilder, TimestampNanosecondBuilder,
 };
-use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
+use arrow::datatypes::{DataType, Field, Schema};
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::HeaderMap;
@@ -41,7 +40,10 @@ use opentelemetry_proto::tonic::trace::v1::status::StatusCode;
 use tonic::codec::CompressionEncoding;
 use tracing::Instrument;
 
-use super::{cut, grpc_status, hex, http_export, label_value, MAX_ERRORS};
+use super::{
+    cut, grpc_status, hex, http_export, labels_builder, ns_field, put, put_all, put_context,
+    service_name, MAX_ERRORS,
+};
 use crate::state::AppState;
 use crate::write::submit_all;
 use sluice_core::error::{Error, Result};
@@ -123,36 +125,6 @@ pub struct TraceRows {
     pub errors: Vec<String>,
 }
 
-fn map_builder() -> MapBuilder<StringBuilder, StringBuilder> {
-    let names = MapFieldNames {
-        entry: "entries".into(),
-        key: "key".into(),
-        value: "value".into(),
-    };
-    MapBuilder::new(Some(names), StringBuilder::new(), StringBuilder::new())
-}
-
-fn put(map: &mut MapBuilder<StringBuilder, StringBuilder>, key: &str, value: &str) {
-    map.keys().append_value(key);
-    map.values().append_value(value);
-}
-
-fn put_all(map: &mut MapBuilder<StringBuilder, StringBuilder>, prefix: &str, attrs: &[KeyValue]) {
-    for kv in attrs {
-        map.keys().append_value(format!("{prefix}{}", kv.key));
-        map.values()
-            .append_value(kv.value.as_ref().map(label_value).unwrap_or_default());
-    }
-}
-
-fn ns_field(name: &str) -> Field {
-    Field::new(
-        name,
-        DataType::Timestamp(TimeUnit::Nanosecond, Some("UTC".into())),
-        false,
-    )
-}
-
 /// The Arrow batches of `spans` and `span_events` for `request` (see the module doc).
 pub fn trace_batches(request: &ExportTraceServiceRequest) -> Result<TraceRows> {
     let (mut trace_id, mut span_id, mut parent) = (
@@ -165,14 +137,14 @@ pub fn trace_batches(request: &ExportTraceServiceRequest) -> Result<TraceRows> {
     let mut end = TimestampNanosecondBuilder::new().with_timezone("UTC");
     let mut duration = Int64Builder::new();
     let (mut status_code, mut status_message) = (StringBuilder::new(), StringBuilder::new());
-    let mut attr = map_builder();
+    let mut attr = labels_builder();
     let (mut ev_trace, mut ev_span, mut ev_name) = (
         StringBuilder::new(),
         StringBuilder::new(),
         StringBuilder::new(),
     );
     let mut ev_ts = TimestampNanosecondBuilder::new().with_timezone("UTC");
-    let mut ev_attr = map_builder();
+    let mut ev_attr = labels_builder();
     let (mut rejected, mut errors) = (0usize, Vec::new());
     let mut index = 0usize;
     for resource_spans in &request.resource_spans {
@@ -180,11 +152,7 @@ pub fn trace_batches(request: &ExportTraceServiceRequest) -> Result<TraceRows> {
             .resource
             .as_ref()
             .map_or(&[], |r| &r.attributes);
-        let service_name = resource_attrs
-            .iter()
-            .find(|kv| kv.key == "service.name")
-            .map(|kv| kv.value.as_ref().map(label_value).unwrap_or_default())
-            .unwrap_or_else(|| "unknown_service".to_string());
+        let service_name = service_name(resource_attrs);
         for scope_spans in &resource_spans.scope_spans {
             for span in &scope_spans.spans {
                 index += 1;
@@ -218,18 +186,7 @@ pub fn trace_batches(request: &ExportTraceServiceRequest) -> Result<TraceRows> {
                 });
                 status_message.append_value(status.map_or("", |st| st.message.as_str()));
                 put_all(&mut attr, "", &span.attributes);
-                put_all(&mut attr, "resource.", resource_attrs);
-                if let Some(scope) = &scope_spans.scope {
-                    for (key, value) in [
-                        ("scope.name", &scope.name),
-                        ("scope.version", &scope.version),
-                    ] {
-                        if !value.is_empty() {
-                            put(&mut attr, key, value);
-                        }
-                    }
-                    put_all(&mut attr, "scope.", &scope.attributes);
-                }
+                put_context(&mut attr, resource_attrs, scope_spans.scope.as_ref());
                 let kind = match SpanKind::try_from(span.kind) {
                     Ok(SpanKind::Internal) => "Internal",
                     Ok(SpanKind::Server) => "Server",
