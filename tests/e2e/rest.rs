@@ -346,6 +346,31 @@ async fn a_full_memory_budget_answers_429_with_retry_after() {
         page.contains(r#"sluice_ingest_refused_batches_total{reason="memory_full",table="ev"} 1"#),
         "{page}"
     );
+
+    // The client sends the refused request again once the store keeps up (here: a
+    // restart without the stalled archive); nothing acked before is lost, nothing twice.
+    let refused_round = (stored / 5000) as i64;
+    let mut server = server;
+    assert!(server.terminate().success());
+    let server = Sluice::start(dir.path(), &[]);
+    let (status, answer, _) = post(
+        &server,
+        "/write/ev",
+        "application/x-ndjson",
+        None,
+        ndjson(refused_round * 5000, 5000),
+    )
+    .await;
+    assert_eq!((status, &answer), (200, &serde_json::json!({"rows": 5000})));
+    let mut client = server.flight().await;
+    assert_eq!(
+        query_i64(&mut client, "SELECT count(*) FROM ev").await as u64,
+        stored + 5000
+    );
+    assert_eq!(
+        query_i64(&mut client, "SELECT count(DISTINCT id) FROM ev").await as u64,
+        stored + 5000
+    );
 }
 
 sluice_test_support::pg_test! {
