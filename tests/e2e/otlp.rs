@@ -268,3 +268,67 @@ async fn otlp_traces_land_in_spans_and_span_events() {
         ])
     );
 }
+
+/// kill -9 while an OTLP exporter sends: every request answered with success is there
+/// exactly once after the restart (and nothing is there twice).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_otlp_export_keeps_every_answered_request_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let env = [("WAL__SEGMENT_SIZE", "1MiB"), ("BUFFER__MAX_AGE", "300ms")];
+    let mut server = Sluice::start(dir.path(), &env);
+    let mut grpc = LogsServiceClient::connect(format!("http://{}", server.grpc))
+        .await
+        .unwrap();
+    // Requests go out one after another from a task; the kill lands after 25 answers,
+    // while the next request is in flight.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let sender = tokio::spawn(async move {
+        for k in 0..10_000u64 {
+            let service = format!("r{k}");
+            if grpc.export(request(&service, 200, false)).await.is_err() {
+                return;
+            }
+            if tx.send(k).is_err() {
+                return;
+            }
+        }
+    });
+    let mut answered = Vec::new();
+    while answered.len() < 25 {
+        answered.push(rx.recv().await.expect("answers before the kill"));
+    }
+    server.kill9();
+    let _ = sender.await;
+    while let Ok(k) = rx.try_recv() {
+        answered.push(k);
+    }
+
+    let server = Sluice::start(dir.path(), &env);
+    let rows = get_rows(
+        &server,
+        "SELECT service, count(*) AS n, count(DISTINCT message) AS d FROM logs_events GROUP BY service",
+    )
+    .await;
+    let counts: std::collections::HashMap<String, (i64, i64)> = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["service"].as_str().unwrap().to_string(),
+                (r["n"].as_i64().unwrap(), r["d"].as_i64().unwrap()),
+            )
+        })
+        .collect();
+    for k in &answered {
+        assert_eq!(
+            counts.get(&format!("r{k}")),
+            Some(&(200, 200)),
+            "request {k} was answered with success"
+        );
+    }
+    // A request cut off by the kill is there whole or not at all, never twice.
+    for (service, (n, d)) in &counts {
+        assert_eq!((*n, *d), (200, 200), "{service}");
+    }
+}
