@@ -85,14 +85,14 @@ pub async fn write(
     let table = table_of(&route).to_string();
     let span = tracing::info_span!("write", protocol = "rest", %table);
     async move {
-        let limit = state.max_body_size;
-        let body = read_body(body, &headers, limit).await?;
+        // The table first: a body for a table that cannot be written is not read.
+        state.ingest.check_table(&table).await?;
         let resolved = state.registry.get(&table).ok_or_else(|| {
-            Error::NotFound(format!(
-                "table '{table}' is not registered (register it with POST /schema/register)"
+            Error::internal(format!(
+                "table '{table}' passed the check but is not in the registry"
             ))
         })?;
-        state.ingest.check_table(&table).await?;
+        let body = read_body(body, &headers, state.max_body_size).await?;
         let batches = tokio::task::spawn_blocking(move || decode(&resolved, &body))
             .await
             .map_err(Error::internal)??;
@@ -176,10 +176,8 @@ pub(crate) async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> 
         Some("gzip") | Some("x-gzip") => flate2::read::MultiGzDecoder::new(&raw[..])
             .take(limit as u64 + 1)
             .read_to_end(&mut out),
-        Some("zstd") => match zstd::stream::read::Decoder::new(&raw[..]) {
-            Ok(d) => d.take(limit as u64 + 1).read_to_end(&mut out),
-            Err(e) => Err(e),
-        },
+        Some("zstd") => zstd::stream::read::Decoder::new(&raw[..])
+            .and_then(|d| d.take(limit as u64 + 1).read_to_end(&mut out)),
         Some(other) => {
             return Err(Error::UnsupportedMediaType(format!(
                 "Content-Encoding '{other}' is not supported: send gzip, zstd or none"

@@ -334,19 +334,18 @@ impl Ingest for Pipeline {
         let bytes = data_size(&reshaped);
         // In flight: the batch and its IPC encoding. Buffered: the batch, and the received
         // message too when reshape copied columns out of it.
+        let charge = self.memory.charge(2 * bytes);
         let charge = match wait {
-            MemoryWait::Forever => self.memory.charge(2 * bytes).await,
-            MemoryWait::AtMost(limit) => {
-                match tokio::time::timeout(limit, self.memory.charge(2 * bytes)).await {
-                    Ok(charge) => charge,
-                    Err(_) => {
-                        self.refuse(table, &reshaped, "memory_full");
-                        return Err(Error::ResourceExhausted(format!(
+            MemoryWait::Forever => charge.await,
+            MemoryWait::AtMost(limit) => match tokio::time::timeout(limit, charge).await {
+                Ok(charge) => charge,
+                Err(_) => {
+                    self.refuse(table, &reshaped, "memory_full");
+                    return Err(Error::ResourceExhausted(format!(
                             "table '{table}': the memory budget (memory.budget) stayed full for {limit:?}: the sinks are behind; send again later"
                         )));
-                    }
                 }
-            }
+            },
         };
         let charge = charge.ok_or_else(|| {
             Error::ResourceExhausted(format!(
