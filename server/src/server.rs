@@ -407,6 +407,10 @@ pub async fn run(config: Config, on_ready: impl FnOnce(BoundAddrs)) -> Result<()
                 state.clone(),
                 max_msg,
             ))
+            .add_service(sluice_frontends::otlp::metrics::metrics_service(
+                state.clone(),
+                max_msg,
+            ))
             .serve_with_incoming_shutdown(conns.clone().incoming(grpc_listener), async move {
                 let _ = grpc_shutdown.recv().await;
             }),

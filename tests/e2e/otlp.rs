@@ -123,11 +123,31 @@ async fn otlp_logs_over_grpc_and_http_land_in_logs_events() {
         ])
     );
 
-    // Refusals an exporter understands: JSON (not yet) is 415, garbage is 400, both
-    // with a google.rpc.Status body; nothing stored.
-    for (content_type, body, code) in [
-        ("application/json", b"{}".to_vec(), 415),
-        ("application/x-protobuf", vec![0xff; 64], 400),
+    // Refusals an exporter understands, each with a google.rpc.Status body in the
+    // request's own form; nothing stored.
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct Status {
+        #[prost(int32, tag = "1")]
+        code: i32,
+        #[prost(string, tag = "2")]
+        message: String,
+    }
+    for (content_type, body, code, says) in [
+        ("text/plain", b"{}".to_vec(), 415, "application/x-protobuf or application/json"),
+        ("application/x-protobuf", vec![0xff; 64], 400, "not an OTLP ExportLogsServiceRequest"),
+        ("application/json", b"{not json".to_vec(), 400, "the body is not JSON"),
+        (
+            "application/json",
+            br#"{"resourceLogs":[{"scopeLogs":[{"logRecords":[{"body":{"stringValue":"x"}},{"traceId":"zz"}]}]}]}"#.to_vec(),
+            400,
+            "resourceLogs[0].scopeLogs[0].logRecords[1].traceId: 'zz' is not hex",
+        ),
+        (
+            "application/json",
+            format!("{}1{}", "[".repeat(5000), "]".repeat(5000)).into_bytes(),
+            400,
+            "recursion limit",
+        ),
     ] {
         let r = http
             .post(server.url("/v1/logs"))
@@ -136,20 +156,68 @@ async fn otlp_logs_over_grpc_and_http_land_in_logs_events() {
             .send()
             .await
             .unwrap();
-        assert_eq!(r.status(), code);
-        #[derive(Clone, PartialEq, prost::Message)]
-        struct Status {
-            #[prost(int32, tag = "1")]
-            code: i32,
-            #[prost(string, tag = "2")]
-            message: String,
-        }
-        let s = Status::decode(r.bytes().await.unwrap()).unwrap();
-        assert!(!s.message.is_empty());
+        assert_eq!(r.status(), code, "{content_type} {says}");
+        let json = content_type == "application/json";
+        assert_eq!(
+            r.headers()["content-type"],
+            if json { "application/json" } else { "application/x-protobuf" }
+        );
+        let bytes = r.bytes().await.unwrap();
+        let (status_code, message) = if json {
+            let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+            (v["code"].as_i64().unwrap() as i32, v["message"].as_str().unwrap().to_string())
+        } else {
+            let s = Status::decode(bytes).unwrap();
+            (s.code, s.message)
+        };
+        assert_eq!(status_code, tonic::Code::InvalidArgument as i32, "{message}");
+        assert!(message.contains(says), "'{says}' not in '{message}'");
     }
     assert_eq!(
         query_i64(&mut client, "SELECT count(*) FROM logs_events").await,
         150
+    );
+    // OTLP/JSON: hex ids in any case, int64 as strings; the answer in JSON, with the
+    // partial success counted as a string.
+    let r = http
+        .post(server.url("/v1/logs"))
+        .header("content-type", "application/json")
+        .body(
+            r#"{"resourceLogs":[{"resource":{"attributes":[{"key":"service.name","value":{"stringValue":"json"}}]},
+                "scopeLogs":[{"logRecords":[
+                  {"timeUnixNano":"1796119200007000000","severityNumber":"SEVERITY_NUMBER_WARN",
+                   "body":{"kvlistValue":{"values":[{"key":"n","value":{"intValue":"9007199254740993"}}]}},
+                   "traceId":"0F0F0F0F0F0F0F0F0F0F0F0F0F0F0F0F","spanId":"00f067aa0ba902b7"},
+                  {"timeUnixNano":"18446744073709551615"}]}]}]}"#,
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-type"], "application/json");
+    let answer: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(
+        answer["partialSuccess"]["rejectedLogRecords"], "1",
+        "{answer}"
+    );
+    assert!(
+        answer["partialSuccess"]["errorMessage"]
+            .as_str()
+            .unwrap()
+            .contains("log record 2"),
+        "{answer}"
+    );
+    let rows = get_rows(
+        &server,
+        "SELECT CAST(timestamp AS BIGINT) AS t, level, trace_id, span_id, message
+         FROM logs_events WHERE service = 'json'",
+    )
+    .await;
+    assert_eq!(
+        rows,
+        serde_json::json!([{"t": 1_796_119_200_007i64, "level": "warn",
+            "trace_id": "0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f", "span_id": "00f067aa0ba902b7",
+            "message": r#"{"n":9007199254740993}"#}])
     );
     let page = get_text(&server.url("/metrics")).await;
     for protocol in ["otlp_grpc", "otlp_http"] {

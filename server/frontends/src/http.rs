@@ -5,7 +5,7 @@
 //! | POST `/schema/register` | register a table (JSON with `name`) → `{"name","version"}` |
 //! | GET `/schema`, `/schema/{table}` | registered schemas |
 //! | POST `/write/{table}`, `/write/metrics`, `/write/logs` | JSON array or NDJSON rows (gzip/zstd) → `{"rows"}` once durable ([`crate::write`]) |
-//! | POST `/v1/logs`, `/v1/traces` | OTLP/HTTP logs and traces, protobuf ([`crate::otlp`]) |
+//! | POST `/v1/logs`, `/v1/traces`, `/v1/metrics` | OTLP/HTTP logs, traces and metrics ([`crate::otlp`]) |
 //! | POST `/query` `{"sql"}` | JSON rows, or an Arrow IPC stream with `Accept: application/vnd.apache.arrow.stream` |
 //! | GET `/healthz`, `/readyz`, `/metrics` | liveness, readiness with sink state, Prometheus text |
 
@@ -39,6 +39,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/write/{table}", post(crate::write::write))
         .route("/v1/logs", post(crate::otlp::http_logs))
         .route("/v1/traces", post(crate::otlp::traces::http_traces))
+        .route("/v1/metrics", post(crate::otlp::metrics::http_metrics))
         .layer(axum::middleware::from_fn(same_site_json))
         .layer(crate::edge::http_catch_panic())
         .with_state(state)
@@ -92,6 +93,16 @@ async fn same_site_json(req: axum::extract::Request, next: axum::middleware::Nex
     let otlp =
         req.uri().path().starts_with("/v1/") && media.eq_ignore_ascii_case(crate::otlp::PROTOBUF);
     if !otlp && !JSON_TYPES.iter().any(|t| media.eq_ignore_ascii_case(t)) {
+        if req.uri().path().starts_with("/v1/") {
+            // An OTLP exporter reads a google.rpc.Status, not our JSON error.
+            return crate::otlp::http_error(
+                sluice_core::error::Error::UnsupportedMediaType(format!(
+                    "OTLP/HTTP takes {} or application/json bodies (got '{media}')",
+                    crate::otlp::PROTOBUF
+                )),
+                crate::otlp::Encoding::Protobuf,
+            );
+        }
         return refuse(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             format!(

@@ -1,7 +1,8 @@
 //! OTLP logs: the OpenTelemetry protocol's `LogsService` over gRPC (on the Flight port,
-//! gzip accepted) and `POST /v1/logs` over HTTP (protobuf, gzip or zstd). Traces are in
-//! [`traces`]; what every OTLP door shares (the HTTP body handling, the error answers,
-//! the value-to-text rules) is here.
+//! gzip accepted) and `POST /v1/logs` over HTTP (protobuf or JSON, gzip or zstd). Traces
+//! are in [`traces`], metrics in [`metrics`], the OTLP/JSON decoder in [`json`]; what
+//! every OTLP door shares (the HTTP body handling, the error answers, the value-to-text
+//! rules) is here.
 //!
 //! # What flows through it
 //! An `ExportLogsServiceRequest` (the official protobufs, `opentelemetry-proto`) is turned
@@ -25,8 +26,9 @@
 //! the rest are stored. A full memory budget or WAL disk budget is UNAVAILABLE over gRPC
 //! and 503 with `Retry-After` over HTTP, which OTLP exporters retry.
 //!
-//! OTLP/JSON is refused (415) until its decoder lands: the `opentelemetry-proto` crate's
-//! serde support drops values silently, so it is not used.
+//! OTLP/HTTP bodies are protobuf (`application/x-protobuf`) or the spec's JSON
+//! (`application/json`, decoded by [`json`]); the answer, success or error, comes in the
+//! request's own form.
 
 use std::sync::Arc;
 
@@ -55,6 +57,8 @@ use crate::edge::status;
 use crate::state::AppState;
 use crate::write::{read_body, submit_all, BATCH_ROWS};
 
+pub mod json;
+pub mod metrics;
 pub mod traces;
 use sluice_core::error::{Error, Result};
 
@@ -108,10 +112,7 @@ pub async fn export_logs(
     request: ExportLogsServiceRequest,
     protocol: &str,
 ) -> Result<ExportLogsServiceResponse> {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as i64);
-    let logs = logs_batch(&request, now)?;
+    let logs = logs_batch(&request, now_ns())?;
     let batches = cut(LOGS_TABLE, &logs.batch);
     submit_all(state, batches, protocol, |i| {
         format!(
@@ -126,6 +127,13 @@ pub async fn export_logs(
             error_message: logs.errors.join("; "),
         }),
     })
+}
+
+/// The time of receipt, in nanoseconds since the epoch.
+pub(crate) fn now_ns() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i64)
 }
 
 /// `batch` for `table` in slices of at most [`BATCH_ROWS`] rows (none when empty).
@@ -147,6 +155,28 @@ pub struct LogRows {
 
 /// Reasons kept for a partial success message.
 pub const MAX_ERRORS: usize = 5;
+
+/// Most text one request's rows may add up to. Resource and scope attributes (and for
+/// metrics, every label of a point on each of its bucket rows) are repeated on every row
+/// they apply to, so a small request can ask for a great deal of memory; past this it is
+/// refused as a whole (400) before anything is stored.
+pub const MAX_EXPANDED_BYTES: usize = 256 << 20;
+
+/// Fails once `used` bytes of row text pass [`MAX_EXPANDED_BYTES`].
+pub(crate) fn check_expansion(used: usize, what: &str) -> Result<()> {
+    if used > MAX_EXPANDED_BYTES {
+        return Err(Error::InvalidArgument(format!(
+            "the request's {what} expand to more than {} MiB of rows (resource, scope and point attributes are repeated on every row they apply to): send fewer {what} per request",
+            MAX_EXPANDED_BYTES >> 20
+        )));
+    }
+    Ok(())
+}
+
+/// Bytes of text in a map column being built.
+pub(crate) fn map_bytes(map: &mut Labels) -> usize {
+    map.keys().values_slice().len() + map.values().values_slice().len()
+}
 
 /// The Arrow batch (the columns of `logs_events`, names and order as registered) of every
 /// log record of `request`; `now_ns` is the time of receipt. See the module doc.
@@ -199,6 +229,12 @@ pub fn logs_batch(request: &ExportLogsServiceRequest, now_ns: i64) -> Result<Log
                 put_all(&mut labels, "", &record.attributes);
                 put_context(&mut labels, resource_attrs, scope_logs.scope.as_ref());
                 labels.append(true).map_err(Error::internal)?;
+                check_expansion(
+                    map_bytes(&mut labels)
+                        + service.values_slice().len()
+                        + host.values_slice().len(),
+                    "log records",
+                )?;
             }
         }
     }
@@ -388,8 +424,9 @@ pub async fn http_logs(
     .await
 }
 
-/// One OTLP/HTTP request: the body checked (protobuf, size, encoding) and decoded as
-/// `Req` (named `what` in errors), handed to `export`, its answer encoded.
+/// One OTLP/HTTP request: the body checked (protobuf or JSON, size, encoding) and decoded
+/// as `Req` (named `what` in errors), handed to `export`, its answer encoded in the
+/// request's own content type.
 pub(crate) async fn http_export<Req, Resp, F, Fut>(
     state: Arc<AppState>,
     headers: HeaderMap,
@@ -398,8 +435,8 @@ pub(crate) async fn http_export<Req, Resp, F, Fut>(
     export: F,
 ) -> Response
 where
-    Req: Message + Default,
-    Resp: Message,
+    Req: Message + Default + json::FromOtlpJson,
+    Resp: Message + json::ToOtlpJson,
     F: FnOnce(Arc<AppState>, Req) -> Fut,
     Fut: std::future::Future<Output = Result<Resp>>,
 {
@@ -410,27 +447,58 @@ where
         .unwrap_or("")
         .trim()
         .to_ascii_lowercase();
-    if media != PROTOBUF {
-        return http_error(Error::UnsupportedMediaType(format!(
-            "OTLP/HTTP here takes {PROTOBUF} bodies (got '{media}'); OTLP/JSON is not supported yet: set the exporter's protocol to http/protobuf"
-        )));
-    }
-    let bytes = match read_body(body, &headers, state.max_body_size).await {
-        Ok(b) => b,
-        Err(e) => return http_error(e),
-    };
-    let request = match Req::decode(&bytes[..]) {
-        Ok(r) => r,
-        Err(e) => {
-            return http_error(Error::InvalidArgument(format!(
-                "the body is not an OTLP {what}: {e}"
-            )))
+    let encoding = match media.as_str() {
+        PROTOBUF => Encoding::Protobuf,
+        json::JSON => Encoding::Json,
+        _ => {
+            return http_error(
+                Error::UnsupportedMediaType(format!(
+                    "OTLP/HTTP takes {PROTOBUF} or {} bodies (got '{media}')",
+                    json::JSON
+                )),
+                Encoding::Protobuf,
+            )
         }
     };
+    let bytes = match read_body(body, &headers, state.max_body_size).await {
+        Ok(b) => b,
+        Err(e) => return http_error(e, encoding),
+    };
+    let request = match encoding {
+        Encoding::Protobuf => {
+            Req::decode(&bytes[..]).map_err(|e| format!("the body is not an OTLP {what}: {e}"))
+        }
+        Encoding::Json => serde_json::from_slice::<serde_json::Value>(&bytes)
+            .map_err(|e| format!("the body is not JSON: {e}"))
+            .and_then(|v| {
+                Req::from_otlp_json(&v)
+                    .map_err(|e| format!("the body is not an OTLP/JSON {what}: {e}"))
+            }),
+    };
+    let request = match request {
+        Ok(r) => r,
+        Err(e) => return http_error(Error::InvalidArgument(e), encoding),
+    };
     match export(state, request).await {
-        Ok(resp) => ([(header::CONTENT_TYPE, PROTOBUF)], resp.encode_to_vec()).into_response(),
-        Err(e) => http_error(e),
+        Ok(resp) => match encoding {
+            Encoding::Protobuf => {
+                ([(header::CONTENT_TYPE, PROTOBUF)], resp.encode_to_vec()).into_response()
+            }
+            Encoding::Json => (
+                [(header::CONTENT_TYPE, json::JSON)],
+                resp.to_otlp_json().to_string(),
+            )
+                .into_response(),
+        },
+        Err(e) => http_error(e, encoding),
     }
+}
+
+/// The two OTLP/HTTP body forms; an answer uses the request's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Encoding {
+    Protobuf,
+    Json,
 }
 
 /// `google.rpc.Status`, the body of an OTLP/HTTP error.
@@ -444,8 +512,8 @@ pub struct RpcStatus {
 
 /// An OTLP/HTTP error: the status code of the one HTTP mapping, except that a write
 /// refused for lack of room is 503 (which exporters retry) with `Retry-After`; the body
-/// is a protobuf `google.rpc.Status`.
-pub(crate) fn http_error(e: Error) -> Response {
+/// is a `google.rpc.Status`, in protobuf or (for a JSON request) in JSON.
+pub fn http_error(e: Error, encoding: Encoding) -> Response {
     let retryable = e.is_retryable();
     let status_code = if retryable {
         StatusCode::SERVICE_UNAVAILABLE
@@ -453,12 +521,21 @@ pub(crate) fn http_error(e: Error) -> Response {
         crate::edge::http_status(&e)
     };
     let message = e.to_string();
-    let body = RpcStatus {
-        code: status(e).code() as i32,
-        message,
-    }
-    .encode_to_vec();
-    let mut out = (status_code, [(header::CONTENT_TYPE, PROTOBUF)], body).into_response();
+    let code = status(e).code() as i32;
+    let mut out = match encoding {
+        Encoding::Protobuf => (
+            status_code,
+            [(header::CONTENT_TYPE, PROTOBUF)],
+            RpcStatus { code, message }.encode_to_vec(),
+        )
+            .into_response(),
+        Encoding::Json => (
+            status_code,
+            [(header::CONTENT_TYPE, json::JSON)],
+            serde_json::json!({"code": code, "message": message}).to_string(),
+        )
+            .into_response(),
+    };
     if retryable {
         out.headers_mut()
             .insert("retry-after", axum::http::HeaderValue::from_static("1"));
@@ -614,6 +691,20 @@ mod tests {
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
         assert_eq!(pairs, expected);
+    }
+
+    #[test]
+    fn a_request_that_expands_past_the_limit_is_refused_whole() {
+        // One 1 MiB resource attribute on 300 records: 300 MiB of rows from 1 MiB sent.
+        let mut req = request();
+        let rl = &mut req.resource_logs[0];
+        rl.resource.as_mut().unwrap().attributes[0] = kv("big", s(&"x".repeat(1 << 20)));
+        rl.scope_logs[0].log_records = vec![LogRecord::default(); 300];
+        let e = logs_batch(&req, 1).err().expect("refused");
+        assert!(
+            matches!(&e, Error::InvalidArgument(m) if m.contains("more than 256 MiB")),
+            "{e}"
+        );
     }
 
     #[test]

@@ -41,8 +41,8 @@ use tonic::codec::CompressionEncoding;
 use tracing::Instrument;
 
 use super::{
-    cut, grpc_status, hex, http_export, labels_builder, ns_field, put, put_all, put_context,
-    service_name, MAX_ERRORS,
+    check_expansion, cut, grpc_status, hex, http_export, labels_builder, map_bytes, ns_field, put,
+    put_all, put_context, service_name, MAX_ERRORS,
 };
 use crate::state::AppState;
 use crate::write::submit_all;
@@ -241,6 +241,10 @@ pub fn trace_batches(request: &ExportTraceServiceRequest) -> Result<TraceRows> {
                     put_all(&mut ev_attr, "", &event.attributes);
                     ev_attr.append(true).map_err(Error::internal)?;
                 }
+                check_expansion(
+                    map_bytes(&mut attr) + map_bytes(&mut ev_attr) + service.values_slice().len(),
+                    "spans",
+                )?;
             }
         }
     }
