@@ -8,6 +8,7 @@ mod durability;
 mod errors;
 mod hostile;
 mod memory;
+mod otel_sdk;
 mod otlp;
 mod pg_copy;
 mod postgres;
