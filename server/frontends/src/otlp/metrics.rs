@@ -57,7 +57,10 @@ use opentelemetry_proto::tonic::metrics::v1::{
 use tonic::codec::CompressionEncoding;
 use tracing::Instrument;
 
-use super::{attribute, cut, grpc_status, hex, http_export, label_value, ns_field, service_name};
+use super::{
+    attribute, context_entries, cut, grpc_status, hex, http_export, label_value, ns_field,
+    service_name,
+};
 use super::{check_expansion, MAX_ERRORS};
 use crate::state::AppState;
 use crate::write::submit_all;
@@ -274,28 +277,8 @@ pub fn metric_batches(request: &ExportMetricsServiceRequest, now_ns: i64) -> Res
             .map_or(&[], |r| &r.attributes);
         let service = service_name(resource_attrs);
         let host = attribute(resource_attrs, "host.name").unwrap_or_default();
-        let resource_labels: Vec<(String, String)> = resource_attrs
-            .iter()
-            .map(|kv| (format!("resource.{}", kv.key), value_text(kv)))
-            .collect();
         for scope_metrics in &resource_metrics.scope_metrics {
-            let mut scope_labels = resource_labels.clone();
-            if let Some(scope) = &scope_metrics.scope {
-                for (key, value) in [
-                    ("scope.name", &scope.name),
-                    ("scope.version", &scope.version),
-                ] {
-                    if !value.is_empty() {
-                        scope_labels.push((key.to_string(), value.clone()));
-                    }
-                }
-                scope_labels.extend(
-                    scope
-                        .attributes
-                        .iter()
-                        .map(|kv| (format!("scope.{}", kv.key), value_text(kv))),
-                );
-            }
+            let scope_labels = context_entries(resource_attrs, scope_metrics.scope.as_ref());
             for metric in &scope_metrics.metrics {
                 let mut labels = scope_labels.clone();
                 if !metric.unit.is_empty() {

@@ -203,6 +203,7 @@ pub fn logs_batch(request: &ExportLogsServiceRequest, now_ns: i64) -> Result<Log
         let service_name = service_name(resource_attrs);
         let host_name = attribute(resource_attrs, "host.name").unwrap_or_default();
         for scope_logs in &resource_logs.scope_logs {
+            let context = context_entries(resource_attrs, scope_logs.scope.as_ref());
             for record in &scope_logs.log_records {
                 index += 1;
                 let nanos = [record.time_unix_nano, record.observed_time_unix_nano]
@@ -223,11 +224,11 @@ pub fn logs_batch(request: &ExportLogsServiceRequest, now_ns: i64) -> Result<Log
                 service.append_value(&service_name);
                 host.append_value(&host_name);
                 level.append_value(level_of(&record.severity_text, record.severity_number));
-                trace_id.append_value(hex(&record.trace_id));
-                span_id.append_value(hex(&record.span_id));
-                message.append_value(record.body.as_ref().map(label_value).unwrap_or_default());
-                put_all(&mut labels, "", &record.attributes);
-                put_context(&mut labels, resource_attrs, scope_logs.scope.as_ref());
+                append_hex(&mut trace_id, &record.trace_id);
+                append_hex(&mut span_id, &record.span_id);
+                append_any(&mut message, record.body.as_ref());
+                put_all(&mut labels, &record.attributes);
+                put_entries(&mut labels, &context);
                 labels.append(true).map_err(Error::internal)?;
                 check_expansion(
                     map_bytes(&mut labels)
@@ -285,34 +286,74 @@ pub(crate) fn put(map: &mut Labels, key: &str, value: &str) {
     map.values().append_value(value);
 }
 
-/// Attributes as entries, each key after `prefix`, values as [`label_value`].
-pub(crate) fn put_all(map: &mut Labels, prefix: &str, attrs: &[KeyValue]) {
+/// Attributes as entries of the current row, values as [`label_value`] (written straight
+/// into the builders: no string per value).
+pub(crate) fn put_all(map: &mut Labels, attrs: &[KeyValue]) {
     for kv in attrs {
-        map.keys().append_value(format!("{prefix}{}", kv.key));
-        map.values()
-            .append_value(kv.value.as_ref().map(label_value).unwrap_or_default());
+        map.keys().append_value(&kv.key);
+        append_any(map.values(), kv.value.as_ref());
     }
 }
 
-/// Where a record came from: the resource's attributes as `resource.<key>`, the scope's as
-/// `scope.<key>`, and `scope.name` / `scope.version` when set.
-pub(crate) fn put_context(
-    map: &mut Labels,
+/// Where a record came from, as label entries made once per scope and put on each of its
+/// records: the resource's attributes as `resource.<key>`, the scope's as `scope.<key>`,
+/// and `scope.name` / `scope.version` when set.
+pub(crate) fn context_entries(
     resource_attrs: &[KeyValue],
     scope: Option<&opentelemetry_proto::tonic::common::v1::InstrumentationScope>,
-) {
-    put_all(map, "resource.", resource_attrs);
+) -> Vec<(String, String)> {
+    let text = |kv: &KeyValue| kv.value.as_ref().map(label_value).unwrap_or_default();
+    let mut out: Vec<(String, String)> = resource_attrs
+        .iter()
+        .map(|kv| (format!("resource.{}", kv.key), text(kv)))
+        .collect();
     if let Some(scope) = scope {
         for (key, value) in [
             ("scope.name", &scope.name),
             ("scope.version", &scope.version),
         ] {
             if !value.is_empty() {
-                put(map, key, value);
+                out.push((key.to_string(), value.clone()));
             }
         }
-        put_all(map, "scope.", &scope.attributes);
+        out.extend(
+            scope
+                .attributes
+                .iter()
+                .map(|kv| (format!("scope.{}", kv.key), text(kv))),
+        );
     }
+    out
+}
+
+/// Entries made by [`context_entries`] on the current row.
+pub(crate) fn put_entries(map: &mut Labels, entries: &[(String, String)]) {
+    for (k, v) in entries {
+        put(map, k, v);
+    }
+}
+
+/// A value as [`label_value`] writes it, appended to `b` (a string without a copy).
+pub(crate) fn append_any(b: &mut StringBuilder, v: Option<&AnyValue>) {
+    match v.and_then(|v| v.value.as_ref().map(|inner| (v, inner))) {
+        None => b.append_value(""),
+        Some((_, any_value::Value::StringValue(s))) => b.append_value(s),
+        Some((v, _)) => b.append_value(any_json(v).to_string()),
+    }
+}
+
+/// Lowercase hex of an id appended to `b` ("" for none), without a string per id.
+pub(crate) fn append_hex(b: &mut StringBuilder, bytes: &[u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut buf = [0u8; 64];
+    if bytes.len() * 2 > buf.len() {
+        return b.append_value(hex(bytes));
+    }
+    for (i, byte) in bytes.iter().enumerate() {
+        buf[2 * i] = DIGITS[(byte >> 4) as usize];
+        buf[2 * i + 1] = DIGITS[(byte & 15) as usize];
+    }
+    b.append_value(std::str::from_utf8(&buf[..bytes.len() * 2]).expect("hex digits are ASCII"));
 }
 
 /// An attribute's value as text ([`label_value`]), if the attributes have `key`.

@@ -41,8 +41,8 @@ use tonic::codec::CompressionEncoding;
 use tracing::Instrument;
 
 use super::{
-    check_expansion, cut, grpc_status, hex, http_export, labels_builder, map_bytes, ns_field, put,
-    put_all, put_context, service_name, MAX_ERRORS,
+    append_hex, check_expansion, context_entries, cut, grpc_status, hex, http_export,
+    labels_builder, map_bytes, ns_field, put, put_all, put_entries, service_name, MAX_ERRORS,
 };
 use crate::state::AppState;
 use crate::write::submit_all;
@@ -154,6 +154,7 @@ pub fn trace_batches(request: &ExportTraceServiceRequest) -> Result<TraceRows> {
             .map_or(&[], |r| &r.attributes);
         let service_name = service_name(resource_attrs);
         for scope_spans in &resource_spans.scope_spans {
+            let context = context_entries(resource_attrs, scope_spans.scope.as_ref());
             for span in &scope_spans.spans {
                 index += 1;
                 let times = (
@@ -172,7 +173,7 @@ pub fn trace_batches(request: &ExportTraceServiceRequest) -> Result<TraceRows> {
                 let (tid, sid) = (hex(&span.trace_id), hex(&span.span_id));
                 trace_id.append_value(&tid);
                 span_id.append_value(&sid);
-                parent.append_value(hex(&span.parent_span_id));
+                append_hex(&mut parent, &span.parent_span_id);
                 service.append_value(&service_name);
                 name.append_value(&span.name);
                 start.append_value(s);
@@ -185,8 +186,8 @@ pub fn trace_batches(request: &ExportTraceServiceRequest) -> Result<TraceRows> {
                     _ => "Unset",
                 });
                 status_message.append_value(status.map_or("", |st| st.message.as_str()));
-                put_all(&mut attr, "", &span.attributes);
-                put_context(&mut attr, resource_attrs, scope_spans.scope.as_ref());
+                put_all(&mut attr, &span.attributes);
+                put_entries(&mut attr, &context);
                 let kind = match SpanKind::try_from(span.kind) {
                     Ok(SpanKind::Internal) => "Internal",
                     Ok(SpanKind::Server) => "Server",
@@ -238,7 +239,7 @@ pub fn trace_batches(request: &ExportTraceServiceRequest) -> Result<TraceRows> {
                     ev_span.append_value(&sid);
                     ev_ts.append_value(ts);
                     ev_name.append_value(&event.name);
-                    put_all(&mut ev_attr, "", &event.attributes);
+                    put_all(&mut ev_attr, &event.attributes);
                     ev_attr.append(true).map_err(Error::internal)?;
                 }
                 check_expansion(
