@@ -13,6 +13,9 @@
 #       queries running, and /healthz latency (bench/sql_bomb.py)
 #   bench/run.sh tsdb [--rows N] [--reps N] [--pool-size N]   Flight into a TimescaleDB
 #       hypertable vs a plain table and N parallel psql \copy, and 1 (bench/tsdb_bench.py)
+#   bench/run.sh otlp [--rows N] [--reps N] [--parallel N] [--gzip]   log records over
+#       OTLP/HTTP protobuf, OTLP/gRPC and REST NDJSON into the embedded default, beside
+#       Flight DoPut of the same rows and a discarding endpoint (bench/otlp_bench.py)
 #   bench/run.sh all [--rows N] [--reps N]              every bench above in turn, stopping
 #       at the first that fails
 # A bench exits non-zero when its target is missed, when a row count read back differs from
@@ -73,18 +76,23 @@ bench() {
         bomb)
             "$VENV/bin/python" bench/sql_bomb.py "$@"
             ;;
+        otlp)
+            "$VENV/bin/python" -c 'import grpc, opentelemetry.proto' >/dev/null 2>&1 \
+                || "$VENV/bin/pip" install -q --disable-pip-version-check grpcio opentelemetry-proto
+            "$VENV/bin/python" bench/otlp_bench.py "$@"
+            ;;
     esac
 }
 
 case "${1:-}" in
-    flight|pg|ch|bomb|tsdb)
+    flight|pg|ch|bomb|tsdb|otlp)
         which="$1"
         shift
         bench "$which" "$@"
         ;;
     all)
         shift
-        for which in flight pg ch bomb tsdb; do
+        for which in flight pg ch bomb tsdb otlp; do
             echo "==> bench $which" >&2
             if ! bench "$which" "$@"; then
                 echo "==> bench $which FAILED; stopping" >&2
@@ -97,7 +105,7 @@ case "${1:-}" in
         bench flight "$@"
         ;;
     *)
-        echo "unknown bench '$1' (flight, pg, ch, bomb, tsdb, all)" >&2
+        echo "unknown bench '$1' (flight, pg, ch, bomb, tsdb, otlp, all)" >&2
         exit 2
         ;;
 esac
