@@ -95,12 +95,21 @@ impl LogsService for OtlpLogs {
     }
 }
 
+/// How long an exporter is told to wait before sending a refused request again
+/// (`Retry-After` over HTTP, `google.rpc.RetryInfo` over gRPC).
+pub const RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// OTLP's retry rule: a write refused for lack of room is UNAVAILABLE (which exporters
-/// retry), not RESOURCE_EXHAUSTED (which they retry only with RetryInfo); the rest as on
-/// every door.
+/// retry), not RESOURCE_EXHAUSTED (which they retry only with RetryInfo), and carries a
+/// `RetryInfo` with the delay; the rest as on every door.
 pub(crate) fn grpc_status(e: Error) -> tonic::Status {
+    use tonic_types::{ErrorDetails, StatusExt};
     if e.is_retryable() {
-        tonic::Status::unavailable(e.to_string())
+        tonic::Status::with_error_details(
+            tonic::Code::Unavailable,
+            e.to_string(),
+            ErrorDetails::with_retry_info(Some(RETRY_AFTER)),
+        )
     } else {
         status(e)
     }
@@ -578,8 +587,10 @@ pub fn http_error(e: Error, encoding: Encoding) -> Response {
             .into_response(),
     };
     if retryable {
-        out.headers_mut()
-            .insert("retry-after", axum::http::HeaderValue::from_static("1"));
+        out.headers_mut().insert(
+            "retry-after",
+            axum::http::HeaderValue::from(RETRY_AFTER.as_secs()),
+        );
     }
     out
 }
@@ -746,6 +757,18 @@ mod tests {
             matches!(&e, Error::InvalidArgument(m) if m.contains("more than 256 MiB")),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_full_budget_is_unavailable_with_a_retry_delay() {
+        use tonic_types::StatusExt;
+        let s = grpc_status(Error::ResourceExhausted("memory budget full".into()));
+        assert_eq!(s.code(), tonic::Code::Unavailable);
+        let delay = s.get_details_retry_info().and_then(|r| r.retry_delay);
+        assert_eq!(delay, Some(RETRY_AFTER));
+        let s = grpc_status(Error::InvalidArgument("bad".into()));
+        assert_eq!(s.code(), tonic::Code::InvalidArgument);
+        assert!(s.get_details_retry_info().is_none());
     }
 
     #[test]
