@@ -569,6 +569,15 @@ fn exp_histogram_point(
             return Ok(());
         }
     };
+    if !(-10..=20).contains(&p.scale) {
+        rejects.reject(|| {
+            format!(
+                "metric '{}': an exponential histogram point with scale {} (the spec allows -10 to 20)",
+                cx.name, p.scale
+            )
+        });
+        return Ok(());
+    }
     // The bound `base^index` with `base = 2^(2^-scale)`, as `2^(index * 2^-scale)`.
     let step = 2f64.powi(-p.scale);
     let bound = |index: i64| 2f64.powf(index as f64 * step);
@@ -1005,6 +1014,35 @@ mod tests {
         )];
         let e = metric_batches(&req, 1).err().expect("refused");
         assert!(e.to_string().contains("more than 256 MiB"), "{e}");
+    }
+
+    #[test]
+    fn an_exponential_scale_out_of_the_spec_is_rejected_not_computed() {
+        let mut req = request();
+        let point = |scale| ExponentialHistogramDataPoint {
+            time_unix_nano: T,
+            count: 1,
+            scale,
+            zero_count: 1,
+            ..Default::default()
+        };
+        req.resource_metrics[0].scope_metrics[0].metrics = vec![metric(
+            "odd",
+            "",
+            Data::ExponentialHistogram(ExponentialHistogram {
+                data_points: vec![point(i32::MIN), point(21), point(-10)],
+                aggregation_temporality: 1,
+            }),
+        )];
+        let out = metric_batches(&req, 1).unwrap();
+        assert_eq!(out.rejected, 2, "{:?}", out.errors);
+        assert!(
+            out.errors[0].contains("scale -2147483648"),
+            "{:?}",
+            out.errors
+        );
+        // The one in range: zero bucket, +Inf, _count.
+        assert_eq!(out.points.num_rows(), 3);
     }
 
     #[test]
