@@ -412,17 +412,32 @@ fn point_labels(cx: &MetricContext, attributes: &[KeyValue]) -> LabelMap {
     map
 }
 
-/// The point's time in nanoseconds (receipt time when 0), or why it cannot be stored.
-fn point_time(cx: &MetricContext, time: u64, now_ns: i64) -> std::result::Result<i64, String> {
-    if time == 0 {
-        return Ok(now_ns);
+/// The time in nanoseconds to store a point at (receipt time when 0), or `None` when the
+/// point is not stored: flagged `no_recorded_value`, or rejected for a time past a signed
+/// 64-bit nanosecond count.
+fn stored_time(
+    cx: &MetricContext,
+    flags: u32,
+    time: u64,
+    now_ns: i64,
+    rejects: &mut Rejects,
+) -> Option<i64> {
+    if flags & NO_RECORDED_VALUE != 0 {
+        return None;
     }
-    i64::try_from(time).map_err(|_| {
-        format!(
-            "metric '{}': time_unix_nano {time} is past what a signed 64-bit nanosecond count holds",
-            cx.name
-        )
-    })
+    if time == 0 {
+        return Some(now_ns);
+    }
+    let stored = i64::try_from(time).ok();
+    if stored.is_none() {
+        rejects.reject(|| {
+            format!(
+                "metric '{}': time_unix_nano {time} is past what a signed 64-bit nanosecond count holds",
+                cx.name
+            )
+        });
+    }
+    stored
 }
 
 fn number_point(
@@ -433,15 +448,8 @@ fn number_point(
     ex: &mut Exemplars,
     rejects: &mut Rejects,
 ) -> Result<()> {
-    if p.flags & NO_RECORDED_VALUE != 0 {
+    let Some(time) = stored_time(cx, p.flags, p.time_unix_nano, now_ns, rejects) else {
         return Ok(());
-    }
-    let time = match point_time(cx, p.time_unix_nano, now_ns) {
-        Ok(t) => t,
-        Err(why) => {
-            rejects.reject(|| why);
-            return Ok(());
-        }
     };
     let value = match p.value {
         Some(number_data_point::Value::AsDouble(d)) => d,
@@ -504,15 +512,8 @@ fn histogram_point(
     ex: &mut Exemplars,
     rejects: &mut Rejects,
 ) -> Result<()> {
-    if p.flags & NO_RECORDED_VALUE != 0 {
+    let Some(time) = stored_time(cx, p.flags, p.time_unix_nano, now_ns, rejects) else {
         return Ok(());
-    }
-    let time = match point_time(cx, p.time_unix_nano, now_ns) {
-        Ok(t) => t,
-        Err(why) => {
-            rejects.reject(|| why);
-            return Ok(());
-        }
     };
     if !p.bucket_counts.is_empty() && p.bucket_counts.len() != p.explicit_bounds.len() + 1 {
         rejects.reject(|| {
@@ -525,30 +526,17 @@ fn histogram_point(
         });
         return Ok(());
     }
-    let mut labels = point_labels(cx, &p.attributes);
-    reserve(&mut labels, "le");
-    bucket_rows(
-        cx,
-        &labels,
-        time,
-        p.explicit_bounds.iter().copied(),
-        p.bucket_counts.iter().copied(),
-        points,
-    )?;
-    aggregate_rows(
-        cx,
-        &json(&labels),
-        time,
-        [
-            ("sum", p.sum),
-            ("count", Some(p.count as f64)),
-            ("min", p.min),
-            ("max", p.max),
-        ],
-        points,
-    )?;
-    exemplars(cx, &p.exemplars, time, ex, rejects)?;
-    Ok(())
+    let h = HistogramRows {
+        attributes: &p.attributes,
+        bounds: p.explicit_bounds.clone(),
+        counts: p.bucket_counts.clone(),
+        sum: p.sum,
+        count: p.count,
+        min: p.min,
+        max: p.max,
+        exemplars: &p.exemplars,
+    };
+    histogram_rows(cx, time, h, points, ex, rejects)
 }
 
 fn exp_histogram_point(
@@ -559,15 +547,8 @@ fn exp_histogram_point(
     ex: &mut Exemplars,
     rejects: &mut Rejects,
 ) -> Result<()> {
-    if p.flags & NO_RECORDED_VALUE != 0 {
+    let Some(time) = stored_time(cx, p.flags, p.time_unix_nano, now_ns, rejects) else {
         return Ok(());
-    }
-    let time = match point_time(cx, p.time_unix_nano, now_ns) {
-        Ok(t) => t,
-        Err(why) => {
-            rejects.reject(|| why);
-            return Ok(());
-        }
     };
     if !(-10..=20).contains(&p.scale) {
         rejects.reject(|| {
@@ -601,14 +582,49 @@ fn exp_histogram_point(
     let listed: u64 = counts.iter().fold(0u64, |a, c| a.saturating_add(*c));
     // The +Inf bucket holds the whole count (more than the buckets when some overflowed).
     counts.push(p.count.saturating_sub(listed));
-    let mut labels = point_labels(cx, &p.attributes);
+    let h = HistogramRows {
+        attributes: &p.attributes,
+        bounds,
+        counts,
+        sum: p.sum,
+        count: p.count,
+        min: p.min,
+        max: p.max,
+        exemplars: &p.exemplars,
+    };
+    histogram_rows(cx, time, h, points, ex, rejects)
+}
+
+/// A histogram point, explicit or exponential, with its buckets as upper bounds and counts.
+struct HistogramRows<'a> {
+    attributes: &'a [KeyValue],
+    bounds: Vec<f64>,
+    counts: Vec<u64>,
+    sum: Option<f64>,
+    count: u64,
+    min: Option<f64>,
+    max: Option<f64>,
+    exemplars: &'a [Exemplar],
+}
+
+/// The `_bucket` rows (cumulative, by `le`), `_sum`, `_count`, `_min`, `_max` and the
+/// exemplars of one histogram point.
+fn histogram_rows(
+    cx: &MetricContext,
+    time: i64,
+    h: HistogramRows,
+    points: &mut Points,
+    ex: &mut Exemplars,
+    rejects: &mut Rejects,
+) -> Result<()> {
+    let mut labels = point_labels(cx, h.attributes);
     reserve(&mut labels, "le");
     bucket_rows(
         cx,
         &labels,
         time,
-        bounds.into_iter(),
-        counts.into_iter(),
+        h.bounds.into_iter(),
+        h.counts.into_iter(),
         points,
     )?;
     aggregate_rows(
@@ -616,15 +632,14 @@ fn exp_histogram_point(
         &json(&labels),
         time,
         [
-            ("sum", p.sum),
-            ("count", Some(p.count as f64)),
-            ("min", p.min),
-            ("max", p.max),
+            ("sum", h.sum),
+            ("count", Some(h.count as f64)),
+            ("min", h.min),
+            ("max", h.max),
         ],
         points,
     )?;
-    exemplars(cx, &p.exemplars, time, ex, rejects)?;
-    Ok(())
+    exemplars(cx, h.exemplars, time, ex, rejects)
 }
 
 fn summary_point(
@@ -634,15 +649,8 @@ fn summary_point(
     points: &mut Points,
     rejects: &mut Rejects,
 ) -> Result<()> {
-    if p.flags & NO_RECORDED_VALUE != 0 {
+    let Some(time) = stored_time(cx, p.flags, p.time_unix_nano, now_ns, rejects) else {
         return Ok(());
-    }
-    let time = match point_time(cx, p.time_unix_nano, now_ns) {
-        Ok(t) => t,
-        Err(why) => {
-            rejects.reject(|| why);
-            return Ok(());
-        }
     };
     let mut labels = point_labels(cx, &p.attributes);
     reserve(&mut labels, "quantile");
