@@ -728,15 +728,8 @@ mod tests {
     //! request has in protobuf, every field.
     use super::*;
 
-    fn kv(key: &str, value: any_value::Value) -> KeyValue {
-        KeyValue {
-            key: key.into(),
-            value: Some(AnyValue { value: Some(value) }),
-        }
-    }
-    fn s(v: &str) -> any_value::Value {
-        any_value::Value::StringValue(v.into())
-    }
+    use super::super::test_values::{kv, s};
+
     fn parse(text: &str) -> Value {
         serde_json::from_str(text).unwrap()
     }

@@ -728,7 +728,7 @@ fn exemplars(
 mod tests {
     use super::*;
     use arrow::array::AsArray;
-    use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, InstrumentationScope};
+    use opentelemetry_proto::tonic::common::v1::InstrumentationScope;
     use opentelemetry_proto::tonic::metrics::v1::exponential_histogram_data_point::Buckets;
     use opentelemetry_proto::tonic::metrics::v1::summary_data_point::ValueAtQuantile;
     use opentelemetry_proto::tonic::metrics::v1::{
@@ -738,14 +738,7 @@ mod tests {
 
     const T: u64 = 1_796_119_200_000_000_000;
 
-    fn kv(key: &str, value: &str) -> KeyValue {
-        KeyValue {
-            key: key.into(),
-            value: Some(AnyValue {
-                value: Some(any_value::Value::StringValue(value.into())),
-            }),
-        }
-    }
+    use super::super::test_values::kvs as kv;
 
     fn metric(name: &str, unit: &str, data: Data) -> Metric {
         Metric {

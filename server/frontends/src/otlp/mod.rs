@@ -595,6 +595,28 @@ pub fn http_error(e: Error, encoding: Encoding) -> Response {
     out
 }
 
+/// Attribute builders for the tests of every OTLP module.
+#[cfg(test)]
+pub(crate) mod test_values {
+    use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
+
+    pub fn kv(key: &str, value: any_value::Value) -> KeyValue {
+        KeyValue {
+            key: key.into(),
+            value: Some(AnyValue { value: Some(value) }),
+        }
+    }
+
+    pub fn s(v: &str) -> any_value::Value {
+        any_value::Value::StringValue(v.into())
+    }
+
+    /// A string attribute.
+    pub fn kvs(key: &str, value: &str) -> KeyValue {
+        kv(key, s(value))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -603,16 +625,7 @@ mod tests {
     use opentelemetry_proto::tonic::logs::v1::{LogRecord, ResourceLogs, ScopeLogs};
     use opentelemetry_proto::tonic::resource::v1::Resource;
 
-    fn kv(key: &str, value: any_value::Value) -> KeyValue {
-        KeyValue {
-            key: key.into(),
-            value: Some(AnyValue { value: Some(value) }),
-        }
-    }
-
-    fn s(v: &str) -> any_value::Value {
-        any_value::Value::StringValue(v.into())
-    }
+    use super::test_values::{kv, s};
 
     pub fn request() -> ExportLogsServiceRequest {
         let record = |time: u64, observed: u64, text: &str, number: i32, body| LogRecord {

@@ -309,19 +309,11 @@ pub fn trace_batches(request: &ExportTraceServiceRequest) -> Result<TraceRows> {
 mod tests {
     use super::*;
     use arrow::array::AsArray;
-    use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue};
     use opentelemetry_proto::tonic::resource::v1::Resource;
     use opentelemetry_proto::tonic::trace::v1::span::{Event, Link};
     use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span, Status};
 
-    fn kv(key: &str, value: &str) -> KeyValue {
-        KeyValue {
-            key: key.into(),
-            value: Some(AnyValue {
-                value: Some(any_value::Value::StringValue(value.into())),
-            }),
-        }
-    }
+    use super::super::test_values::kvs as kv;
 
     pub fn request() -> ExportTraceServiceRequest {
         let span = Span {
