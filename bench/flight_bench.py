@@ -129,18 +129,24 @@ def _time_column(n: int, base: int, step: int, unit: str) -> pa.Array:
     return ints.cast(pa.timestamp(unit, tz="UTC"))
 
 
-def gen_logs(n: int, seed: int = 1) -> pa.Table:
-    rng = random.Random(seed)
+def log_messages(rng: random.Random, n: int = 4096) -> list:
+    """``n`` log messages of 60-100 characters (also used by otlp_bench.py)."""
     words = ("request handled upstream timeout retry cache miss user session token "
              "connection reset by peer slow query payment accepted queue depth exceeded "
              "disk latency gc pause scheduled job completed shard rebalanced").split()
     messages = []
-    for _ in range(4096):
+    for _ in range(n):
         target = rng.randint(60, 100)
         msg = f"id={rng.getrandbits(32):08x}"
         while len(msg) < target:
             msg += " " + rng.choice(words)
         messages.append(msg[:target])
+    return messages
+
+
+def gen_logs(n: int, seed: int = 1) -> pa.Table:
+    rng = random.Random(seed)
+    messages = log_messages(rng)
     services = pa.array([f"svc-{name}" for name in
                          ("api", "auth", "billing", "search", "cart", "mail", "queue", "web")])
     hosts = pa.array([f"host-{i:03d}.dc1.example.net" for i in range(64)])

@@ -77,16 +77,7 @@ def gen_records(n: int, per_request: int, seed: int = 3):
     """``n`` records as request-sized groups: [(service, host, [record...])]; a record is
     (time_ns, level, message, trace_id bytes, span_id bytes, user, status)."""
     rng = random.Random(seed)
-    words = ("request handled upstream timeout retry cache miss user session token "
-             "connection reset by peer slow query payment accepted queue depth exceeded "
-             "disk latency gc pause scheduled job completed shard rebalanced").split()
-    messages = []
-    for _ in range(4096):
-        target = rng.randint(60, 100)
-        msg = f"id={rng.getrandbits(32):08x}"
-        while len(msg) < target:
-            msg += " " + rng.choice(words)
-        messages.append(msg[:target])
+    messages = fb.log_messages(rng)
     base = time.time_ns() - n * 1_000_000
     groups = []
     for start in range(0, n, per_request):
@@ -206,30 +197,29 @@ def plan(bodies, rows_per_body, total_rows):
     return out
 
 
-def send_http(addr, path, content_type, gz, bodies, order, parallel, check):
-    """POSTs ``bodies[i]`` for i in ``order`` over ``parallel`` keep-alive connections."""
-    host, port = addr.rsplit(":", 1)
+def drive(order, parallel, make_sender, check):
+    """Sends ``order`` (body indexes) from ``parallel`` threads, each with its own sender
+    (``make_sender()`` returns ``send(i) -> (status, body)``); returns the seconds taken.
+    The first failed answer (``check`` says why) stops every thread and is raised."""
     lock = threading.Lock()
     it = iter(order)
     errors = []
-    headers = {"Content-Type": content_type}
-    if gz:
-        headers["Content-Encoding"] = "gzip"
 
     def worker():
-        conn = http.client.HTTPConnection(host, int(port), timeout=120)
-        while not errors:
-            with lock:
-                i = next(it, None)
-            if i is None:
-                break
-            conn.request("POST", path, body=bodies[i], headers=headers)
-            resp = conn.getresponse()
-            data = resp.read()
-            problem = check(i, resp.status, data)
-            if problem:
-                errors.append(problem)
-        conn.close()
+        send, close = make_sender()
+        try:
+            while not errors:
+                with lock:
+                    i = next(it, None)
+                if i is None:
+                    break
+                problem = check(i, *send(i))
+                if problem:
+                    errors.append(problem)
+        except Exception as e:  # noqa: BLE001 (reported below, with the others)
+            errors.append(f"{type(e).__name__}: {e}")
+        finally:
+            close()
 
     threads = [threading.Thread(target=worker) for _ in range(parallel)]
     start = time.perf_counter()
@@ -242,42 +232,48 @@ def send_http(addr, path, content_type, gz, bodies, order, parallel, check):
     return time.perf_counter() - start
 
 
+def send_http(addr, path, content_type, gz, bodies, order, parallel, check):
+    """POSTs ``bodies[i]`` for i in ``order`` over ``parallel`` keep-alive connections."""
+    host, port = addr.rsplit(":", 1)
+    headers = {"Content-Type": content_type}
+    if gz:
+        headers["Content-Encoding"] = "gzip"
+
+    def make_sender():
+        conn = http.client.HTTPConnection(host, int(port), timeout=120)
+
+        def send(i):
+            conn.request("POST", path, body=bodies[i], headers=headers)
+            resp = conn.getresponse()
+            return resp.status, resp.read()
+
+        return send, conn.close
+
+    return drive(order, parallel, make_sender, check)
+
+
 def send_grpc(addr, gz, bodies, order, parallel, check):
+    """Calls LogsService/Export with ``bodies[i]`` (pre-encoded) for i in ``order``."""
     import grpc
 
     channel = grpc.insecure_channel(addr, options=[("grpc.max_send_message_length", 256 << 20),
                                                    ("grpc.max_receive_message_length", 256 << 20)],
                                     compression=grpc.Compression.Gzip if gz else None)
     call = channel.unary_unary(LOGS_EXPORT)  # bytes in, bytes out: pre-encoded bodies
-    lock = threading.Lock()
-    it = iter(order)
-    errors = []
 
-    def worker():
-        while not errors:
-            with lock:
-                i = next(it, None)
-            if i is None:
-                break
+    def make_sender():
+        def send(i):
             try:
-                data = call(bodies[i], timeout=120)
+                return 200, call(bodies[i], timeout=120)
             except grpc.RpcError as e:
-                errors.append(f"gRPC {e.code()}: {e.details()}")
-                break
-            problem = check(i, 200, data)
-            if problem:
-                errors.append(problem)
+                return e.code(), f"gRPC {e.code()}: {e.details()}".encode()
 
-    threads = [threading.Thread(target=worker) for _ in range(parallel)]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    channel.close()
-    if errors:
-        raise RuntimeError(errors[0])
-    return time.perf_counter() - start
+        return send, lambda: None
+
+    try:
+        return drive(order, parallel, make_sender, check)
+    finally:
+        channel.close()
 
 
 def otlp_check(i, status, data):
