@@ -153,7 +153,7 @@ pub(crate) async fn submit_all(
 
 /// Reads the body (at most `limit` bytes) and undoes its `Content-Encoding` (the result
 /// at most `limit` bytes as well).
-pub(crate) async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Vec<u8>> {
+pub(crate) async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Bytes> {
     let too_large = |what: &str| {
         Error::PayloadTooLarge(format!(
             "the request body is larger than {limit} bytes{what} (server.max_body_size): split it"
@@ -172,7 +172,7 @@ pub(crate) async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> 
         .map(|v| v.to_str().unwrap_or("?").trim().to_ascii_lowercase());
     let mut out = Vec::new();
     let read = match encoding.as_deref() {
-        None | Some("") | Some("identity") => return Ok(raw.to_vec()),
+        None | Some("") | Some("identity") => return Ok(raw),
         Some("gzip") | Some("x-gzip") => flate2::read::MultiGzDecoder::new(&raw[..])
             .take(limit as u64 + 1)
             .read_to_end(&mut out),
@@ -193,7 +193,7 @@ pub(crate) async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> 
     if out.len() > limit {
         return Err(too_large(" once decompressed"));
     }
-    Ok(out)
+    Ok(Bytes::from(out))
 }
 
 /// One record of a body: where its bytes are and the line it starts on (1-based).

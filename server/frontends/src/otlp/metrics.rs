@@ -128,7 +128,7 @@ pub async fn export_metrics(
     protocol: &str,
 ) -> Result<ExportMetricsServiceResponse> {
     let now = super::now_ns();
-    let rows = metric_batches(&request, now)?;
+    let rows = super::off_workers(move || metric_batches(&request, now)).await?;
     let mut batches = cut(METRICS_TABLE, &rows.points);
     batches.extend(cut(EXEMPLARS_TABLE, &rows.exemplars));
     submit_all(state, batches, protocol, |i| format!("batch {}", i + 1)).await?;

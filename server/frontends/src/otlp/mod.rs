@@ -121,7 +121,8 @@ pub async fn export_logs(
     request: ExportLogsServiceRequest,
     protocol: &str,
 ) -> Result<ExportLogsServiceResponse> {
-    let logs = logs_batch(&request, now_ns())?;
+    let now = now_ns();
+    let logs = off_workers(move || logs_batch(&request, now)).await?;
     let batches = cut(LOGS_TABLE, &logs.batch);
     submit_all(state, batches, protocol, |i| {
         format!(
@@ -136,6 +137,16 @@ pub async fn export_logs(
             error_message: logs.errors.join("; "),
         }),
     })
+}
+
+/// Runs `f` (mapping a request to Arrow: milliseconds of CPU for a large one) on the
+/// blocking pool, off the async workers.
+pub(crate) async fn off_workers<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(Error::internal)?
 }
 
 /// The time of receipt, in nanoseconds since the epoch.
@@ -485,7 +496,7 @@ pub(crate) async fn http_export<Req, Resp, F, Fut>(
     export: F,
 ) -> Response
 where
-    Req: Message + Default + json::FromOtlpJson,
+    Req: Message + Default + json::FromOtlpJson + Send + 'static,
     Resp: Message + json::ToOtlpJson,
     F: FnOnce(Arc<AppState>, Req) -> Fut,
     Fut: std::future::Future<Output = Result<Resp>>,
@@ -514,7 +525,9 @@ where
         Ok(b) => b,
         Err(e) => return http_error(e, encoding),
     };
-    let request = match encoding {
+    // Decoding a large body is milliseconds of CPU: off the async workers.
+    let what = what.to_string();
+    let decoded = tokio::task::spawn_blocking(move || match encoding {
         Encoding::Protobuf => {
             Req::decode(&bytes[..]).map_err(|e| format!("the body is not an OTLP {what}: {e}"))
         }
@@ -524,10 +537,12 @@ where
                 Req::from_otlp_json(&v)
                     .map_err(|e| format!("the body is not an OTLP/JSON {what}: {e}"))
             }),
-    };
-    let request = match request {
-        Ok(r) => r,
-        Err(e) => return http_error(Error::InvalidArgument(e), encoding),
+    })
+    .await;
+    let request = match decoded {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => return http_error(Error::InvalidArgument(e), encoding),
+        Err(e) => return http_error(Error::internal(e), encoding),
     };
     match export(state, request).await {
         Ok(resp) => match encoding {

@@ -105,7 +105,7 @@ pub async fn export_traces(
     request: ExportTraceServiceRequest,
     protocol: &str,
 ) -> Result<ExportTraceServiceResponse> {
-    let rows = trace_batches(&request)?;
+    let rows = super::off_workers(move || trace_batches(&request)).await?;
     let mut batches = cut(SPANS_TABLE, &rows.spans);
     batches.extend(cut(SPAN_EVENTS_TABLE, &rows.events));
     submit_all(state, batches, protocol, |i| format!("batch {}", i + 1)).await?;
