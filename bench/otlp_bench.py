@@ -26,8 +26,10 @@ The client pre-encodes a pool of distinct bodies (``--distinct`` records) and se
 round-robin until ``--rows`` are sent.
 
 Reported: rows/s and MB/s (payload bytes) per door, best of ``--reps`` (the doors run
-alternately rep by rep), the ratios to Flight and to the discarding endpoint, and
-sluice's peak RSS. Targets: OTLP (HTTP and gRPC) >= 0.4 x Flight and >= 0.5 x its discard
+alternately rep by rep), the ratios to Flight and to the discarding endpoint, sluice's
+peak RSS, and the CPU time (user + system) sluice used per million rows (the least of
+the reps: steadier than wall time on a shared machine, and it includes the background
+work, WAL and Parquet archive, done while the run lasted). Targets: OTLP (HTTP and gRPC) >= 0.4 x Flight and >= 0.5 x its discard
 figure; REST NDJSON >= 0.3 x Flight. Every answer must be a full success (an OTLP
 partial success or a REST row count that differs is a failure), and at the end each
 door's sluice must hold exactly the rows sent (``count(*)`` over SQL). Exit status 1 when
@@ -323,6 +325,12 @@ def start_sluice(binary, workdir, name):
         fb.describe_settings(env)
 
 
+def cpu_seconds(proc) -> float:
+    """User + system CPU time the process has used so far."""
+    fields = Path(f"/proc/{proc.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def count_rows(proc) -> int:
     c = SluiceClient(f"grpc://{proc.addrs['grpc']}")
     try:
@@ -385,6 +393,7 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="sluice-otlp-bench-"))
     procs = {}
     times = {}
+    cpu = {}  # door -> sluice CPU seconds per rep (user + system)
     settings = None
     mismatches = []
     peak = {}
@@ -414,10 +423,16 @@ def main() -> int:
             for door in doors:
                 sides = ["sluice"] if door == "flight" else ["discard", "sluice"]
                 for side in sides:
+                    cpu0 = cpu_seconds(procs[door]) if side == "sluice" else 0.0
                     t = run(door, side)
                     times.setdefault((door, side), []).append(t)
+                    extra = ""
+                    if side == "sluice":
+                        used = cpu_seconds(procs[door]) - cpu0
+                        cpu.setdefault(door, []).append(used)
+                        extra = f"  sluice CPU {used / (total / 1e6):5.2f} s per M rows"
                     print(f"  rep {rep}  {door:<10} {side:<8} {t:7.3f} s "
-                          f"{total / t / 1e6:7.2f} M rows/s", flush=True)
+                          f"{total / t / 1e6:7.2f} M rows/s{extra}", flush=True)
         for door in doors:
             got, want = count_rows(procs[door]), total * args.reps
             print(f"  {door}: logs_events count(*) = {got:,} (expected {want:,}) "
@@ -441,7 +456,8 @@ def main() -> int:
           f"{args.per_request:,} records{' (gzip)' if args.gzip else ''}; Flight batches of "
           f"{FLIGHT_BATCH:,} rows; best of {args.reps}")
     print(f"sluice settings: {settings}")
-    print(f"{'door':<10} {'side':<8} {'M rows/s':>9} {'MB/s':>8} {'x flight':>9} {'x discard':>10} {'peak RSS':>9}")
+    print(f"{'door':<10} {'side':<8} {'M rows/s':>9} {'MB/s':>8} {'x flight':>9} {'x discard':>10} "
+          f"{'peak RSS':>9} {'CPU s/M rows':>13}")
     for door in doors:
         nbytes = sizes["flight" if door == "flight" else "rest" if door == "rest" else "otlp"]
         for side in ("discard", "sluice"):
@@ -451,7 +467,8 @@ def main() -> int:
             xf = f"{r / rate['flight', 'sluice']:9.2f}" if side == "sluice" and ("flight", "sluice") in rate else " " * 9
             xd = f"{r / rate[door, 'discard']:10.2f}" if side == "sluice" and (door, "discard") in rate else " " * 10
             rss = f"{peak[door] / 1024:7.0f}Mi" if side == "sluice" and peak.get(door) else ""
-            print(f"{door:<10} {side:<8} {r / 1e6:9.2f} {nbytes / best[door, side] / 1e6:8.0f} {xf} {xd} {rss:>9}")
+            c = f"{min(cpu[door]) / (total / 1e6):13.2f}" if side == "sluice" and door in cpu else ""
+            print(f"{door:<10} {side:<8} {r / 1e6:9.2f} {nbytes / best[door, side] / 1e6:8.0f} {xf} {xd} {rss:>9} {c}")
     ok = not mismatches
     for door, (ref, target) in TARGETS.items():
         if door not in doors or ref not in doors:
