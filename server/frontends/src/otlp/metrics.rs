@@ -29,7 +29,8 @@
 //!
 //! A point flagged `no_recorded_value` carries no value and is not stored. A point that
 //! cannot be stored (no value, a time past a signed 64-bit nanosecond count, histogram
-//! bounds that do not match its bucket counts) is counted in
+//! bounds that do not match its bucket counts, an exponential scale outside the spec's
+//! -10..20) is counted in
 //! `partial_success.rejected_data_points` with a message; the rest are stored.
 
 use std::collections::BTreeMap;
