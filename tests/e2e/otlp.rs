@@ -400,3 +400,99 @@ async fn kill_9_during_otlp_export_keeps_every_answered_request_once() {
         assert_eq!((*n, *d), (200, 200), "{service}");
     }
 }
+
+/// A full memory budget over OTLP: gRPC answers UNAVAILABLE with a 1 s RetryInfo, HTTP
+/// 503 with `Retry-After: 1`; nothing of a refused request is stored, everything answered
+/// with success is, and the refused request sent again later is stored once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_memory_budget_is_unavailable_with_a_retry_delay() {
+    use tonic_types::StatusExt;
+    let dir = tempfile::tempdir().unwrap();
+    let server = Sluice::start(
+        dir.path(),
+        &[
+            ("MEMORY__BUDGET", "16MiB"),
+            ("SERVER__MAX_MESSAGE_SIZE", "4MiB"),
+            ("BUFFER__MAX_BYTES", "4MiB"),
+            ("ARCHIVE__THROTTLE_BYTES_PER_SEC", "1KiB"),
+        ],
+    );
+    let mut grpc = LogsServiceClient::connect(format!("http://{}", server.grpc))
+        .await
+        .unwrap();
+    let (mut stored, mut refused_round) = (0i64, None);
+    for round in 0..200 {
+        match grpc
+            .export(request(&format!("r{round}"), 5000, false))
+            .await
+        {
+            Ok(resp) => {
+                assert_eq!(resp.into_inner().partial_success, None);
+                stored += 5000;
+            }
+            Err(status) => {
+                assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+                assert!(
+                    status.message().contains("memory budget"),
+                    "{}",
+                    status.message()
+                );
+                let delay = status.get_details_retry_info().and_then(|r| r.retry_delay);
+                assert_eq!(delay, Some(std::time::Duration::from_secs(1)));
+                refused_round = Some(round);
+                break;
+            }
+        }
+    }
+    let refused_round = refused_round.expect("UNAVAILABLE once the memory budget is full");
+    assert!(
+        stored > 0,
+        "some exports went through before the budget filled"
+    );
+
+    // OTLP/HTTP, while the budget is still full: 503 and Retry-After.
+    let r = reqwest::Client::new()
+        .post(server.url("/v1/logs"))
+        .header("content-type", "application/x-protobuf")
+        .body(request("http-full", 5000, false).encode_to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.headers()["retry-after"], "1");
+
+    let mut client = server.flight().await;
+    assert_eq!(
+        query_i64(&mut client, "SELECT count(*) FROM logs_events").await,
+        stored,
+        "nothing of a refused export is stored"
+    );
+
+    // Sent again once the store keeps up (a restart without the stalled archive).
+    let mut server = server;
+    assert!(server.terminate().success());
+    let server = Sluice::start(dir.path(), &[]);
+    let mut grpc = LogsServiceClient::connect(format!("http://{}", server.grpc))
+        .await
+        .unwrap();
+    let resp = grpc
+        .export(request(&format!("r{refused_round}"), 5000, false))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(resp.partial_success, None);
+    let mut client = server.flight().await;
+    assert_eq!(
+        query_i64(&mut client, "SELECT count(*) FROM logs_events").await,
+        stored + 5000
+    );
+    assert_eq!(
+        query_i64(
+            &mut client,
+            "SELECT count(DISTINCT message) FROM logs_events"
+        )
+        .await,
+        stored + 5000,
+        "every record once"
+    );
+}
