@@ -295,7 +295,6 @@ where
     }
 }
 
-/// GET `url` and decode the JSON body.
 /// Rows of a query as JSON, through `POST /query`.
 pub async fn get_rows(server: &Sluice, sql: &str) -> serde_json::Value {
     reqwest::Client::new()
@@ -309,6 +308,7 @@ pub async fn get_rows(server: &Sluice, sql: &str) -> serde_json::Value {
         .unwrap()
 }
 
+/// GET `url` and decode the JSON body.
 pub async fn get_json(url: &str) -> serde_json::Value {
     reqwest::get(url)
         .await
