@@ -461,10 +461,19 @@ fn rewrite_record(
         let key_start = s.i;
         s.string()?;
         let raw_key = &rec[key_start..s.i];
-        let key: String = serde_json::from_slice(raw_key).map_err(|e| BodyError {
-            line: s.line,
-            message: format!("bad field name: {e}"),
-        })?;
+        // Most names have no escapes: read them in place; decode the others.
+        let plain = std::str::from_utf8(&raw_key[1..raw_key.len() - 1])
+            .ok()
+            .filter(|k| !k.contains('\\'));
+        let key: std::borrow::Cow<str> = match plain {
+            Some(k) => k.into(),
+            None => serde_json::from_slice::<String>(raw_key)
+                .map_err(|e| BodyError {
+                    line: s.line,
+                    message: format!("bad field name: {e}"),
+                })?
+                .into(),
+        };
         s.ws();
         if s.peek() != Some(b':') {
             return s.fail(format!("expected ':' after field \"{key}\""));
@@ -481,7 +490,7 @@ fn rewrite_record(
         let column = renames
             .iter()
             .find(|(from, _)| *from == key)
-            .map_or(key.as_str(), |(_, to)| to);
+            .map_or(&*key, |(_, to)| to);
         if column == key {
             out.extend_from_slice(raw_key);
         } else {
@@ -497,11 +506,7 @@ fn rewrite_record(
                 line: s.line,
                 message: format!("field \"{key}\" is not valid UTF-8"),
             })?;
-            out.extend_from_slice(
-                serde_json::to_string(text)
-                    .expect("a string serializes")
-                    .as_bytes(),
-            );
+            serde_json::to_writer(&mut *out, text).expect("a string serializes");
         } else {
             out.extend_from_slice(value);
         }
@@ -904,11 +909,16 @@ mod tests {
             .unwrap();
         let body =
             br#"{"name": "cpu", "labels": {"host": "a"}, "value": 0.5, "time": 1796119200000}
-{"name": "cpu", "labels": {"host": "b"}, "value": 2, "time": "2026-12-01T10:00:00.5Z"}"#;
+{"name": "cpu", "labels": {"host": "b"}, "value": 2, "time": "2026-12-01T10:00:00.5Z"}
+{"na\u006de": "mem", "lab\u0065ls": {"h\"ost": "c"}, "value": 3, "time": 1796119200000}"#;
         let b = &decode(&metrics, body).unwrap()[0].0;
-        assert_eq!(b.num_rows(), 2);
+        assert_eq!(b.num_rows(), 3);
         let names = b.column_by_name("metric_name").unwrap().as_string::<i32>();
         assert_eq!(names.value(1), "cpu");
+        // Escaped field names are decoded before the rename and the column match.
+        assert_eq!(names.value(2), "mem");
+        let labels = b.column_by_name("labels").unwrap().as_string::<i32>();
+        assert_eq!(labels.value(2), r#"{"h\"ost": "c"}"#);
         let v = b
             .column_by_name("value")
             .unwrap()
