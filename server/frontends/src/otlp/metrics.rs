@@ -36,10 +36,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use arrow::array::{
-    ArrayRef, Float64Builder, RecordBatch, StringBuilder, TimestampNanosecondBuilder,
-};
-use arrow::datatypes::{DataType, Field, Schema};
+use arrow::array::{Float64Builder, RecordBatch, StringBuilder, TimestampNanosecondBuilder};
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::HeaderMap;
@@ -59,13 +56,13 @@ use tonic::codec::CompressionEncoding;
 use tracing::Instrument;
 
 use super::{
-    attribute, context_entries, cut, grpc_status, hex, http_export, label_value, ns_field,
+    attribute, batch_of, context_entries, cut, grpc_status, hex, http_export, label_value,
     service_name,
 };
 use super::{check_expansion, MAX_ERRORS};
 use crate::state::AppState;
 use crate::write::submit_all;
-use sluice_core::error::{Error, Result};
+use sluice_core::error::Result;
 
 /// The seed table OTLP metric points land in.
 pub const METRICS_TABLE: &str = "metrics";
@@ -353,42 +350,21 @@ pub fn metric_batches(request: &ExportMetricsServiceRequest, now_ns: i64) -> Res
             }
         }
     }
-    let points = RecordBatch::try_new(
-        Arc::new(Schema::new(vec![
-            ns_field("time"),
-            Field::new("metric_name", DataType::Utf8, false),
-            Field::new("labels", DataType::Utf8, false),
-            Field::new("value", DataType::Float64, false),
-        ])),
-        vec![
-            Arc::new(points.time.finish()) as ArrayRef,
-            Arc::new(points.name.finish()),
-            Arc::new(points.labels.finish()),
-            Arc::new(points.value.finish()),
-        ],
-    )
-    .map_err(Error::internal)?;
-    let exemplars = RecordBatch::try_new(
-        Arc::new(Schema::new(vec![
-            ns_field("time"),
-            Field::new("app", DataType::Utf8, false),
-            Field::new("host", DataType::Utf8, false),
-            Field::new("labels", DataType::Utf8, false),
-            Field::new("value", DataType::Float64, false),
-            Field::new("trace_id", DataType::Utf8, false),
-            Field::new("level", DataType::Utf8, false),
-        ])),
-        vec![
-            Arc::new(ex.time.finish()) as ArrayRef,
-            Arc::new(ex.app.finish()),
-            Arc::new(ex.host.finish()),
-            Arc::new(ex.labels.finish()),
-            Arc::new(ex.value.finish()),
-            Arc::new(ex.trace_id.finish()),
-            Arc::new(ex.level.finish()),
-        ],
-    )
-    .map_err(Error::internal)?;
+    let points = batch_of(vec![
+        ("time", Arc::new(points.time.finish())),
+        ("metric_name", Arc::new(points.name.finish())),
+        ("labels", Arc::new(points.labels.finish())),
+        ("value", Arc::new(points.value.finish())),
+    ])?;
+    let exemplars = batch_of(vec![
+        ("time", Arc::new(ex.time.finish())),
+        ("app", Arc::new(ex.app.finish())),
+        ("host", Arc::new(ex.host.finish())),
+        ("labels", Arc::new(ex.labels.finish())),
+        ("value", Arc::new(ex.value.finish())),
+        ("trace_id", Arc::new(ex.trace_id.finish())),
+        ("level", Arc::new(ex.level.finish())),
+    ])?;
     Ok(MetricRows {
         points,
         exemplars,

@@ -36,7 +36,7 @@ use arrow::array::{
     Array, ArrayRef, MapBuilder, MapFieldNames, RecordBatch, StringBuilder,
     TimestampNanosecondBuilder,
 };
-use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
+use arrow::datatypes::{Field, Schema};
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
@@ -282,28 +282,16 @@ pub fn logs_batch(request: &ExportLogsServiceRequest, now_ns: i64) -> Result<Log
             }
         }
     }
-    let labels = labels.finish();
-    let schema = Arc::new(Schema::new(vec![
-        ns_field("timestamp"),
-        Field::new("service", DataType::Utf8, false),
-        Field::new("host", DataType::Utf8, false),
-        Field::new("level", DataType::Utf8, false),
-        Field::new("trace_id", DataType::Utf8, false),
-        Field::new("span_id", DataType::Utf8, false),
-        Field::new("message", DataType::Utf8, false),
-        Field::new("labels", labels.data_type().clone(), false),
-    ]));
-    let columns: Vec<ArrayRef> = vec![
-        Arc::new(timestamp.finish()),
-        Arc::new(service.finish()),
-        Arc::new(host.finish()),
-        Arc::new(level.finish()),
-        Arc::new(trace_id.finish()),
-        Arc::new(span_id.finish()),
-        Arc::new(message.finish()),
-        Arc::new(labels),
-    ];
-    let batch = RecordBatch::try_new(schema, columns).map_err(Error::internal)?;
+    let batch = batch_of(vec![
+        ("timestamp", Arc::new(timestamp.finish())),
+        ("service", Arc::new(service.finish())),
+        ("host", Arc::new(host.finish())),
+        ("level", Arc::new(level.finish())),
+        ("trace_id", Arc::new(trace_id.finish())),
+        ("span_id", Arc::new(span_id.finish())),
+        ("message", Arc::new(message.finish())),
+        ("labels", Arc::new(labels.finish())),
+    ])?;
     Ok(LogRows {
         batch,
         rejected,
@@ -466,13 +454,14 @@ pub(crate) fn service_name(resource_attrs: &[KeyValue]) -> String {
     attribute(resource_attrs, "service.name").unwrap_or_else(|| "unknown_service".to_string())
 }
 
-/// A UTC nanosecond timestamp column.
-pub(crate) fn ns_field(name: &str) -> Field {
-    Field::new(
-        name,
-        DataType::Timestamp(TimeUnit::Nanosecond, Some("UTC".into())),
-        false,
-    )
+/// A batch of `columns` (name, array), every field non-nullable and typed as its array.
+pub(crate) fn batch_of(columns: Vec<(&str, ArrayRef)>) -> Result<RecordBatch> {
+    let fields: Vec<Field> = columns
+        .iter()
+        .map(|(name, a)| Field::new(*name, a.data_type().clone(), false))
+        .collect();
+    let arrays = columns.into_iter().map(|(_, a)| a).collect();
+    RecordBatch::try_new(Arc::new(Schema::new(fields)), arrays).map_err(Error::internal)
 }
 
 /// The level word of a record (see the module doc).

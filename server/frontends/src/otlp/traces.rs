@@ -20,10 +20,7 @@
 
 use std::sync::Arc;
 
-use arrow::array::{
-    Array, ArrayRef, Int64Builder, RecordBatch, StringBuilder, TimestampNanosecondBuilder,
-};
-use arrow::datatypes::{DataType, Field, Schema};
+use arrow::array::{Int64Builder, RecordBatch, StringBuilder, TimestampNanosecondBuilder};
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::HeaderMap;
@@ -41,8 +38,8 @@ use tonic::codec::CompressionEncoding;
 use tracing::Instrument;
 
 use super::{
-    append_hex, check_expansion, context_entries, cut, grpc_status, hex, http_export,
-    labels_builder, map_bytes, ns_field, put, put_all, put_entries, service_name, MAX_ERRORS,
+    append_hex, batch_of, check_expansion, context_entries, cut, grpc_status, hex, http_export,
+    labels_builder, map_bytes, put, put_all, put_entries, service_name, MAX_ERRORS,
 };
 use crate::state::AppState;
 use crate::write::submit_all;
@@ -249,54 +246,26 @@ pub fn trace_batches(request: &ExportTraceServiceRequest) -> Result<TraceRows> {
             }
         }
     }
-    let attr = attr.finish();
-    let spans = RecordBatch::try_new(
-        Arc::new(Schema::new(vec![
-            Field::new("trace_id", DataType::Utf8, false),
-            Field::new("span_id", DataType::Utf8, false),
-            Field::new("parent_span_id", DataType::Utf8, false),
-            Field::new("service", DataType::Utf8, false),
-            Field::new("name", DataType::Utf8, false),
-            ns_field("start_time"),
-            ns_field("end_time"),
-            Field::new("duration_ns", DataType::Int64, false),
-            Field::new("status_code", DataType::Utf8, false),
-            Field::new("status_message", DataType::Utf8, false),
-            Field::new("attr", attr.data_type().clone(), false),
-        ])),
-        vec![
-            Arc::new(trace_id.finish()) as ArrayRef,
-            Arc::new(span_id.finish()),
-            Arc::new(parent.finish()),
-            Arc::new(service.finish()),
-            Arc::new(name.finish()),
-            Arc::new(start.finish()),
-            Arc::new(end.finish()),
-            Arc::new(duration.finish()),
-            Arc::new(status_code.finish()),
-            Arc::new(status_message.finish()),
-            Arc::new(attr),
-        ],
-    )
-    .map_err(Error::internal)?;
-    let ev_attr = ev_attr.finish();
-    let events = RecordBatch::try_new(
-        Arc::new(Schema::new(vec![
-            Field::new("trace_id", DataType::Utf8, false),
-            Field::new("span_id", DataType::Utf8, false),
-            ns_field("ts"),
-            Field::new("name", DataType::Utf8, false),
-            Field::new("attr", ev_attr.data_type().clone(), false),
-        ])),
-        vec![
-            Arc::new(ev_trace.finish()) as ArrayRef,
-            Arc::new(ev_span.finish()),
-            Arc::new(ev_ts.finish()),
-            Arc::new(ev_name.finish()),
-            Arc::new(ev_attr),
-        ],
-    )
-    .map_err(Error::internal)?;
+    let spans = batch_of(vec![
+        ("trace_id", Arc::new(trace_id.finish())),
+        ("span_id", Arc::new(span_id.finish())),
+        ("parent_span_id", Arc::new(parent.finish())),
+        ("service", Arc::new(service.finish())),
+        ("name", Arc::new(name.finish())),
+        ("start_time", Arc::new(start.finish())),
+        ("end_time", Arc::new(end.finish())),
+        ("duration_ns", Arc::new(duration.finish())),
+        ("status_code", Arc::new(status_code.finish())),
+        ("status_message", Arc::new(status_message.finish())),
+        ("attr", Arc::new(attr.finish())),
+    ])?;
+    let events = batch_of(vec![
+        ("trace_id", Arc::new(ev_trace.finish())),
+        ("span_id", Arc::new(ev_span.finish())),
+        ("ts", Arc::new(ev_ts.finish())),
+        ("name", Arc::new(ev_name.finish())),
+        ("attr", Arc::new(ev_attr.finish())),
+    ])?;
     Ok(TraceRows {
         spans,
         events,
@@ -308,7 +277,7 @@ pub fn trace_batches(request: &ExportTraceServiceRequest) -> Result<TraceRows> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use arrow::array::AsArray;
+    use arrow::array::{Array, AsArray};
     use opentelemetry_proto::tonic::resource::v1::Resource;
     use opentelemetry_proto::tonic::trace::v1::span::{Event, Link};
     use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span, Status};
