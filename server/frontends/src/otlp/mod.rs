@@ -302,10 +302,6 @@ pub fn logs_batch(request: &ExportLogsServiceRequest, now_ns: i64) -> Result<Log
 /// Key-value builder of a `labels`/`attr` column (map names as registered tables have them).
 pub(crate) type Labels = MapBuilder<StringBuilder, StringBuilder>;
 
-pub(crate) fn labels_builder() -> Labels {
-    RowSizes::default().labels_builder()
-}
-
 fn map_names() -> MapFieldNames {
     MapFieldNames {
         entry: "entries".into(),

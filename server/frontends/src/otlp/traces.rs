@@ -39,7 +39,7 @@ use tracing::Instrument;
 
 use super::{
     append_hex, batch_of, check_expansion, context_entries, cut, grpc_status, hex, http_export,
-    labels_builder, map_bytes, put, put_all, put_entries, service_name, MAX_ERRORS,
+    map_bytes, put, put_all, put_entries, service_name, RowSizes, MAX_ERRORS,
 };
 use crate::state::AppState;
 use crate::write::submit_all;
@@ -124,26 +124,56 @@ pub struct TraceRows {
 
 /// The Arrow batches of `spans` and `span_events` for `request` (see the module doc).
 pub fn trace_batches(request: &ExportTraceServiceRequest) -> Result<TraceRows> {
+    // Count first (as for logs): refuse an over-expanding request before allocating, and
+    // size the attribute maps once.
+    let mut contexts = Vec::new();
+    let (mut spans, mut events) = (RowSizes::default(), RowSizes::default());
+    for resource_spans in &request.resource_spans {
+        let resource_attrs: &[KeyValue] = resource_spans
+            .resource
+            .as_ref()
+            .map_or(&[], |r| &r.attributes);
+        let repeated = service_name(resource_attrs).len();
+        for scope_spans in &resource_spans.scope_spans {
+            let context = context_entries(resource_attrs, scope_spans.scope.as_ref());
+            for span in &scope_spans.spans {
+                spans.row(repeated, &span.attributes, &context);
+                for event in &span.events {
+                    events.row(0, &event.attributes, &[]);
+                }
+            }
+            contexts.push(context);
+        }
+    }
+    check_expansion(
+        spans.repeated + spans.keys + spans.values + events.keys + events.values,
+        "spans",
+    )?;
+    let n = spans.rows;
     let (mut trace_id, mut span_id, mut parent) = (
-        StringBuilder::new(),
-        StringBuilder::new(),
+        StringBuilder::with_capacity(n, n * 32),
+        StringBuilder::with_capacity(n, n * 16),
+        StringBuilder::with_capacity(n, n * 16),
+    );
+    let (mut service, mut name) = (
+        StringBuilder::with_capacity(n, spans.repeated),
         StringBuilder::new(),
     );
-    let (mut service, mut name) = (StringBuilder::new(), StringBuilder::new());
-    let mut start = TimestampNanosecondBuilder::new().with_timezone("UTC");
-    let mut end = TimestampNanosecondBuilder::new().with_timezone("UTC");
-    let mut duration = Int64Builder::new();
+    let mut start = TimestampNanosecondBuilder::with_capacity(n).with_timezone("UTC");
+    let mut end = TimestampNanosecondBuilder::with_capacity(n).with_timezone("UTC");
+    let mut duration = Int64Builder::with_capacity(n);
     let (mut status_code, mut status_message) = (StringBuilder::new(), StringBuilder::new());
-    let mut attr = labels_builder();
+    let mut attr = spans.labels_builder();
     let (mut ev_trace, mut ev_span, mut ev_name) = (
         StringBuilder::new(),
         StringBuilder::new(),
         StringBuilder::new(),
     );
     let mut ev_ts = TimestampNanosecondBuilder::new().with_timezone("UTC");
-    let mut ev_attr = labels_builder();
+    let mut ev_attr = events.labels_builder();
     let (mut rejected, mut errors) = (0usize, Vec::new());
     let mut index = 0usize;
+    let mut contexts = contexts.into_iter();
     for resource_spans in &request.resource_spans {
         let resource_attrs: &[KeyValue] = resource_spans
             .resource
@@ -151,7 +181,7 @@ pub fn trace_batches(request: &ExportTraceServiceRequest) -> Result<TraceRows> {
             .map_or(&[], |r| &r.attributes);
         let service_name = service_name(resource_attrs);
         for scope_spans in &resource_spans.scope_spans {
-            let context = context_entries(resource_attrs, scope_spans.scope.as_ref());
+            let context = contexts.next().unwrap_or_default();
             for span in &scope_spans.spans {
                 index += 1;
                 let times = (
@@ -330,6 +360,17 @@ mod tests {
                 ..Default::default()
             }],
         }
+    }
+
+    #[test]
+    fn spans_that_expand_past_the_limit_are_refused_before_building() {
+        // A 1 MiB resource attribute on 300 spans: 300 MiB of attributes from 1 MiB sent.
+        let mut req = request();
+        let rs = &mut req.resource_spans[0];
+        rs.resource.as_mut().unwrap().attributes = vec![kv("big", &"x".repeat(1 << 20))];
+        rs.scope_spans[0].spans = vec![Span::default(); 300];
+        let e = trace_batches(&req).err().expect("refused");
+        assert!(e.to_string().contains("more than 256 MiB"), "{e}");
     }
 
     #[test]
