@@ -252,6 +252,9 @@ impl Rejects {
 /// The Arrow batches of `metrics` and `metrics_events` for `request`; `now_ns` is the time
 /// of receipt. See the module doc.
 pub fn metric_batches(request: &ExportMetricsServiceRequest, now_ns: i64) -> Result<MetricRows> {
+    // A first, cheap estimate refuses most over-expanding requests before anything is
+    // allocated; the row-by-row check in `Points::row` is exact.
+    check_expansion(estimated_bytes(request), "metric data points")?;
     let mut points = Points {
         time: TimestampNanosecondBuilder::new().with_timezone("UTC"),
         name: StringBuilder::new(),
@@ -371,6 +374,53 @@ pub fn metric_batches(request: &ExportMetricsServiceRequest, now_ns: i64) -> Res
         rejected: rejects.count,
         errors: rejects.errors,
     })
+}
+
+/// About the text a request's rows will take: for each point, its rows (one per bucket or
+/// quantile, plus the aggregates) times its labels (attributes and context) and name.
+fn estimated_bytes(request: &ExportMetricsServiceRequest) -> usize {
+    let pairs = |attrs: &[KeyValue]| -> usize {
+        attrs
+            .iter()
+            .map(|kv| kv.key.len() + super::any_len(kv.value.as_ref()) + 6)
+            .sum()
+    };
+    let mut total = 0usize;
+    for rm in &request.resource_metrics {
+        let resource = rm.resource.as_ref().map_or(0, |r| pairs(&r.attributes));
+        for sm in &rm.scope_metrics {
+            let scope = sm.scope.as_ref().map_or(0, |s| pairs(&s.attributes));
+            for m in &sm.metrics {
+                let row = |attrs: &[KeyValue]| resource + scope + m.name.len() + 40 + pairs(attrs);
+                let points: usize = match &m.data {
+                    Some(Data::Gauge(g)) => g.data_points.iter().map(|p| row(&p.attributes)).sum(),
+                    Some(Data::Sum(g)) => g.data_points.iter().map(|p| row(&p.attributes)).sum(),
+                    Some(Data::Histogram(h)) => h
+                        .data_points
+                        .iter()
+                        .map(|p| (p.bucket_counts.len() + 4) * row(&p.attributes))
+                        .sum(),
+                    Some(Data::ExponentialHistogram(h)) => h
+                        .data_points
+                        .iter()
+                        .map(|p| {
+                            let buckets = p.positive.as_ref().map_or(0, |b| b.bucket_counts.len())
+                                + p.negative.as_ref().map_or(0, |b| b.bucket_counts.len());
+                            (buckets + 6) * row(&p.attributes)
+                        })
+                        .sum(),
+                    Some(Data::Summary(q)) => q
+                        .data_points
+                        .iter()
+                        .map(|p| (p.quantile_values.len() + 2) * row(&p.attributes))
+                        .sum(),
+                    None => 0,
+                };
+                total = total.saturating_add(points);
+            }
+        }
+    }
+    total
 }
 
 fn value_text(kv: &KeyValue) -> String {
