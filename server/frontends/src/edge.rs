@@ -158,9 +158,20 @@ impl axum::response::IntoResponse for HttpError {
         )
             .into_response();
         if self.0.is_retryable() {
-            resp.headers_mut()
-                .insert("retry-after", axum::http::HeaderValue::from_static("1"));
+            set_retry_after(&mut resp);
         }
         resp
     }
+}
+
+/// How long a client refused for lack of room (memory or WAL disk budget) is told to wait:
+/// `Retry-After` on every HTTP door, `google.rpc.RetryInfo` over OTLP/gRPC.
+pub const RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Adds `Retry-After: <RETRY_AFTER in seconds>` to a refusal.
+pub fn set_retry_after(resp: &mut axum::response::Response) {
+    resp.headers_mut().insert(
+        "retry-after",
+        axum::http::HeaderValue::from(RETRY_AFTER.as_secs()),
+    );
 }

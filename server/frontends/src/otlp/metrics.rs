@@ -56,8 +56,8 @@ use tonic::codec::CompressionEncoding;
 use tracing::Instrument;
 
 use super::{
-    attribute, batch_of, context_entries, cut, grpc_status, hex, http_export, label_value,
-    service_name,
+    attribute, batch_of, context_entries, cut, grpc_status, hex, http_export, service_name,
+    value_text,
 };
 use super::{check_expansion, MAX_ERRORS};
 use crate::state::AppState;
@@ -421,10 +421,6 @@ fn estimated_bytes(request: &ExportMetricsServiceRequest) -> usize {
         }
     }
     total
-}
-
-fn value_text(kv: &KeyValue) -> String {
-    kv.value.as_ref().map(label_value).unwrap_or_default()
 }
 
 /// The label set of a point: its attributes, then the metric's context labels.

@@ -95,10 +95,6 @@ impl LogsService for OtlpLogs {
     }
 }
 
-/// How long an exporter is told to wait before sending a refused request again
-/// (`Retry-After` over HTTP, `google.rpc.RetryInfo` over gRPC).
-pub const RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
-
 /// OTLP's retry rule: a write refused for lack of room is UNAVAILABLE (which exporters
 /// retry), not RESOURCE_EXHAUSTED (which they retry only with RetryInfo), and carries a
 /// `RetryInfo` with the delay; the rest as on every door.
@@ -108,7 +104,7 @@ pub(crate) fn grpc_status(e: Error) -> tonic::Status {
         tonic::Status::with_error_details(
             tonic::Code::Unavailable,
             e.to_string(),
-            ErrorDetails::with_retry_info(Some(RETRY_AFTER)),
+            ErrorDetails::with_retry_info(Some(crate::edge::RETRY_AFTER)),
         )
     } else {
         status(e)
@@ -203,15 +199,17 @@ pub(crate) fn map_bytes(map: &mut Labels) -> usize {
 pub fn logs_batch(request: &ExportLogsServiceRequest, now_ns: i64) -> Result<LogRows> {
     // Count first: refuse an over-expanding request before allocating, and size every
     // builder once (growing them was a third of the mapping's time).
-    let mut contexts = Vec::new();
+    let (mut names, mut contexts) = (Vec::new(), Vec::new());
     let mut size = RowSizes::default();
     for resource_logs in &request.resource_logs {
         let resource_attrs: &[KeyValue] = resource_logs
             .resource
             .as_ref()
             .map_or(&[], |r| &r.attributes);
-        let repeated = service_name(resource_attrs).len()
-            + attribute(resource_attrs, "host.name").map_or(0, |h| h.len());
+        let service_name = service_name(resource_attrs);
+        let host_name = attribute(resource_attrs, "host.name").unwrap_or_default();
+        let repeated = service_name.len() + host_name.len();
+        names.push((service_name, host_name));
         for scope_logs in &resource_logs.scope_logs {
             let context = context_entries(resource_attrs, scope_logs.scope.as_ref());
             for record in &scope_logs.log_records {
@@ -238,13 +236,7 @@ pub fn logs_batch(request: &ExportLogsServiceRequest, now_ns: i64) -> Result<Log
     let (mut rejected, mut errors) = (0usize, Vec::new());
     let mut index = 0usize;
     let mut contexts = contexts.into_iter();
-    for resource_logs in &request.resource_logs {
-        let resource_attrs: &[KeyValue] = resource_logs
-            .resource
-            .as_ref()
-            .map_or(&[], |r| &r.attributes);
-        let service_name = service_name(resource_attrs);
-        let host_name = attribute(resource_attrs, "host.name").unwrap_or_default();
+    for (resource_logs, (service_name, host_name)) in request.resource_logs.iter().zip(names) {
         for scope_logs in &resource_logs.scope_logs {
             let context = contexts.next().unwrap_or_default();
             for record in &scope_logs.log_records {
@@ -383,10 +375,9 @@ pub(crate) fn context_entries(
     resource_attrs: &[KeyValue],
     scope: Option<&opentelemetry_proto::tonic::common::v1::InstrumentationScope>,
 ) -> Vec<(String, String)> {
-    let text = |kv: &KeyValue| kv.value.as_ref().map(label_value).unwrap_or_default();
     let mut out: Vec<(String, String)> = resource_attrs
         .iter()
-        .map(|kv| (format!("resource.{}", kv.key), text(kv)))
+        .map(|kv| (format!("resource.{}", kv.key), value_text(kv)))
         .collect();
     if let Some(scope) = scope {
         for (key, value) in [
@@ -401,7 +392,7 @@ pub(crate) fn context_entries(
             scope
                 .attributes
                 .iter()
-                .map(|kv| (format!("scope.{}", kv.key), text(kv))),
+                .map(|kv| (format!("scope.{}", kv.key), value_text(kv))),
         );
     }
     out
@@ -439,10 +430,12 @@ pub(crate) fn append_hex(b: &mut StringBuilder, bytes: &[u8]) {
 
 /// An attribute's value as text ([`label_value`]), if the attributes have `key`.
 pub(crate) fn attribute(attrs: &[KeyValue], key: &str) -> Option<String> {
-    attrs
-        .iter()
-        .find(|kv| kv.key == key)
-        .map(|kv| kv.value.as_ref().map(label_value).unwrap_or_default())
+    attrs.iter().find(|kv| kv.key == key).map(value_text)
+}
+
+/// An attribute's value as [`label_value`] writes it ("" without one).
+pub(crate) fn value_text(kv: &KeyValue) -> String {
+    kv.value.as_ref().map(label_value).unwrap_or_default()
 }
 
 /// The resource's `service.name`, or `unknown_service` as the OpenTelemetry SDKs say.
@@ -664,10 +657,7 @@ pub fn http_error(e: Error, encoding: Encoding) -> Response {
             .into_response(),
     };
     if retryable {
-        out.headers_mut().insert(
-            "retry-after",
-            axum::http::HeaderValue::from(RETRY_AFTER.as_secs()),
-        );
+        crate::edge::set_retry_after(&mut out);
     }
     out
 }
@@ -855,7 +845,7 @@ mod tests {
         let s = grpc_status(Error::ResourceExhausted("memory budget full".into()));
         assert_eq!(s.code(), tonic::Code::Unavailable);
         let delay = s.get_details_retry_info().and_then(|r| r.retry_delay);
-        assert_eq!(delay, Some(RETRY_AFTER));
+        assert_eq!(delay, Some(crate::edge::RETRY_AFTER));
         let s = grpc_status(Error::InvalidArgument("bad".into()));
         assert_eq!(s.code(), tonic::Code::InvalidArgument);
         assert!(s.get_details_retry_info().is_none());

@@ -126,14 +126,16 @@ pub struct TraceRows {
 pub fn trace_batches(request: &ExportTraceServiceRequest) -> Result<TraceRows> {
     // Count first (as for logs): refuse an over-expanding request before allocating, and
     // size the attribute maps once.
-    let mut contexts = Vec::new();
+    let (mut services, mut contexts) = (Vec::new(), Vec::new());
     let (mut spans, mut events) = (RowSizes::default(), RowSizes::default());
     for resource_spans in &request.resource_spans {
         let resource_attrs: &[KeyValue] = resource_spans
             .resource
             .as_ref()
             .map_or(&[], |r| &r.attributes);
-        let repeated = service_name(resource_attrs).len();
+        let service_name = service_name(resource_attrs);
+        let repeated = service_name.len();
+        services.push(service_name);
         for scope_spans in &resource_spans.scope_spans {
             let context = context_entries(resource_attrs, scope_spans.scope.as_ref());
             for span in &scope_spans.spans {
@@ -174,12 +176,7 @@ pub fn trace_batches(request: &ExportTraceServiceRequest) -> Result<TraceRows> {
     let (mut rejected, mut errors) = (0usize, Vec::new());
     let mut index = 0usize;
     let mut contexts = contexts.into_iter();
-    for resource_spans in &request.resource_spans {
-        let resource_attrs: &[KeyValue] = resource_spans
-            .resource
-            .as_ref()
-            .map_or(&[], |r| &r.attributes);
-        let service_name = service_name(resource_attrs);
+    for (resource_spans, service_name) in request.resource_spans.iter().zip(services) {
         for scope_spans in &resource_spans.scope_spans {
             let context = contexts.next().unwrap_or_default();
             for span in &scope_spans.spans {
