@@ -48,6 +48,15 @@ pub fn sluice_cli(data_dir: &Path, env: &[(&str, &str)], args: &[&str]) -> (i32,
     )
 }
 
+/// A server whose memory budget fills up and stays full: 16 MiB of memory, small
+/// messages and recent buffer, and an archive throttled to 1 KiB/s, so nothing frees it.
+pub const MEMORY_FILLS_UP: &[(&str, &str)] = &[
+    ("MEMORY__BUDGET", "16MiB"),
+    ("SERVER__MAX_MESSAGE_SIZE", "4MiB"),
+    ("BUFFER__MAX_BYTES", "4MiB"),
+    ("ARCHIVE__THROTTLE_BYTES_PER_SEC", "1KiB"),
+];
+
 /// The repo's example config, loaded by every test server.
 pub fn example_config() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../sluice.example.toml")

@@ -408,15 +408,7 @@ async fn kill_9_during_otlp_export_keeps_every_answered_request_once() {
 async fn a_full_memory_budget_is_unavailable_with_a_retry_delay() {
     use tonic_types::StatusExt;
     let dir = tempfile::tempdir().unwrap();
-    let server = Sluice::start(
-        dir.path(),
-        &[
-            ("MEMORY__BUDGET", "16MiB"),
-            ("SERVER__MAX_MESSAGE_SIZE", "4MiB"),
-            ("BUFFER__MAX_BYTES", "4MiB"),
-            ("ARCHIVE__THROTTLE_BYTES_PER_SEC", "1KiB"),
-        ],
-    );
+    let server = Sluice::start(dir.path(), MEMORY_FILLS_UP);
     let mut grpc = LogsServiceClient::connect(format!("http://{}", server.grpc))
         .await
         .unwrap();

@@ -294,15 +294,7 @@ async fn rest_writes_land_once_durable_and_refusals_store_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_memory_budget_answers_429_with_retry_after() {
     let dir = tempfile::tempdir().unwrap();
-    let server = Sluice::start(
-        dir.path(),
-        &[
-            ("MEMORY__BUDGET", "16MiB"),
-            ("SERVER__MAX_MESSAGE_SIZE", "4MiB"),
-            ("BUFFER__MAX_BYTES", "4MiB"),
-            ("ARCHIVE__THROTTLE_BYTES_PER_SEC", "1KiB"),
-        ],
-    );
+    let server = Sluice::start(dir.path(), MEMORY_FILLS_UP);
     let mut client = server.flight().await;
     action(&mut client, "register_table", EV).await.unwrap();
     let mut stored = 0u64;
