@@ -1966,6 +1966,52 @@ mod tests {
             }
         }
 
+        /// Found by the generator: an empty segment whose torn tail was benign (nothing
+        /// after it) stayed as it was, then the repair renamed a later record's copy to
+        /// a segment after it, which made the tail cost a record, and the WAL would not
+        /// open after its repair.
+        #[test]
+        fn a_repair_keeps_no_torn_tail_even_a_benign_one() {
+            let dir = tempfile::tempdir().unwrap();
+            let m = WalMetrics::unregistered();
+            let o = WalOptions {
+                fsync: false,
+                direct_io: false,
+                ..opts(dir.path(), 300)
+            };
+            let wal = Wal::open(o.clone(), m.clone(), 0).unwrap();
+            wal.register_sink("archive", 0);
+            fill(&wal, 1000, 4);
+            wal.set_sink_position("archive", 2);
+            wal.close();
+            drop(wal);
+            // Records 3 and 4 in 3.wal; a copy as 1.wal whose record 3 is then flipped;
+            // 3.wal cut to its header and one byte.
+            for h in [
+                Hurt::Duplicate { file: 0, as_seq: 1 },
+                Hurt::Truncate { file: 1, keep: 560 },
+                Hurt::Flip {
+                    file: 2,
+                    at: 1076,
+                    bit: 0,
+                },
+            ] {
+                apply(dir.path(), &h);
+            }
+            let report = scan::repair(dir.path(), false, 0).unwrap();
+            assert!(
+                report
+                    .moved
+                    .iter()
+                    .any(|p| p.ends_with(format!("{:020}.wal", 3))),
+                "the torn 3.wal is kept for inspection: {report:?}"
+            );
+            assert_eq!(scan::scan_dir(dir.path()).unwrap().problems(), vec![]);
+            let wal = Wal::open(o, m, 0).unwrap();
+            assert_eq!(replayed(&wal), vec![(4, vec![1003])]);
+            wal.close();
+        }
+
         proptest! {
             #![proptest_config(ProptestConfig { cases: 256, .. ProptestConfig::default() })]
             #[test]

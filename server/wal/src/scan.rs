@@ -953,15 +953,15 @@ pub fn repair(dir: &Path, new_id: bool, floor: u64) -> Result<RepairReport, WalE
             _ => runs.push((*i, vec![*r])),
         }
     }
-    let torn_costs = |i: usize| {
-        matches!(scan.segments[i].tail, Tail::Torn { .. }) && !scan.torn_tail_is_benign(i)
-    };
+    // A torn tail is benign or not by what follows its segment, and the repair changes
+    // that (a record moved in after it): no segment keeps one, benign or not. The
+    // original goes to the damaged folder, the records before its tail are written again.
+    let torn = |i: usize| matches!(scan.segments[i].tail, Tail::Torn { .. });
     let unchanged = |i: usize, run: &[RecordLoc]| {
         let seg = &scan.segments[i];
-        let torn_inside = torn_costs(i);
         seg.bad_header.is_none()
             && seg.damage.is_empty()
-            && !torn_inside
+            && !torn(i)
             && seg.records.as_slice() == run
             && seg.name_seq == run[0].seq
     };
@@ -976,7 +976,7 @@ pub fn repair(dir: &Path, new_id: bool, floor: u64) -> Result<RepairReport, WalE
         .iter()
         .enumerate()
         .map(|(i, s)| {
-            s.records.is_empty() && s.bad_header.is_none() && s.damage.is_empty() && !torn_costs(i)
+            s.records.is_empty() && s.bad_header.is_none() && s.damage.is_empty() && !torn(i)
         })
         .collect();
     let mut staged = Vec::new();
