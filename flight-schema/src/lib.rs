@@ -66,7 +66,7 @@ pub enum SchemaError {
         reason: String,
     },
     /// A type name the contract does not know.
-    #[error("column '{column}': unknown type '{type_name}' (known: bool, int32, int64, float, double, string, timestamp, timestamp_ms, timestamp_ns, date, uuid, decimal(p,s), jsonb, map, string[], double[])")]
+    #[error("column '{column}': unknown type '{type_name}' (known: bool, int32, int64, float, double, string, timestamp, timestamp_ms, timestamp_ns, date, uuid, decimal(p,s), jsonb, map, string[], double[], timestamp_ns[], map[])")]
     UnknownType { column: String, type_name: String },
     /// Anything else wrong in a definition.
     #[error("table '{table}': {reason}")]

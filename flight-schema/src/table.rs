@@ -225,6 +225,34 @@ pub fn validate_identifier(what: &'static str, name: &str) -> Result<(), SchemaE
     Ok(())
 }
 
+/// Checks a column name: an identifier as [`validate_identifier`] says, or two joined by
+/// one `.` (`Events.Timestamp`: a subcolumn of a ClickHouse `Nested` column, which
+/// ClickHouse stores as a column of that name), at most 63 bytes in all.
+pub fn validate_column_name(name: &str) -> Result<(), SchemaError> {
+    match name.split_once('.') {
+        None => validate_identifier("column", name),
+        Some((outer, inner)) => {
+            validate_identifier("column", outer)
+                .and_then(|_| validate_identifier("column", inner))
+                .map_err(|_| SchemaError::InvalidName {
+                    what: "column",
+                    name: name.to_string(),
+                    reason: "a name with a '.' must be two identifiers (letters, digits and '_', \
+                             not starting with a digit) joined by one '.'"
+                        .to_string(),
+                })?;
+            if name.len() > MAX_IDENTIFIER_LEN {
+                return Err(SchemaError::InvalidName {
+                    what: "column",
+                    name: name.to_string(),
+                    reason: format!("longer than {MAX_IDENTIFIER_LEN} bytes"),
+                });
+            }
+            Ok(())
+        }
+    }
+}
+
 /// Names a client cannot register: Sluice's own tables and folders. `_` starts the
 /// archive's own folders (`_deadletter`, `_sluice`), `sluice_` Sluice's tables in a
 /// store; the rest are the seed's PostgreSQL objects that are not registered tables.
@@ -323,7 +351,7 @@ impl TableSchema {
         }
         let mut seen = HashSet::new();
         for c in &self.columns {
-            validate_identifier("column", &c.name)?;
+            validate_column_name(&c.name)?;
             if !seen.insert(c.name.as_str()) {
                 return Err(invalid(format!("column '{}' is defined twice", c.name)));
             }
@@ -404,6 +432,8 @@ fn default_fits(ty: ColumnType, value: &serde_json::Value) -> bool {
         (ColumnType::Map, V::Object(o)) => o.values().all(|v| v.is_string()),
         (ColumnType::StringArray, V::Array(a)) => a.iter().all(|v| v.is_string() || v.is_null()),
         (ColumnType::DoubleArray, V::Array(a)) => a.iter().all(|v| v.is_number() || v.is_null()),
+        // Lists of timestamps or maps default to the empty list only.
+        (ColumnType::TimestampNsArray | ColumnType::MapArray, V::Array(a)) => a.is_empty(),
         _ => false,
     }
 }
@@ -515,6 +545,31 @@ mod tests {
         );
         let e = TableSchema::from_json(br#"{"name":"x","colums":[]}"#, None).unwrap_err();
         assert!(e.to_string().contains("unknown field `colums`"), "{e}");
+    }
+
+    #[test]
+    fn column_names_may_name_a_nested_subcolumn_and_nothing_odder() {
+        for ok in ["Events.Timestamp", "a.b", "_x._y1"] {
+            validate_column_name(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+        for bad in ["a..b", ".a", "a.", "a.b.c", "a.1b", "1a.b", "a .b", "a.b;"] {
+            let e = validate_column_name(bad).unwrap_err().to_string();
+            assert!(e.contains(&format!("'{bad}'")), "{bad}: {e}");
+        }
+        let long = format!("{}.{}", "a".repeat(40), "b".repeat(30));
+        assert!(validate_column_name(&long)
+            .unwrap_err()
+            .to_string()
+            .contains("longer than 63 bytes"));
+        // Table names stay plain identifiers.
+        let e = TableSchema::from_json(
+            br#"{"name":"a.b","columns":[{"name":"t","type":"timestamp"}]}"#,
+            None,
+        )
+        .unwrap()
+        .validate(1)
+        .unwrap_err();
+        assert!(e.to_string().contains("invalid table name 'a.b'"), "{e}");
     }
 
     #[test]

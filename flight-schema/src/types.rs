@@ -51,6 +51,11 @@ pub enum ColumnType {
     Map,
     StringArray,
     DoubleArray,
+    /// A list of nanosecond UTC timestamps (ClickHouse `Array(DateTime64(9))`, the
+    /// `Events.Timestamp` of a Nested column).
+    TimestampNsArray,
+    /// A list of string-to-string maps (ClickHouse `Array(Map(String, String))`).
+    MapArray,
 }
 
 impl ColumnType {
@@ -77,6 +82,8 @@ impl ColumnType {
             "map" => Self::Map,
             "string[]" | "text[]" => Self::StringArray,
             "double[]" | "float8[]" => Self::DoubleArray,
+            "timestamp_ns[]" => Self::TimestampNsArray,
+            "map[]" => Self::MapArray,
             s if s.starts_with("decimal(") && s.ends_with(')') => {
                 let inner = &s["decimal(".len()..s.len() - 1];
                 let mut parts = inner.split(',').map(str::trim);
@@ -124,6 +131,8 @@ impl ColumnType {
             Self::Map => "map".into(),
             Self::StringArray => "string[]".into(),
             Self::DoubleArray => "double[]".into(),
+            Self::TimestampNsArray => "timestamp_ns[]".into(),
+            Self::MapArray => "map[]".into(),
         }
     }
 
@@ -150,6 +159,12 @@ impl ColumnType {
             Self::DoubleArray => {
                 DataType::List(Arc::new(Field::new("item", DataType::Float64, true)))
             }
+            Self::TimestampNsArray => DataType::List(Arc::new(Field::new(
+                "item",
+                Self::Timestamp(TimeUnit::Nanosecond).to_arrow(),
+                true,
+            ))),
+            Self::MapArray => DataType::List(Arc::new(Field::new("item", map_type(), true))),
         }
     }
 
@@ -228,6 +243,8 @@ mod tests {
             "map",
             "string[]",
             "double[]",
+            "timestamp_ns[]",
+            "map[]",
         ] {
             let t = ColumnType::parse(name, "c").unwrap();
             assert_eq!(t.name(), name);

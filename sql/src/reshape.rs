@@ -649,6 +649,12 @@ fn convert(array: &ArrayRef, ty: ColumnType, target: &DataType) -> Conv<ArrayRef
         ColumnType::Map => to_map(&array, target),
         ColumnType::StringArray => to_list(&array, target, ColumnType::String),
         ColumnType::DoubleArray => to_list(&array, target, ColumnType::Double),
+        ColumnType::TimestampNsArray => to_list(
+            &array,
+            target,
+            ColumnType::Timestamp(arrow::datatypes::TimeUnit::Nanosecond),
+        ),
+        ColumnType::MapArray => to_list(&array, target, ColumnType::Map),
     }
 }
 
@@ -1668,6 +1674,20 @@ fn default_value(ty: ColumnType, default: &Json, target: &DataType) -> Result<Ar
                 )
                 .map_err(|e| e.to_string())?,
             )
+        }
+        // Lists of timestamps or maps: the empty list only (registration checks that).
+        (ColumnType::TimestampNsArray | ColumnType::MapArray, Json::Array(items))
+            if items.is_empty() =>
+        {
+            let DataType::List(item_field) = target else {
+                return Err(mismatch());
+            };
+            Arc::new(ListArray::new(
+                item_field.clone(),
+                OffsetBuffer::new(vec![0, 0].into()),
+                arrow::array::new_empty_array(item_field.data_type()),
+                None,
+            ))
         }
         _ => return Err(mismatch()),
     })

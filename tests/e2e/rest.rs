@@ -3,6 +3,7 @@
 //! nothing of the request.
 
 use std::io::Write;
+use std::time::Duration;
 
 use crate::common::*;
 
@@ -424,4 +425,64 @@ async fn write_metrics_lands_in_metric_series_and_points(flavor) {
         ]
     );
 }
+}
+
+/// Lists of timestamps and of maps, and a column named like a ClickHouse `Nested`
+/// subcolumn (`Events.Timestamp`): written as JSON, read back through SQL from the recent
+/// buffer and, once archived, from Parquet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_of_timestamp_and_map_columns_round_trip_through_buffer_and_archive() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Sluice::start(dir.path(), &[("BUFFER__MAX_AGE", "200ms")]);
+    let mut client = server.flight().await;
+    action(
+        &mut client,
+        "register_table",
+        r#"{"name":"nest","columns":[
+            {"name":"time","type":"timestamp"},
+            {"name":"id","type":"int64","nullable":false},
+            {"name":"Events.Timestamp","type":"timestamp_ns[]","default":[]},
+            {"name":"Events.Attributes","type":"map[]"}]}"#,
+    )
+    .await
+    .unwrap();
+    let body = br#"{"time": 1796119200000, "id": 1, "Events.Timestamp": ["2026-12-01T10:00:00.000000001Z", 1796119200000000002], "Events.Attributes": [{"a": "1"}, {}]}
+{"time": 1796119200001, "id": 2}
+"#;
+    let (status, answer, _) = post(
+        &server,
+        "/write/nest",
+        "application/x-ndjson",
+        None,
+        body.to_vec(),
+    )
+    .await;
+    assert_eq!(
+        (status, &answer),
+        (200, &serde_json::json!({"rows": 2})),
+        "{answer}"
+    );
+    let sql = r#"SELECT id, CAST("Events.Timestamp"[1] AS BIGINT) AS first_ns,
+                 cardinality("Events.Timestamp") AS n,
+                 "Events.Attributes"[1]['a'] AS a, cardinality("Events.Attributes") AS m
+                 FROM nest ORDER BY id"#;
+    let want = serde_json::json!([
+        {"id": 1, "first_ns": 1_796_119_200_000_000_001i64, "n": 2, "a": "1", "m": 2},
+        // Nulls are left out of JSON rows: no first event time, no attribute list.
+        {"id": 2, "n": 0},
+    ]);
+    assert_eq!(get_rows(&server, sql).await, want, "from the recent buffer");
+    // Archived: the rows leave the buffer once their Parquet file is committed.
+    eventually(
+        Duration::from_secs(30),
+        "the archive has the rows",
+        || async {
+            metric(
+                &get_text(&server.url("/metrics")).await,
+                r#"sluice_archive_rows_total{table="nest"}"#,
+            ) >= 2.0
+        },
+    )
+    .await;
+    assert_eq!(get_rows(&server, sql).await, want, "from the archive");
 }

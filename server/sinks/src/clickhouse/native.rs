@@ -252,6 +252,13 @@ pub fn ch_type_for(column_type: &ColumnType, nullable: bool, role: Option<Role>)
         ColumnType::Map => ChType::Map(Box::new(ChType::String), Box::new(ChType::String)),
         ColumnType::StringArray => ChType::Array(Box::new(ChType::String)),
         ColumnType::DoubleArray => ChType::Array(Box::new(ChType::Float64)),
+        ColumnType::TimestampNsArray => {
+            ChType::Array(Box::new(ChType::DateTime64(9, Some("UTC".into()))))
+        }
+        ColumnType::MapArray => ChType::Array(Box::new(ChType::Map(
+            Box::new(ChType::String),
+            Box::new(ChType::String),
+        ))),
     };
     match base {
         ChType::Map(..) | ChType::Array(_) => base,
@@ -1664,6 +1671,13 @@ mod tests {
             (C::Map, true, None, "Map(String, String)"),
             (C::StringArray, true, None, "Array(String)"),
             (C::DoubleArray, false, None, "Array(Float64)"),
+            (
+                C::TimestampNsArray,
+                true,
+                None,
+                "Array(DateTime64(9, 'UTC'))",
+            ),
+            (C::MapArray, false, None, "Array(Map(String, String))"),
         ];
         for (ct, nullable, role, want) in cases {
             assert_eq!(ch_type_for(&ct, nullable, role).to_string(), want, "{ct:?}");

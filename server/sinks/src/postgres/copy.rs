@@ -123,7 +123,11 @@ impl PgType {
                 precision: *precision,
                 scale: *scale,
             },
-            ColumnType::Jsonb | ColumnType::Map => Self::Jsonb,
+            // Lists of timestamps or maps land as a JSON array.
+            ColumnType::Jsonb
+            | ColumnType::Map
+            | ColumnType::TimestampNsArray
+            | ColumnType::MapArray => Self::Jsonb,
             ColumnType::StringArray => Self::TextArray,
             ColumnType::DoubleArray => Self::Float8Array,
         }
