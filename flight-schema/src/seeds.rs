@@ -5,7 +5,7 @@
 //! write shape (`time, metric_name, labels, value`) that the PostgreSQL sink splits into
 //! `metric_series` and `metrics_points`.
 
-use crate::table::{ColumnDef, Role, TableSchema};
+use crate::table::{ColumnDef, Role, SinkKind, TableSchema};
 use crate::types::ColumnType;
 use arrow::datatypes::TimeUnit;
 
@@ -123,6 +123,82 @@ pub fn seed_tables() -> Vec<TableSchema> {
     vec![metrics_events, logs_events, spans, span_events, metrics]
 }
 
+/// The OpenTelemetry Collector ClickHouse exporter's log table.
+pub const OTEL_LOGS: &str = "otel_logs";
+/// The OpenTelemetry Collector ClickHouse exporter's span table.
+pub const OTEL_TRACES: &str = "otel_traces";
+
+/// `otel_logs` and `otel_traces` as the OpenTelemetry Collector's ClickHouse exporter
+/// names them, registered when `[otlp] otel_tables` is on (OTLP logs and spans then land
+/// there too). ClickHouse only: the same records are in `logs_events` and `spans`
+/// (and so in the archive) already. ClickHouse creates them from the exporter's own DDL
+/// (`migrations/clickhouse/otel/`), whose column types these fit: `int32` fills `UInt8`,
+/// `int64` fills `UInt64`, `string` fills `LowCardinality(String)`; `Events.*` and `Links.*`
+/// are the subcolumns of the exporter's `Nested` columns.
+pub fn otel_tables() -> Vec<TableSchema> {
+    use ColumnType as T;
+    let ts_ns = T::Timestamp(TimeUnit::Nanosecond);
+    let tag = Some(Role::Tag);
+    let not_null = Some(false);
+    let s = |name: &str| col(name, T::String, None, not_null);
+    let tag_s = |name: &str| col(name, T::String, tag, not_null);
+    let map = |name: &str| col(name, T::Map, None, not_null);
+    let only_clickhouse = |mut t: TableSchema| {
+        t.sinks = Some(vec![SinkKind::Clickhouse]);
+        t
+    };
+    let logs = table(
+        OTEL_LOGS,
+        "Timestamp",
+        vec![
+            col("Timestamp", ts_ns, Some(Role::Time), None),
+            s("TraceId"),
+            s("SpanId"),
+            col("TraceFlags", T::Int32, None, not_null),
+            tag_s("SeverityText"),
+            col("SeverityNumber", T::Int32, None, not_null),
+            tag_s("ServiceName"),
+            col("Body", T::String, Some(Role::Message), not_null),
+            s("ResourceSchemaUrl"),
+            map("ResourceAttributes"),
+            s("ScopeSchemaUrl"),
+            s("ScopeName"),
+            s("ScopeVersion"),
+            map("ScopeAttributes"),
+            map("LogAttributes"),
+        ],
+    );
+    let traces = table(
+        OTEL_TRACES,
+        "Timestamp",
+        vec![
+            col("Timestamp", ts_ns, Some(Role::Time), None),
+            s("TraceId"),
+            s("SpanId"),
+            s("ParentSpanId"),
+            s("TraceState"),
+            tag_s("SpanName"),
+            tag_s("SpanKind"),
+            tag_s("ServiceName"),
+            map("ResourceAttributes"),
+            s("ScopeName"),
+            s("ScopeVersion"),
+            map("SpanAttributes"),
+            col("Duration", T::Int64, Some(Role::Field), not_null),
+            tag_s("StatusCode"),
+            s("StatusMessage"),
+            col("Events.Timestamp", T::TimestampNsArray, None, not_null),
+            col("Events.Name", T::StringArray, None, not_null),
+            col("Events.Attributes", T::MapArray, None, not_null),
+            col("Links.TraceId", T::StringArray, None, not_null),
+            col("Links.SpanId", T::StringArray, None, not_null),
+            col("Links.TraceState", T::StringArray, None, not_null),
+            col("Links.Attributes", T::MapArray, None, not_null),
+        ],
+    );
+    vec![only_clickhouse(logs), only_clickhouse(traces)]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -132,6 +208,15 @@ mod tests {
         for t in seed_tables() {
             let r = t.validate(1).unwrap_or_else(|e| panic!("{}: {e}", t.name));
             assert!(!r.is_nullable(r.column(&r.time_column).unwrap()));
+        }
+    }
+
+    #[test]
+    fn the_otel_tables_validate_and_go_to_clickhouse_only() {
+        for t in otel_tables() {
+            let r = t.validate(1).unwrap_or_else(|e| panic!("{}: {e}", t.name));
+            assert_eq!(r.time_column, "Timestamp");
+            assert_eq!(t.sinks, Some(vec![SinkKind::Clickhouse]));
         }
     }
 }

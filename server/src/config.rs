@@ -34,6 +34,18 @@ pub struct Config {
     pub postgres: PostgresConfig,
     pub clickhouse: ClickHouseConfig,
     pub query: QueryConfig,
+    pub otlp: OtlpConfig,
+}
+
+/// `[otlp]`: what the OTLP doors write besides the seed tables.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OtlpConfig {
+    /// Also write OTLP logs and spans into `otel_logs` and `otel_traces` (with
+    /// `otel_traces_trace_id_ts` and its view), the tables of the OpenTelemetry
+    /// Collector's ClickHouse exporter, so the Grafana ClickHouse plugin's OTel views
+    /// work on Sluice's data. ClickHouse only: needs `[clickhouse] url`.
+    pub otel_tables: bool,
 }
 
 /// `[server]`: listeners and data directory.
@@ -248,6 +260,13 @@ impl Config {
     /// Checks values that parse but cannot work together.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let err = |key: &str, msg: String| Err(ConfigError(format!("key '{key}': {msg}")));
+        if self.otlp.otel_tables && self.clickhouse.url.is_none() {
+            return err(
+                "otlp.otel_tables",
+                "the otel_logs and otel_traces tables live in ClickHouse: set [clickhouse] url too"
+                    .into(),
+            );
+        }
         let budget = self.memory.budget.as_u64();
         if budget < ByteSize::mib(16).as_u64() {
             return err(
@@ -516,6 +535,26 @@ mod tests {
         for key in ["url", "throttle_bytes_per_sec"] {
             assert!(text.contains(&format!("{key} =")), "example lacks {key}");
         }
+    }
+
+    #[test]
+    fn otel_tables_need_clickhouse() {
+        let e = Config::load(None, env(&[("SLUICE__OTLP__OTEL_TABLES", "true")])).unwrap_err();
+        assert!(
+            e.to_string().contains("key 'otlp.otel_tables'")
+                && e.to_string().contains("[clickhouse] url"),
+            "{e}"
+        );
+        let c = Config::load(
+            None,
+            env(&[
+                ("SLUICE__OTLP__OTEL_TABLES", "true"),
+                ("SLUICE__CLICKHOUSE__URL", "http://127.0.0.1:8123"),
+            ]),
+        )
+        .unwrap();
+        assert!(c.otlp.otel_tables);
+        assert!(!Config::default().otlp.otel_tables, "off by default");
     }
 
     #[test]

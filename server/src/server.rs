@@ -161,6 +161,9 @@ pub async fn run(config: Config, on_ready: impl FnOnce(BoundAddrs)) -> Result<()
             .map(|_| ())
             .map_err(Into::into)
     }));
+    if config.otlp.otel_tables {
+        register_otel_tables(&registry).await?;
+    }
     let registry = Arc::new(registry);
     let (store, store_url) = archive::open_store(&config.archive, &data_dir)?;
     let buffers = Arc::new(Buffers::new(registry.clone(), metrics.clone()));
@@ -360,6 +363,7 @@ pub async fn run(config: Config, on_ready: impl FnOnce(BoundAddrs)) -> Result<()
         query,
         metrics,
         max_body_size: config.server.max_body_size.as_usize(),
+        otel_tables: config.otlp.otel_tables,
         readiness: Arc::new(ServerReadiness {
             archive: archive_status,
             wal: wal.clone(),
@@ -462,6 +466,29 @@ const REPLAY_HOLD: &str = "replay";
 
 /// Compacts the registry (versions no record in the WAL needs any more) whenever the WAL
 /// has released segments, until `stop`.
+/// Registers `otel_logs` and `otel_traces` (`otlp.otel_tables`) unless they are there
+/// already. A table of that name registered with other columns is not Sluice's to change:
+/// the server refuses to start and says so.
+async fn register_otel_tables(registry: &Registry) -> Result<()> {
+    for table in flight_schema::seeds::otel_tables() {
+        match registry.get(&table.name) {
+            None => {
+                registry.register(table).await?;
+            }
+            Some(t) if t.definition.columns == table.columns => {}
+            Some(_) => {
+                return Err(Error::InvalidArgument(format!(
+                    "otlp.otel_tables: a table named '{}' is already registered with other \
+                     columns; the OTLP doors cannot write the OpenTelemetry exporter's rows \
+                     into it. Turn otel_tables off, or drop that registration",
+                    table.name
+                )))
+            }
+        }
+    }
+    Ok(())
+}
+
 async fn compact_registry(
     registry: Arc<Registry>,
     wal: Wal,

@@ -513,6 +513,17 @@ async fn sdk_exports_over_every_otlp_exporter_land_in_sql() {
     }
 }
 
+/// The settings of a server writing to `ch`, its sink quick to send.
+fn with_clickhouse<'a>(ch: &'a ChServer, more: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
+    let mut env = vec![
+        ("CLICKHOUSE__URL", ch.url.as_str()),
+        ("CLICKHOUSE__DATABASE", ch.database()),
+        ("CLICKHOUSE__LINGER", "50ms"),
+    ];
+    env.extend_from_slice(more);
+    env
+}
+
 sluice_test_support::pg_test! {
 /// With both stores: logs and traces in ClickHouse, metrics in PostgreSQL, value by value.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -522,13 +533,10 @@ async fn sdk_exports_land_in_clickhouse_and_postgres(flavor) {
     let dir = tempfile::tempdir().unwrap();
     let server = Sluice::start(
         dir.path(),
-        &[
-            ("CLICKHOUSE__URL", ch.url.as_str()),
-            ("CLICKHOUSE__DATABASE", ch.database()),
-            ("CLICKHOUSE__LINGER", "50ms"),
-            ("POSTGRES__URL", pg.url.as_str()),
-            ("POSTGRES__LINGER", "50ms"),
-        ],
+        &with_clickhouse(
+            &ch,
+            &[("POSTGRES__URL", pg.url.as_str()), ("POSTGRES__LINGER", "50ms")],
+        ),
     );
     let mut sent = Vec::new();
     for protocol in PROTOCOLS {
@@ -542,4 +550,222 @@ async fn sdk_exports_land_in_clickhouse_and_postgres(flavor) {
         check_postgres(&db, protocol, ids).await;
     }
 }
+}
+
+/// Every column of `table` as ClickHouse reports it: `name type` in table order.
+async fn ch_columns(ch: &ChServer, table: &str) -> Vec<String> {
+    ch.query(&format!(
+        "SELECT name, type FROM system.columns WHERE database = currentDatabase() \
+         AND table = '{table}' ORDER BY position FORMAT TSV"
+    ))
+    .await
+    .lines()
+    .map(|l| l.replace('\t', " "))
+    .collect()
+}
+
+/// `[otlp] otel_tables`: the SDK's logs and spans also land in the OpenTelemetry
+/// Collector ClickHouse exporter's tables, with that exporter's column types, and the
+/// queries the Grafana ClickHouse plugin runs over them (trace lookup by id through
+/// `otel_traces_trace_id_ts`, the span tree with events and links, log rows by service)
+/// answer with the SDK's values.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sdk_exports_also_land_in_the_otel_collector_exporter_tables() {
+    let ch = ChServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let server = Sluice::start(
+        dir.path(),
+        &with_clickhouse(&ch, &[("OTLP__OTEL_TABLES", "true")]),
+    );
+    let mut sent = Vec::new();
+    for protocol in ["grpc", "http-json"] {
+        sent.push((protocol, send(&server, protocol, &service(protocol))));
+    }
+    wait_sink_caught_up(&server, "clickhouse").await;
+
+    // The exporter's column names and types, exactly.
+    assert_eq!(
+        ch_columns(&ch, "otel_logs").await,
+        [
+            "Timestamp DateTime64(9)",
+            "TimestampTime DateTime",
+            "TraceId String",
+            "SpanId String",
+            "TraceFlags UInt8",
+            "SeverityText LowCardinality(String)",
+            "SeverityNumber UInt8",
+            "ServiceName LowCardinality(String)",
+            "Body String",
+            "ResourceSchemaUrl LowCardinality(String)",
+            "ResourceAttributes Map(LowCardinality(String), String)",
+            "ScopeSchemaUrl LowCardinality(String)",
+            "ScopeName String",
+            "ScopeVersion LowCardinality(String)",
+            "ScopeAttributes Map(LowCardinality(String), String)",
+            "LogAttributes Map(LowCardinality(String), String)",
+        ]
+    );
+    assert_eq!(
+        ch_columns(&ch, "otel_traces").await,
+        [
+            "Timestamp DateTime64(9)",
+            "TraceId String",
+            "SpanId String",
+            "ParentSpanId String",
+            "TraceState String",
+            "SpanName LowCardinality(String)",
+            "SpanKind LowCardinality(String)",
+            "ServiceName LowCardinality(String)",
+            "ResourceAttributes Map(LowCardinality(String), String)",
+            "ScopeName String",
+            "ScopeVersion String",
+            "SpanAttributes Map(LowCardinality(String), String)",
+            "Duration UInt64",
+            "StatusCode LowCardinality(String)",
+            "StatusMessage String",
+            "Events.Timestamp Array(DateTime64(9))",
+            "Events.Name Array(LowCardinality(String))",
+            "Events.Attributes Array(Map(LowCardinality(String), String))",
+            "Links.TraceId Array(String)",
+            "Links.SpanId Array(String)",
+            "Links.TraceState Array(String)",
+            "Links.Attributes Array(Map(LowCardinality(String), String))",
+        ]
+    );
+    assert_eq!(
+        ch_columns(&ch, "otel_traces_trace_id_ts").await,
+        ["TraceId String", "Start DateTime", "End DateTime"]
+    );
+
+    let settings = "SETTINGS output_format_json_quote_64bit_integers = 0 FORMAT JSONEachRow";
+    let rows = |text: String| -> Vec<Value> {
+        text.lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    for (protocol, ids) in &sent {
+        let svc = service(protocol);
+        let trace = ids["trace_id"].as_str().unwrap();
+        // The log view: a service's records, newest last, with their context.
+        let logs = rows(
+            ch.query(&format!(
+                "SELECT toUnixTimestamp64Nano(Timestamp) AS ns, TraceId, SpanId, TraceFlags, \
+                 SeverityText, SeverityNumber, Body, ScopeName, ScopeVersion, \
+                 ResourceAttributes['host.name'] AS host, LogAttributes \
+                 FROM otel_logs WHERE ServiceName = '{svc}' ORDER BY Timestamp {settings}"
+            ))
+            .await,
+        );
+        let t0 = T0_US * 1000;
+        let log = |ns: i64, text: &str, number: u8, body: Value, attrs: Value| {
+            json!({"ns": ns, "TraceId": trace, "SpanId": ids["parent_span_id"], "TraceFlags": ids["trace_flags"],
+                   "SeverityText": text, "SeverityNumber": number, "Body": body,
+                   "ScopeName": "sdk.logger", "ScopeVersion": "2.0", "host": "sdk-host",
+                   "LogAttributes": attrs})
+        };
+        let got: Vec<Value> = logs
+            .into_iter()
+            .map(|mut r| {
+                r["Body"] = as_json(&r["Body"]);
+                r
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                log(
+                    t0 + 3_000_000,
+                    "WARN",
+                    13,
+                    json!({"msg": "slow cart", "ms": 1500}),
+                    json!({"user": "u1", "attempt": "3", "ratio": "0.5", "ok": "false"})
+                ),
+                log(
+                    t0 + 4_000_000,
+                    "",
+                    17,
+                    json!("card declined"),
+                    json!({"user": "u2"})
+                ),
+            ],
+            "{protocol}: otel_logs"
+        );
+
+        // The trace view: find the trace's time range by id, then its spans with their
+        // events and links, as the Grafana plugin's trace query does.
+        let spans = rows(
+            ch.query(&format!(
+                "WITH '{trace}' AS id, \
+                   (SELECT min(Start) FROM otel_traces_trace_id_ts WHERE TraceId = id) AS first, \
+                   (SELECT max(End) + 1 FROM otel_traces_trace_id_ts WHERE TraceId = id) AS last \
+                 SELECT SpanId, ParentSpanId, ServiceName, SpanName, SpanKind, \
+                   toUnixTimestamp64Nano(Timestamp) AS start_ns, Duration, StatusCode, StatusMessage, \
+                   ScopeName, SpanAttributes, \
+                   arrayMap((n, t, a) -> (n, toUnixTimestamp64Nano(t), a), \
+                            Events.Name, Events.Timestamp, Events.Attributes) AS events, \
+                   arrayMap((t, s, a) -> (t, s, a), Links.TraceId, Links.SpanId, Links.Attributes) AS links \
+                 FROM otel_traces \
+                 WHERE TraceId = id AND Timestamp >= first AND Timestamp <= last \
+                 ORDER BY Timestamp {settings}"
+            ))
+            .await,
+        );
+        assert_eq!(
+            spans,
+            [
+                json!({"SpanId": ids["parent_span_id"], "ParentSpanId": "", "ServiceName": svc,
+                       "SpanName": "GET /cart", "SpanKind": "SPAN_KIND_SERVER",
+                       "start_ns": t0, "Duration": 10_000_000,
+                       "StatusCode": "STATUS_CODE_ERROR", "StatusMessage": "payment failed",
+                       "ScopeName": "sdk.tracer",
+                       "SpanAttributes": {"http.route": "/cart", "retries": "2"},
+                       "events": [["cache.miss", t0 + 1_000_000, {"key": "cart:42", "size": "3"}]],
+                       "links": [[ids["link_trace_id"], ids["link_span_id"], {"link.reason": "retry"}]]}),
+                json!({"SpanId": ids["child_span_id"], "ParentSpanId": ids["parent_span_id"],
+                       "ServiceName": svc, "SpanName": "SELECT carts",
+                       "SpanKind": "SPAN_KIND_CLIENT", "start_ns": t0 + 2_000_000,
+                       "Duration": 3_000_000, "StatusCode": "STATUS_CODE_UNSET",
+                       "StatusMessage": "", "ScopeName": "sdk.tracer", "SpanAttributes": {},
+                       "events": [], "links": []}),
+            ],
+            "{protocol}: otel_traces"
+        );
+    }
+    // The seed tables got the same records as always.
+    let seed_logs = ch.query("SELECT count() FROM logs_events FORMAT TSV").await;
+    assert_eq!(seed_logs.trim(), "4");
+}
+
+/// A client's own `otel_logs` (other columns) is not Sluice's to change: with
+/// `otel_tables` on, the server refuses to start and says why; without ClickHouse the
+/// switch is refused as a configuration error naming the key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn otel_tables_never_take_over_a_clients_table_of_that_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = Sluice::start_refused(dir.path(), &[("OTLP__OTEL_TABLES", "true")]);
+    assert!(
+        err.contains("otlp.otel_tables") && err.contains("[clickhouse] url"),
+        "{err}"
+    );
+
+    let ch = ChServer::start();
+    {
+        let server = Sluice::start(dir.path(), &with_clickhouse(&ch, &[]));
+        let mut client = server.flight().await;
+        action(
+            &mut client,
+            "register_table",
+            r#"{"name":"otel_logs","columns":[{"name":"t","type":"timestamp"},{"name":"msg","type":"string"}]}"#,
+        )
+        .await
+        .unwrap();
+    }
+    let err = Sluice::start_refused(
+        dir.path(),
+        &with_clickhouse(&ch, &[("OTLP__OTEL_TABLES", "true")]),
+    );
+    assert!(
+        err.contains("a table named 'otel_logs' is already registered with other columns"),
+        "{err}"
+    );
 }

@@ -155,6 +155,7 @@ def main() -> int:
             "trace_id": f"{parent.get_span_context().trace_id:032x}",
             "parent_span_id": f"{parent.get_span_context().span_id:016x}",
             "child_span_id": f"{child.get_span_context().span_id:016x}",
+            "trace_flags": int(parent.get_span_context().trace_flags),
             "link_trace_id": f"{LINK_TRACE:032x}",
             "link_span_id": f"{LINK_SPAN:016x}",
         }

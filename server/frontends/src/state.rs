@@ -25,6 +25,8 @@ pub struct AppState {
     pub readiness: Arc<dyn Readiness>,
     /// Largest HTTP write body, received and decompressed (`server.max_body_size`).
     pub max_body_size: usize,
+    /// OTLP logs and spans also go to `otel_logs` / `otel_traces` (`otlp.otel_tables`).
+    pub otel_tables: bool,
 }
 
 impl AppState {

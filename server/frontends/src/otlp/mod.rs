@@ -59,6 +59,7 @@ use crate::write::{read_body, submit_all, BATCH_ROWS};
 
 pub mod json;
 pub mod metrics;
+pub mod otel;
 pub mod traces;
 use sluice_core::error::{Error, Result};
 
@@ -118,13 +119,28 @@ pub async fn export_logs(
     protocol: &str,
 ) -> Result<ExportLogsServiceResponse> {
     let now = now_ns();
-    let logs = off_workers(move || logs_batch(&request, now)).await?;
-    let batches = cut(LOGS_TABLE, &logs.batch);
+    let otel = state.otel_tables;
+    let (logs, otel_rows) = off_workers(move || {
+        let logs = logs_batch(&request, now)?;
+        let otel_rows = otel
+            .then(|| otel::otel_logs_batch(&request, now))
+            .transpose()?;
+        Ok((logs, otel_rows))
+    })
+    .await?;
+    let mut batches = cut(LOGS_TABLE, &logs.batch);
+    let seed_batches = batches.len();
+    if let Some(rows) = &otel_rows {
+        batches.extend(cut(otel::OTEL_LOGS, rows));
+    }
     submit_all(state, batches, protocol, |i| {
-        format!(
-            "log record {} (counting the ones taken)",
-            i * BATCH_ROWS + 1
-        )
+        match i.checked_sub(seed_batches) {
+            None => format!(
+                "log record {} (counting the ones taken)",
+                i * BATCH_ROWS + 1
+            ),
+            Some(j) => format!("{} row {}", otel::OTEL_LOGS, j * BATCH_ROWS + 1),
+        }
     })
     .await?;
     Ok(ExportLogsServiceResponse {

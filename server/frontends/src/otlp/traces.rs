@@ -34,6 +34,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 use opentelemetry_proto::tonic::common::v1::KeyValue;
 use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
 use opentelemetry_proto::tonic::trace::v1::status::StatusCode;
+use opentelemetry_proto::tonic::trace::v1::Span;
 use tonic::codec::CompressionEncoding;
 use tracing::Instrument;
 
@@ -102,9 +103,20 @@ pub async fn export_traces(
     request: ExportTraceServiceRequest,
     protocol: &str,
 ) -> Result<ExportTraceServiceResponse> {
-    let rows = super::off_workers(move || trace_batches(&request)).await?;
+    let otel = state.otel_tables;
+    let (rows, otel_rows) = super::off_workers(move || {
+        let rows = trace_batches(&request)?;
+        let otel_rows = otel
+            .then(|| super::otel::otel_traces_batch(&request))
+            .transpose()?;
+        Ok((rows, otel_rows))
+    })
+    .await?;
     let mut batches = cut(SPANS_TABLE, &rows.spans);
     batches.extend(cut(SPAN_EVENTS_TABLE, &rows.events));
+    if let Some(otel_rows) = &otel_rows {
+        batches.extend(cut(super::otel::OTEL_TRACES, otel_rows));
+    }
     submit_all(state, batches, protocol, |i| format!("batch {}", i + 1)).await?;
     Ok(ExportTraceServiceResponse {
         partial_success: (rows.rejected > 0).then(|| ExportTracePartialSuccess {
@@ -203,23 +215,22 @@ pub fn trace_batches(request: &ExportTraceServiceRequest) -> Result<TraceRows> {
                 start.append_value(s);
                 end.append_value(e);
                 duration.append_value(e.saturating_sub(s));
-                let status = span.status.as_ref();
-                status_code.append_value(match status.map_or(0, |st| st.code) {
-                    c if c == StatusCode::Ok as i32 => "Ok",
-                    c if c == StatusCode::Error as i32 => "Error",
-                    _ => "Unset",
-                });
-                status_message.append_value(status.map_or("", |st| st.message.as_str()));
+                let (code, message) = status_of(span, ["Unset", "Ok", "Error"]);
+                status_code.append_value(code);
+                status_message.append_value(message);
                 put_all(&mut attr, &span.attributes);
                 put_entries(&mut attr, &context);
-                let kind = match SpanKind::try_from(span.kind) {
-                    Ok(SpanKind::Internal) => "Internal",
-                    Ok(SpanKind::Server) => "Server",
-                    Ok(SpanKind::Client) => "Client",
-                    Ok(SpanKind::Producer) => "Producer",
-                    Ok(SpanKind::Consumer) => "Consumer",
-                    _ => "Unspecified",
-                };
+                let kind = kind_of(
+                    span.kind,
+                    [
+                        "Unspecified",
+                        "Internal",
+                        "Server",
+                        "Client",
+                        "Producer",
+                        "Consumer",
+                    ],
+                );
                 put(&mut attr, "span.kind", kind);
                 if !span.trace_state.is_empty() {
                     put(&mut attr, "trace_state", &span.trace_state);
@@ -301,8 +312,28 @@ pub fn trace_batches(request: &ExportTraceServiceRequest) -> Result<TraceRows> {
     })
 }
 
+/// A span's status code as one of `names` (`[unset, ok, error]`), and its message.
+pub(super) fn status_of<'a>(span: &'a Span, names: [&'static str; 3]) -> (&'static str, &'a str) {
+    let status = span.status.as_ref();
+    let code = match status.map_or(0, |st| st.code) {
+        c if c == StatusCode::Ok as i32 => names[1],
+        c if c == StatusCode::Error as i32 => names[2],
+        _ => names[0],
+    };
+    (code, status.map_or("", |st| st.message.as_str()))
+}
+
+/// A span kind as one of `names` (`[unspecified, internal, server, client, producer,
+/// consumer]`, the protobuf enum's order); an unknown number is unspecified.
+pub(super) fn kind_of(kind: i32, names: [&'static str; 6]) -> &'static str {
+    match SpanKind::try_from(kind) {
+        Ok(k) => names[k as usize],
+        Err(_) => names[0],
+    }
+}
+
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use arrow::array::{Array, AsArray};
     use opentelemetry_proto::tonic::resource::v1::Resource;

@@ -115,6 +115,41 @@ pub fn create_table_sql(
     Ok(sql)
 }
 
+/// The OpenTelemetry Collector ClickHouse exporter's tables, created from the exporter's
+/// own DDL (`migrations/clickhouse/otel/`) rather than from the registered schema: the
+/// exporter's codecs, indexes, `Nested` columns and the trace-id lookup view come with it.
+const OTEL_DDL: &[(&str, &str)] = &[
+    (
+        flight_schema::seeds::OTEL_LOGS,
+        include_str!("../../../../migrations/clickhouse/otel/otel_logs.sql"),
+    ),
+    (
+        flight_schema::seeds::OTEL_TRACES,
+        include_str!("../../../../migrations/clickhouse/otel/otel_traces.sql"),
+    ),
+];
+
+/// The statements that create `table` in ClickHouse: the exporter's DDL for `otel_logs`
+/// and `otel_traces` when they are registered as Sluice registers them (a client's own
+/// table of that name gets the usual DDL), else [`create_table_sql`].
+pub fn create_table_statements(
+    database: &str,
+    table: &ResolvedTable,
+    dedup_window: u64,
+) -> Result<Vec<String>, OptionError> {
+    let builtin = OTEL_DDL.iter().find(|(name, _)| *name == table.name());
+    if let Some((_, sql)) = builtin {
+        let ours = flight_schema::seeds::otel_tables()
+            .into_iter()
+            .find(|t| t.name == table.name());
+        if ours.is_some_and(|t| t.columns == table.definition.columns) {
+            let sql = sql.replace("{dedup_window}", &dedup_window.to_string());
+            return Ok(super::migrate::split_statements(&sql));
+        }
+    }
+    create_table_sql(database, table, dedup_window).map(|s| vec![s])
+}
+
 /// A table's ClickHouse options, parsed and written again.
 #[derive(Debug, Default)]
 pub struct TableOptions {
@@ -186,11 +221,12 @@ impl ChWriter {
             .await
             .map_err(|e| SinkError::clickhouse(format!("reading the columns of {name}"), e))?;
         if existing.is_none() {
-            let ddl = create_table_sql(&db, table, self.dedup_window)?;
-            self.client
-                .execute(&ddl)
-                .await
-                .map_err(|e| SinkError::clickhouse(format!("creating table {name}"), e))?;
+            for ddl in create_table_statements(&db, table, self.dedup_window)? {
+                self.client
+                    .execute(&ddl)
+                    .await
+                    .map_err(|e| SinkError::clickhouse(format!("creating table {name}"), e))?;
+            }
             tracing::info!(
                 table = name,
                 "created ClickHouse table from the registered schema"
@@ -438,5 +474,50 @@ impl StoreWriter for ChWriter {
             .record(CH_SINK, table, first, last, &refused)
             .await?;
         Ok(written)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flight_schema::seeds::otel_tables;
+
+    #[test]
+    fn the_otel_tables_get_the_exporters_ddl_and_a_clients_table_of_that_name_does_not() {
+        let [logs, traces] = <[_; 2]>::try_from(otel_tables()).unwrap();
+        let logs = logs.validate(1).unwrap();
+        let stmts = create_table_statements("db", &logs, 777).unwrap();
+        assert_eq!(stmts.len(), 1);
+        assert!(
+            stmts[0].contains("TraceFlags         UInt8"),
+            "{}",
+            stmts[0]
+        );
+        assert!(stmts[0].contains("non_replicated_deduplication_window = 777"));
+        assert!(
+            !stmts[0].contains('{'),
+            "every placeholder is filled: {}",
+            stmts[0]
+        );
+
+        let traces = traces.validate(1).unwrap();
+        let stmts = create_table_statements("db", &traces, 5).unwrap();
+        assert_eq!(stmts.len(), 3, "{stmts:?}");
+        assert!(stmts[0].contains("CREATE TABLE IF NOT EXISTS otel_traces ("));
+        assert!(stmts[1].contains("CREATE TABLE IF NOT EXISTS otel_traces_trace_id_ts"));
+        assert!(
+            stmts[2].contains("CREATE MATERIALIZED VIEW IF NOT EXISTS otel_traces_trace_id_ts_mv")
+        );
+
+        // A client's own `otel_logs` (other columns) is created from its registration.
+        let mine = flight_schema::TableSchema::from_json(
+            br#"{"name":"otel_logs","columns":[{"name":"t","type":"timestamp"}]}"#,
+            None,
+        )
+        .unwrap()
+        .validate(1)
+        .unwrap();
+        let stmts = create_table_statements("db", &mine, 5).unwrap();
+        assert_eq!(stmts, vec![create_table_sql("db", &mine, 5).unwrap()]);
     }
 }
