@@ -302,6 +302,63 @@ async fn every_type_lands_in_postgres_value_by_value(flavor) {
 }
 
 sluice_test_support::pg_test! {
+/// Lists of timestamps and of maps land in PostgreSQL as jsonb arrays, in columns named
+/// like ClickHouse Nested subcolumns (`"Events.Timestamp"`, quoted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timestamp_and_map_lists_land_as_jsonb_arrays(flavor) {
+    let pg = PgServer::start_on(flavor);
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_with_pg(dir.path(), &pg, &[]);
+    let mut client = server.flight().await;
+    action(
+        &mut client,
+        "register_table",
+        r#"{"name":"nest","sinks":["postgres"],"columns":[
+            {"name":"time","type":"timestamp"},
+            {"name":"id","type":"int64","nullable":false},
+            {"name":"Events.Timestamp","type":"timestamp_ns[]","default":[]},
+            {"name":"Events.Attributes","type":"map[]"}]}"#,
+    )
+    .await
+    .unwrap();
+    let body = r#"{"time": 1796119200000, "id": 1, "Events.Timestamp": ["2026-12-01T10:00:00.000000001Z"], "Events.Attributes": [{"a": "1"}, {}]}
+{"time": 1796119200001, "id": 2}
+"#;
+    let resp = reqwest::Client::new()
+        .post(server.url("/write/nest"))
+        .header("content-type", "application/x-ndjson")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+    wait_sink_caught_up(&server, "postgres").await;
+    let db = pg_client(&pg).await;
+    let rows: Vec<(i64, String, Option<String>)> = db
+        .query(
+            r#"SELECT id, "Events.Timestamp"::text, "Events.Attributes"::text FROM nest ORDER BY id"#,
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(
+        rows,
+        vec![
+            (
+                1,
+                r#"["2026-12-01T10:00:00.000000001Z"]"#.to_string(),
+                Some(r#"[{"a": "1"}, {}]"#.to_string())
+            ),
+            (2, "[]".to_string(), None),
+        ]
+    );
+}
+}
+
+sluice_test_support::pg_test! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_are_split_into_series_and_points_and_rolled_up(flavor) {
     let pg = PgServer::start_on(flavor);

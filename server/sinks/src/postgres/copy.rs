@@ -1140,6 +1140,14 @@ impl Json {
                     item_sizes: Vec::new(),
                 }
             }
+            // Times as RFC 3339 text, as arrow prints them (`2026-12-01T10:00:00Z`).
+            D::Timestamp(_, _) | D::Date32 | D::Date64 => {
+                let text = arrow::compute::cast(array, &D::Utf8).ok()?;
+                Json::Str {
+                    strings: normalise_strings(&text)?,
+                    nulls: array.logical_nulls(),
+                }
+            }
             D::List(_) => Self::list(array.as_list::<i32>())?,
             D::LargeList(_) => Self::list(array.as_list::<i64>())?,
             _ => return None,
