@@ -319,6 +319,67 @@ const CH_EVENTS: &str = r#"{"name":"events","sinks":["clickhouse","archive"],"co
     {"name":"id","type":"int64","nullable":false}]}"#;
 const BATCH: i64 = 500;
 
+/// Lists of timestamps and of maps, in columns named like Nested subcolumns, in a table
+/// the sink creates from the registration.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timestamp_and_map_lists_land_as_clickhouse_arrays() {
+    let ch = ChServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_with_ch(dir.path(), &ch, &[]);
+    let mut client = server.flight().await;
+    action(
+        &mut client,
+        "register_table",
+        r#"{"name":"nest","sinks":["clickhouse"],"columns":[
+            {"name":"time","type":"timestamp"},
+            {"name":"id","type":"int64","nullable":false},
+            {"name":"Events.Timestamp","type":"timestamp_ns[]","default":[]},
+            {"name":"Events.Attributes","type":"map[]"}]}"#,
+    )
+    .await
+    .unwrap();
+    let body = r#"{"time": 1796119200000, "id": 1, "Events.Timestamp": ["2026-12-01T10:00:00.000000001Z", 1796119200000000002], "Events.Attributes": [{"a": "1"}, {}]}
+{"time": 1796119200001, "id": 2}
+"#;
+    let resp = reqwest::Client::new()
+        .post(server.url("/write/nest"))
+        .header("content-type", "application/x-ndjson")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+    wait_sink_caught_up(&server, "clickhouse").await;
+    assert_eq!(
+        rows(
+            &ch,
+            "SELECT name, type FROM system.columns WHERE database = currentDatabase() \
+             AND table = 'nest' AND name LIKE 'Events.%' ORDER BY position"
+        )
+        .await,
+        [
+            ["Events.Timestamp", "Array(DateTime64(9, 'UTC'))"],
+            ["Events.Attributes", "Array(Map(String, String))"],
+        ]
+    );
+    assert_eq!(
+        rows(
+            &ch,
+            "SELECT id, arrayMap(t -> toUnixTimestamp64Nano(t), `Events.Timestamp`), \
+             `Events.Attributes` FROM nest ORDER BY id"
+        )
+        .await,
+        [
+            [
+                "1",
+                "[1796119200000000001,1796119200000000002]",
+                "[{'a':'1'},{}]"
+            ],
+            ["2", "[]", "[]"],
+        ]
+    );
+}
+
 async fn assert_ch_exactly_once(ch: &ChServer, acked: &[i64]) {
     let got = rows(ch, "SELECT id, count() FROM events GROUP BY id").await;
     let counts: HashMap<i64, i64> = got
