@@ -1,12 +1,17 @@
 //! Criterion benches of the store encoders, on the same rows: 65,536 rows of the seed table
 //! `metrics_events` (a timestamp, four text tags, JSON labels, a double), encoded as the
 //! PostgreSQL binary COPY stream (`postgres::copy::encode_batch`) and as one ClickHouse
-//! Native block (`clickhouse::native::encode_block`). Throughput is in rows; a change to
-//! either encoder shows its cost here. `cargo bench -p sluice-sinks --bench encode`.
+//! Native block (`clickhouse::native::encode_block`); and 65,536 rows of `logs_events`
+//! encoded as the archive's Parquet file (`archive::encode_partitions`, zstd 3), with
+//! Parquet's default dictionaries on every column beside the archive's choice
+//! (`archive::plain_columns`: no dictionary for ids, messages, times and numbers).
+//! Throughput is in rows; a change to an encoder shows its cost here.
+//! `cargo bench -p sluice-sinks --bench encode`.
 
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use sluice_sinks::archive::{encode_partitions, plain_columns};
 use sluice_sinks::clickhouse::native::{ch_type_for, encode_block, ChType};
 use sluice_sinks::postgres::copy::{encode_batch, pg_type_for_field, PgType};
 
@@ -48,6 +53,26 @@ fn encoders(c: &mut Criterion) {
             black_box(out.len())
         })
     });
+
+    let logs = sluice_test_support::batches::seed("logs_events");
+    let log_rows = sluice_test_support::batches::sample(&logs, ROWS, 7);
+    let plain = plain_columns(&logs);
+    for (name, plain) in [("default", Vec::new()), ("plain_columns", plain)] {
+        group.bench_function(format!("archive_parquet/logs_events/{name}"), |b| {
+            b.iter(|| {
+                let files = encode_partitions(
+                    black_box(std::slice::from_ref(&log_rows)),
+                    &logs.arrow_schema,
+                    &logs.time_column,
+                    3,
+                    1 << 20,
+                    &plain,
+                )
+                .expect("encodes");
+                black_box(files.len())
+            })
+        });
+    }
     group.finish();
 }
 

@@ -103,6 +103,28 @@ fn column(field: &Field, rows: usize, rng: &mut Rng) -> ArrayRef {
             let values: StringArray = b.finish();
             arrow::compute::cast(&values, field.data_type()).expect("string cast")
         }
+        DataType::Map(..) => {
+            // Two labels a row, from a few values each (as `labels` text has them).
+            let mut b = arrow::array::MapBuilder::new(
+                Some(arrow::array::MapFieldNames {
+                    entry: "entries".into(),
+                    key: "key".into(),
+                    value: "value".into(),
+                }),
+                StringBuilder::new(),
+                StringBuilder::new(),
+            );
+            for _ in 0..rows {
+                let n = rng.next();
+                b.keys().append_value("region");
+                b.values().append_value(format!("eu-{}", n % 3));
+                b.keys().append_value("zone");
+                b.values().append_value(format!("{}", n % 7));
+                b.append(true).expect("map row");
+            }
+            let map = b.finish();
+            arrow::compute::cast(&map, field.data_type()).expect("map cast")
+        }
         other => panic!("sample batches cannot fill column '{name}' of type {other}"),
     }
 }
