@@ -330,25 +330,11 @@ async fn timestamp_and_map_lists_land_as_clickhouse_arrays() {
     action(
         &mut client,
         "register_table",
-        r#"{"name":"nest","sinks":["clickhouse"],"columns":[
-            {"name":"time","type":"timestamp"},
-            {"name":"id","type":"int64","nullable":false},
-            {"name":"Events.Timestamp","type":"timestamp_ns[]","default":[]},
-            {"name":"Events.Attributes","type":"map[]"}]}"#,
+        &nest_table(Some(r#"["clickhouse"]"#)),
     )
     .await
     .unwrap();
-    let body = r#"{"time": 1796119200000, "id": 1, "Events.Timestamp": ["2026-12-01T10:00:00.000000001Z", 1796119200000000002], "Events.Attributes": [{"a": "1"}, {}]}
-{"time": 1796119200001, "id": 2}
-"#;
-    let resp = reqwest::Client::new()
-        .post(server.url("/write/nest"))
-        .header("content-type", "application/x-ndjson")
-        .body(body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+    write_ndjson(&server, "nest", NEST_ROWS).await;
     wait_sink_caught_up(&server, "clickhouse").await;
     assert_eq!(
         rows(

@@ -614,3 +614,34 @@ pub fn assert_each_acked_once(what: &str, ids: &[i64], acked_batches: &[i64], ro
         }
     }
 }
+
+/// A table `nest` with lists of timestamps and of maps in columns named like ClickHouse
+/// `Nested` subcolumns, routed to `sinks` (a JSON list such as `["postgres"]`, or all).
+pub fn nest_table(sinks: Option<&str>) -> String {
+    let sinks = sinks.map_or(String::new(), |s| format!(r#""sinks":{s},"#));
+    format!(
+        r#"{{"name":"nest",{sinks}"columns":[
+            {{"name":"time","type":"timestamp"}},
+            {{"name":"id","type":"int64","nullable":false}},
+            {{"name":"Events.Timestamp","type":"timestamp_ns[]","default":[]}},
+            {{"name":"Events.Attributes","type":"map[]"}}]}}"#
+    )
+}
+
+/// Two rows of [`nest_table`] as NDJSON: one with two event times (RFC 3339 and integer
+/// nanoseconds) and two attribute maps, one with neither.
+pub const NEST_ROWS: &str = r#"{"time": 1796119200000, "id": 1, "Events.Timestamp": ["2026-12-01T10:00:00.000000001Z", 1796119200000000002], "Events.Attributes": [{"a": "1"}, {}]}
+{"time": 1796119200001, "id": 2}
+"#;
+
+/// `POST /write/{table}` of an NDJSON body, which must be answered 200.
+pub async fn write_ndjson(server: &Sluice, table: &str, body: &str) {
+    let resp = reqwest::Client::new()
+        .post(server.url(&format!("/write/{table}")))
+        .header("content-type", "application/x-ndjson")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+}

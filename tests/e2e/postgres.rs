@@ -310,28 +310,10 @@ async fn timestamp_and_map_lists_land_as_jsonb_arrays(flavor) {
     let dir = tempfile::tempdir().unwrap();
     let server = start_with_pg(dir.path(), &pg, &[]);
     let mut client = server.flight().await;
-    action(
-        &mut client,
-        "register_table",
-        r#"{"name":"nest","sinks":["postgres"],"columns":[
-            {"name":"time","type":"timestamp"},
-            {"name":"id","type":"int64","nullable":false},
-            {"name":"Events.Timestamp","type":"timestamp_ns[]","default":[]},
-            {"name":"Events.Attributes","type":"map[]"}]}"#,
-    )
-    .await
-    .unwrap();
-    let body = r#"{"time": 1796119200000, "id": 1, "Events.Timestamp": ["2026-12-01T10:00:00.000000001Z"], "Events.Attributes": [{"a": "1"}, {}]}
-{"time": 1796119200001, "id": 2}
-"#;
-    let resp = reqwest::Client::new()
-        .post(server.url("/write/nest"))
-        .header("content-type", "application/x-ndjson")
-        .body(body)
-        .send()
+    action(&mut client, "register_table", &nest_table(Some(r#"["postgres"]"#)))
         .await
         .unwrap();
-    assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+    write_ndjson(&server, "nest", NEST_ROWS).await;
     wait_sink_caught_up(&server, "postgres").await;
     let db = pg_client(&pg).await;
     let rows: Vec<(i64, String, Option<String>)> = db
@@ -349,7 +331,8 @@ async fn timestamp_and_map_lists_land_as_jsonb_arrays(flavor) {
         vec![
             (
                 1,
-                r#"["2026-12-01T10:00:00.000000001Z"]"#.to_string(),
+                r#"["2026-12-01T10:00:00.000000001Z", "2026-12-01T10:00:00.000000002Z"]"#
+                    .to_string(),
                 Some(r#"[{"a": "1"}, {}]"#.to_string())
             ),
             (2, "[]".to_string(), None),

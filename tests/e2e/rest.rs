@@ -435,33 +435,10 @@ async fn list_of_timestamp_and_map_columns_round_trip_through_buffer_and_archive
     let dir = tempfile::tempdir().unwrap();
     let server = Sluice::start(dir.path(), &[("BUFFER__MAX_AGE", "200ms")]);
     let mut client = server.flight().await;
-    action(
-        &mut client,
-        "register_table",
-        r#"{"name":"nest","columns":[
-            {"name":"time","type":"timestamp"},
-            {"name":"id","type":"int64","nullable":false},
-            {"name":"Events.Timestamp","type":"timestamp_ns[]","default":[]},
-            {"name":"Events.Attributes","type":"map[]"}]}"#,
-    )
-    .await
-    .unwrap();
-    let body = br#"{"time": 1796119200000, "id": 1, "Events.Timestamp": ["2026-12-01T10:00:00.000000001Z", 1796119200000000002], "Events.Attributes": [{"a": "1"}, {}]}
-{"time": 1796119200001, "id": 2}
-"#;
-    let (status, answer, _) = post(
-        &server,
-        "/write/nest",
-        "application/x-ndjson",
-        None,
-        body.to_vec(),
-    )
-    .await;
-    assert_eq!(
-        (status, &answer),
-        (200, &serde_json::json!({"rows": 2})),
-        "{answer}"
-    );
+    action(&mut client, "register_table", &nest_table(None))
+        .await
+        .unwrap();
+    write_ndjson(&server, "nest", NEST_ROWS).await;
     let sql = r#"SELECT id, CAST("Events.Timestamp"[1] AS BIGINT) AS first_ns,
                  cardinality("Events.Timestamp") AS n,
                  "Events.Attributes"[1]['a'] AS a, cardinality("Events.Attributes") AS m
