@@ -464,8 +464,6 @@ pub async fn run(config: Config, on_ready: impl FnOnce(BoundAddrs)) -> Result<()
 /// buffer (the archive, running meanwhile, would otherwise release them under the reader).
 const REPLAY_HOLD: &str = "replay";
 
-/// Compacts the registry (versions no record in the WAL needs any more) whenever the WAL
-/// has released segments, until `stop`.
 /// Registers `otel_logs` and `otel_traces` (`otlp.otel_tables`) unless they are there
 /// already. A table of that name registered with other columns is not Sluice's to change:
 /// the server refuses to start and says so.
@@ -480,7 +478,8 @@ async fn register_otel_tables(registry: &Registry) -> Result<()> {
                 return Err(Error::InvalidArgument(format!(
                     "otlp.otel_tables: a table named '{}' is already registered with other \
                      columns; the OTLP doors cannot write the OpenTelemetry exporter's rows \
-                     into it. Turn otel_tables off, or drop that registration",
+                     into it, and Sluice does not change a client's table. Turn \
+                     otel_tables off to start",
                     table.name
                 )))
             }
@@ -489,6 +488,8 @@ async fn register_otel_tables(registry: &Registry) -> Result<()> {
     Ok(())
 }
 
+/// Compacts the registry (versions no record in the WAL needs any more) whenever the WAL
+/// has released segments, until `stop`.
 async fn compact_registry(
     registry: Arc<Registry>,
     wal: Wal,
