@@ -16,7 +16,7 @@ pub use sluice_core::ByteSize;
 pub use sluice_frontends::query::QueryConfig;
 pub use sluice_sinks::config::{
     ArchiveConfig, BufferConfig, ClickHouseConfig, HttpCompression, JobsMode, PostgresConfig,
-    TimescaleMode,
+    RollupConfig, TimescaleMode,
 };
 
 /// Environment prefix of config overrides.
@@ -35,6 +35,7 @@ pub struct Config {
     pub clickhouse: ClickHouseConfig,
     pub query: QueryConfig,
     pub otlp: OtlpConfig,
+    pub rollup: RollupConfig,
 }
 
 /// `[otlp]`: what the OTLP doors write besides the seed tables.
@@ -266,6 +267,14 @@ impl Config {
                 "the otel_logs and otel_traces tables live in ClickHouse: set [clickhouse] url too"
                     .into(),
             );
+        }
+        if self.rollup.enabled {
+            if let Err(e) = sluice_sinks::rollup::parse_intervals(&self.rollup.intervals) {
+                return err("rollup.intervals", e);
+            }
+            if self.rollup.max_open_buckets == 0 {
+                return err("rollup.max_open_buckets", "must be at least 1".into());
+            }
         }
         let budget = self.memory.budget.as_u64();
         if budget < ByteSize::mib(16).as_u64() {
@@ -535,6 +544,26 @@ mod tests {
         for key in ["url", "throttle_bytes_per_sec"] {
             assert!(text.contains(&format!("{key} =")), "example lacks {key}");
         }
+    }
+
+    #[test]
+    fn rollup_intervals_are_checked_at_start() {
+        let e = Config::load(
+            None,
+            env(&[("SLUICE__ROLLUP__INTERVALS", r#"["1m", "1q"]"#)]),
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string().contains("key 'rollup.intervals'") && e.to_string().contains("'1q'"),
+            "{e}"
+        );
+        let c = Config::load(
+            None,
+            env(&[("SLUICE__ROLLUP__INTERVALS", r#"["1m", "1h"]"#)]),
+        )
+        .unwrap();
+        assert_eq!(c.rollup.intervals, vec!["1m", "1h"]);
+        assert!(Config::default().rollup.enabled, "on by default");
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! The `sluice` command line: `sluice serve [--config FILE]`, `sluice migrate [--config FILE]`,
-//! `sluice config [--config FILE]`.
+//! `sluice config [--config FILE]`, `sluice wal check|repair`, `sluice healthcheck [--url URL]`.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -65,6 +65,15 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    /// Ask a running server whether it is alive (for container health checks): exit 0
+    /// when GET `url` answers 200, 1 otherwise, with the reason on stderr.
+    Healthcheck {
+        #[arg(long, default_value = "http://127.0.0.1:8080/healthz")]
+        url: String,
+        /// Give up after this long, e.g. "3s".
+        #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
     /// Check or repair the write-ahead log in `server.data_dir` (the server must be stopped).
     Wal {
         #[command(subcommand)]
@@ -105,12 +114,18 @@ fn main() -> std::process::ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
-    let (Command::Serve { config }
-    | Command::Migrate { config }
-    | Command::Config { config }
-    | Command::Wal {
-        action: WalCommand::Check { config } | WalCommand::Repair { config, .. },
-    }) = &cli.command;
+    if let Command::Healthcheck { url, timeout } = &cli.command {
+        return healthcheck(url, *timeout);
+    }
+    let config = match &cli.command {
+        Command::Serve { config }
+        | Command::Migrate { config }
+        | Command::Config { config }
+        | Command::Wal {
+            action: WalCommand::Check { config } | WalCommand::Repair { config, .. },
+        } => config,
+        Command::Healthcheck { .. } => unreachable!("answered above"),
+    };
     let cfg = match Config::load(config.as_deref(), std::env::vars()) {
         Ok(c) => c,
         Err(e) => {
@@ -157,6 +172,29 @@ fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("sluice: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// `sluice healthcheck`: GET `url` once; exit 0 on 200.
+fn healthcheck(url: &str, timeout: std::time::Duration) -> std::process::ExitCode {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let answer = rt.block_on(async {
+        let client = reqwest::Client::builder().timeout(timeout).build()?;
+        client.get(url).send().await
+    });
+    match answer {
+        Ok(r) if r.status() == reqwest::StatusCode::OK => std::process::ExitCode::SUCCESS,
+        Ok(r) => {
+            eprintln!("sluice healthcheck: {url} answered {}", r.status());
+            std::process::ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("sluice healthcheck: {url}: {e}");
             std::process::ExitCode::FAILURE
         }
     }

@@ -24,6 +24,7 @@ use sluice_frontends::state::{AppState, Readiness};
 use sluice_ingest::Pipeline;
 use sluice_sinks::archive::{self, ArchiveWriter};
 use sluice_sinks::postgres::sink::{PgWriter, PG_SINK};
+use sluice_sinks::rollup::{self, Rollup};
 use sluice_sinks::runner::{
     DeadLetter, PlanJournal, SinkContext, SinkOptions, SinkRunner, SinkStatus, StoreWriter,
 };
@@ -200,6 +201,25 @@ pub async fn run(config: Config, on_ready: impl FnOnce(BoundAddrs)) -> Result<()
         sinks_configured.push(flight_schema::SinkKind::Clickhouse);
         wal.register_sink(sluice_sinks::clickhouse::sink::CH_SINK, start);
     }
+    // The rollup reads the WAL from where its checkpoint says, with or without PostgreSQL.
+    let rollup = match (&clickhouse, config.rollup.enabled) {
+        (Some(client), true) => {
+            let r = Arc::new(Rollup::new(
+                client.clone(),
+                wal.clone(),
+                registry.clone(),
+                metrics.clone(),
+                config.rollup.clone(),
+                &data_dir,
+                (config.clickhouse.retry_initial, config.clickhouse.retry_max),
+            )?);
+            let checkpoint = rollup::load_checkpoint(r.dir())?;
+            let from = rollup::start_seq(checkpoint.as_ref(), &wal);
+            wal.register_sink(rollup::ROLLUP_SINK, from);
+            Some((r, checkpoint, from))
+        }
+        _ => None,
+    };
     let archive_writer = ArchiveWriter::new(
         archive::ArchiveParts {
             store: store.clone(),
@@ -323,6 +343,11 @@ pub async fn run(config: Config, on_ready: impl FnOnce(BoundAddrs)) -> Result<()
         let (status, task) = sinks.spawn(writer, opts, Some(journal));
         sink_statuses.push(status);
         sink_tasks.push(task);
+    }
+
+    if let Some((r, checkpoint, from)) = rollup {
+        sink_statuses.push(r.status());
+        sink_tasks.push(tokio::spawn(r.run(checkpoint, from, stop_rx.clone())));
     }
 
     let limits = sluice_sql::QueryLimits {

@@ -16,19 +16,6 @@ use arrow::datatypes::{Field, Schema};
 use crate::common::*;
 use sluice_test_support::ch::ChServer;
 
-fn start_with_ch(dir: &std::path::Path, ch: &ChServer, extra: &[(&str, &str)]) -> Sluice {
-    let mut env: Vec<(&str, &str)> = vec![
-        ("CLICKHOUSE__URL", ch.url.as_str()),
-        ("CLICKHOUSE__DATABASE", ch.database()),
-        ("CLICKHOUSE__BATCH_ROWS", "5000"),
-        ("CLICKHOUSE__LINGER", "50ms"),
-        ("CLICKHOUSE__RETRY_INITIAL", "50ms"),
-        ("CLICKHOUSE__RETRY_MAX", "500ms"),
-    ];
-    env.extend_from_slice(extra);
-    Sluice::start(dir, &env)
-}
-
 /// Lines of a TabSeparatedRaw answer (no escaping; NULL is `\N`), split into fields.
 async fn rows(ch: &ChServer, sql: &str) -> Vec<Vec<String>> {
     ch.query(&format!("{sql} FORMAT TabSeparatedRaw"))

@@ -645,3 +645,38 @@ pub async fn write_ndjson(server: &Sluice, table: &str, body: &str) {
         .unwrap();
     assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
 }
+
+/// Starts sluice writing to `ch`, with small chunks and quick retries.
+pub fn start_with_ch(
+    dir: &Path,
+    ch: &sluice_test_support::ch::ChServer,
+    extra: &[(&str, &str)],
+) -> Sluice {
+    let mut env: Vec<(&str, &str)> = vec![
+        ("CLICKHOUSE__URL", ch.url.as_str()),
+        ("CLICKHOUSE__DATABASE", ch.database()),
+        ("CLICKHOUSE__BATCH_ROWS", "5000"),
+        ("CLICKHOUSE__LINGER", "50ms"),
+        ("CLICKHOUSE__RETRY_INITIAL", "50ms"),
+        ("CLICKHOUSE__RETRY_MAX", "500ms"),
+    ];
+    env.extend_from_slice(extra);
+    Sluice::start(dir, &env)
+}
+
+/// A connection to the test PostgreSQL, in UTC.
+pub async fn pg_client(pg: &sluice_test_support::pg::PgServer) -> tokio_postgres::Client {
+    let c = sluice::postgres::connect(&pg.url)
+        .await
+        .expect("connect to the test PostgreSQL");
+    c.batch_execute("SET TimeZone = 'UTC'").await.unwrap();
+    c
+}
+
+/// The bigint a query answers, -1 on error.
+pub async fn pg_count(db: &tokio_postgres::Client, sql: &str) -> i64 {
+    db.query_one(sql, &[])
+        .await
+        .map(|r| r.get::<_, i64>(0))
+        .unwrap_or(-1)
+}

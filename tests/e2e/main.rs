@@ -13,6 +13,7 @@ mod otlp;
 mod pg_copy;
 mod postgres;
 mod rest;
+mod rollup;
 
 use std::sync::Arc;
 
@@ -494,5 +495,33 @@ async fn refusals_name_table_column_and_row_and_keep_earlier_batches() {
     assert!(
         metrics.contains(r#"sluice_ingest_refused_batches_total{reason="invalid",table="cpu"} 6"#),
         "{metrics}"
+    );
+}
+
+/// `sluice healthcheck` (the container image's HEALTHCHECK): 0 against a live server, 1
+/// with the reason against a port nobody listens on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthcheck_says_whether_the_server_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Sluice::start(dir.path(), &[]);
+    let run = |url: String| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(["healthcheck", "--url", &url, "--timeout", "2s"])
+            .output()
+            .unwrap()
+    };
+    let ok = run(server.url("/healthz"));
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let missing = run(server.url("/no-such-page"));
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("answered 404"));
+    let closed = run(format!("http://127.0.0.1:{}/healthz", free_port()));
+    assert_eq!(closed.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&closed.stderr).contains("sluice healthcheck: http://127.0.0.1:")
     );
 }

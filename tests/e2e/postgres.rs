@@ -34,21 +34,6 @@ fn start_with_pg(dir: &std::path::Path, pg: &PgServer, extra: &[(&str, &str)]) -
     Sluice::start(dir, &env)
 }
 
-async fn pg_client(pg: &PgServer) -> tokio_postgres::Client {
-    let c = sluice::postgres::connect(&pg.url)
-        .await
-        .expect("connect to the test PostgreSQL");
-    c.batch_execute("SET TimeZone = 'UTC'").await.unwrap();
-    c
-}
-
-async fn pg_count(db: &tokio_postgres::Client, sql: &str) -> i64 {
-    db.query_one(sql, &[])
-        .await
-        .map(|r| r.get::<_, i64>(0))
-        .unwrap_or(-1)
-}
-
 sluice_test_support::pg_test! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_type_lands_in_postgres_value_by_value(flavor) {

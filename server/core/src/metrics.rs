@@ -35,6 +35,19 @@ pub struct Metrics {
     pub sink_failed_tables: IntGaugeVec,
     pub timescaledb_job_failing: IntGaugeVec,
     pub timescaledb_job_runs: IntCounterVec,
+    pub rollup: RollupMetrics,
+}
+
+/// The rollup's metrics (`sluice_rollup_*`).
+#[derive(Clone)]
+pub struct RollupMetrics {
+    pub points: IntCounter,
+    pub rows: IntCounterVec,
+    pub flushes: IntCounter,
+    pub late_points: IntCounterVec,
+    pub refused_points: IntCounterVec,
+    pub open_buckets: IntGauge,
+    pub watermark_seconds: IntGaugeVec,
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -215,6 +228,47 @@ impl Metrics {
                 "TimescaleDB jobs Sluice ran itself (CALL run_job), by outcome",
                 &["proc_name", "outcome"],
             ),
+            rollup: RollupMetrics {
+                points: counter(
+                    &r,
+                    "sluice_rollup_points_total",
+                    "Metric points added to the rollup's buckets",
+                ),
+                rows: counter_vec(
+                    &r,
+                    "sluice_rollup_rows_total",
+                    "Bucket rows the rollup wrote to ClickHouse, per interval",
+                    &["interval"],
+                ),
+                flushes: counter(
+                    &r,
+                    "sluice_rollup_flushes_total",
+                    "Writes of due buckets to ClickHouse (one INSERT per interval each)",
+                ),
+                late_points: counter_vec(
+                    &r,
+                    "sluice_rollup_late_points_total",
+                    "Points for a bucket already behind the watermark (rolled up all the same, as one more row for it)",
+                    &["interval"],
+                ),
+                refused_points: counter_vec(
+                    &r,
+                    "sluice_rollup_refused_points_total",
+                    "Points the rollup cannot aggregate, by reason (null, time_range, labels, columns, undecodable)",
+                    &["reason"],
+                ),
+                open_buckets: gauge(
+                    &r,
+                    "sluice_rollup_open_buckets",
+                    "Buckets with points not yet written to ClickHouse",
+                ),
+                watermark_seconds: gauge_vec(
+                    &r,
+                    "sluice_rollup_watermark_seconds",
+                    "Per interval, the start (Unix seconds) of the first bucket that may still change: every earlier bucket is complete in ClickHouse",
+                    &["interval"],
+                ),
+            },
             registry: r,
         }
     }

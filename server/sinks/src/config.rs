@@ -222,3 +222,44 @@ impl Default for ClickHouseConfig {
         }
     }
 }
+
+/// `[rollup]`: aggregates of every metric series per interval, written to ClickHouse
+/// (`metrics_1m`, and `metrics_<interval>` for other intervals) from the points the WAL
+/// holds. Runs when ClickHouse is configured (`[clickhouse] url`) and `enabled`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RollupConfig {
+    pub enabled: bool,
+    /// Bucket widths, each `<n><s|m|h|d>`: `"1m"` writes `metrics_1m`, `"1h"`
+    /// `metrics_1h` (created like `metrics_1m` when missing).
+    pub intervals: Vec<String>,
+    /// A bucket is written this long (wall clock) after its last point arrived, whatever
+    /// the points' own times.
+    #[serde(with = "humantime_serde")]
+    pub delay: Duration,
+    /// How far behind the newest point time points are still expected: the watermark
+    /// (`sluice_rollup_watermark_seconds`) trails the newest point by this much. Later
+    /// points are rolled up too (one more row for their bucket) and counted in
+    /// `sluice_rollup_late_points_total`.
+    #[serde(with = "humantime_serde")]
+    pub lateness: Duration,
+    /// Most buckets held open at once (a backfill spanning months opens many): past it,
+    /// every open bucket is written at once.
+    pub max_open_buckets: usize,
+    /// How often the state is saved when no bucket is due (each write saves it too).
+    #[serde(with = "humantime_serde")]
+    pub checkpoint_every: Duration,
+}
+
+impl Default for RollupConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            intervals: vec!["1m".into()],
+            delay: Duration::from_secs(5),
+            lateness: Duration::from_secs(600),
+            max_open_buckets: 1_000_000,
+            checkpoint_every: Duration::from_secs(10),
+        }
+    }
+}

@@ -11,6 +11,9 @@
 //! - [`clickhouse`]: ClickHouse: Native format over HTTP, migrations.
 //! - [`archive`]: the Parquet archive on object storage, one more [`runner::StoreWriter`]
 //!   whose commits move rows from the recent buffer into Parquet files.
+//! - [`rollup`]: per-interval aggregates of every metric series from the WAL into
+//!   ClickHouse's `metrics_1m` (exactly once, through a checkpoint and deduplication
+//!   tokens).
 //! - [`migration`]: what the stores' migration runners share.
 //! - [`config`]: the stores' configuration sections.
 //!
@@ -23,6 +26,7 @@ pub mod config;
 pub mod error;
 pub mod migration;
 pub mod postgres;
+pub mod rollup;
 pub mod runner;
 
 pub use error::SinkError;

@@ -113,6 +113,12 @@ pub const MIGRATIONS: &[Migration] = &[
     migration!(3, "span_events", Plain, "0003_span_events.plain.sql"),
     migration!(4, "metrics_1m", Tiered, "0004_metrics_1m.tiered.sql"),
     migration!(4, "metrics_1m", Plain, "0004_metrics_1m.plain.sql"),
+    migration!(
+        5,
+        "metrics_1m_sum_count",
+        Always,
+        "0005_metrics_1m_sum_count.sql"
+    ),
 ];
 
 /// What [`migrate`] did.
@@ -570,7 +576,9 @@ mod tests {
         assert!(s[2].ends_with("SELECT 3"), "{}", s[2]);
         assert!(split_statements("-- nothing\n/* at all; */\n").is_empty());
         for m in MIGRATIONS {
-            assert_eq!(split_statements(m.sql).len(), 1, "{}", m.file);
+            // The rollup columns and their two views; every other file is one statement.
+            let expected = if m.version == 5 { 3 } else { 1 };
+            assert_eq!(split_statements(m.sql).len(), expected, "{}", m.file);
         }
     }
 
@@ -660,7 +668,8 @@ mod tests {
                     "0001_logs_events".into(),
                     "0002_spans".into(),
                     "0003_span_events".into(),
-                    "0004_metrics_1m".into()
+                    "0004_metrics_1m".into(),
+                    "0005_metrics_1m_sum_count".into()
                 ],
                 already: 0
             }
@@ -670,7 +679,7 @@ mod tests {
 
         // Again, and twice at once: nothing changes, nothing fails.
         let again = migrate(c).await.unwrap();
-        assert_eq!((again.applied.len(), again.already), (0, 4));
+        assert_eq!((again.applied.len(), again.already), (0, 5));
         assert_eq!(
             again.to_string(),
             "up to date (no storage policy hot_warm_cold: TTL deletes only)"
@@ -693,6 +702,7 @@ mod tests {
                 serde_json::json!({"version": 2, "name": "spans", "variant": "plain"}),
                 serde_json::json!({"version": 3, "name": "span_events", "variant": "plain"}),
                 serde_json::json!({"version": 4, "name": "metrics_1m", "variant": "plain"}),
+                serde_json::json!({"version": 5, "name": "metrics_1m_sum_count", "variant": "always"}),
             ]
         );
 
@@ -706,14 +716,16 @@ mod tests {
             names,
             vec![
                 merge_tree("logs_events"),
+                ("metric_range".to_string(), "View".to_string()),
                 merge_tree("metrics_1m"),
+                ("metrics_1m_merged".to_string(), "View".to_string()),
                 merge_tree("sluice_schema_migrations"),
                 merge_tree("span_events"),
                 merge_tree("spans"),
             ]
         );
-        for (name, _, create) in &tables_before {
-            if name != "sluice_schema_migrations" {
+        for (name, engine, create) in &tables_before {
+            if name != "sluice_schema_migrations" && engine != "View" {
                 assert!(
                     create.contains("non_replicated_deduplication_window = 1000"),
                     "{create}"
@@ -782,6 +794,8 @@ mod tests {
                 ("avg_v", "Float64"),
                 ("max_v", "Float64"),
                 ("min_v", "Float64"),
+                ("sum_v", "Float64"),
+                ("count_v", "UInt64"),
             ])
         );
 
@@ -804,7 +818,7 @@ mod tests {
         let r = migrate(c).await.unwrap();
         assert_eq!(
             (r.applied, r.already),
-            (vec!["0004_metrics_1m".to_string()], 3)
+            (vec!["0004_metrics_1m".to_string()], 4)
         );
     }
 
@@ -814,7 +828,7 @@ mod tests {
         let name = format!("sluice_test_new_{}", uuid::Uuid::new_v4().simple());
         let c = test_client(&server.url, &name, HttpCompression::Lz4);
         let r = migrate(&c).await.unwrap();
-        assert_eq!(r.applied.len(), 4);
+        assert_eq!(r.applied.len(), 5);
         assert!(c.database_exists().await.unwrap());
         c.execute_server_wide(&format!("DROP DATABASE {name} SYNC"), &[])
             .await
@@ -910,14 +924,14 @@ mod tests {
         );
         let report = migrate(c).await.unwrap();
         assert!(report.tiered);
-        assert_eq!(report.applied.len(), 4);
+        assert_eq!(report.applied.len(), 5);
         assert_eq!(
             migrate(c).await.unwrap().to_string(),
             "up to date (tiered storage: hot_warm_cold)"
         );
         let t = tables(c).await;
-        for (name, _, create) in &t {
-            if name == "sluice_schema_migrations" {
+        for (name, engine, create) in &t {
+            if name == "sluice_schema_migrations" || engine == "View" {
                 continue;
             }
             assert!(

@@ -131,6 +131,7 @@ pub const MIGRATIONS: &[Migration] = &[
         "0004_metrics_1m_policy.plain.sql"
     ),
     migration!(5, "sluice_schema", Always, "0005_sluice_schema.sql"),
+    migration!(6, "metric_range", Always, "0006_metric_range.sql"),
 ];
 
 /// What [`migrate`] did.
@@ -623,7 +624,8 @@ mod tests {
                     "0002_metrics".into(),
                     "0003_metrics_1m".into(),
                     "0004_metrics_1m_policy".into(),
-                    "0005_sluice_schema".into()
+                    "0005_sluice_schema".into(),
+                    "0006_metric_range".into()
                 ],
                 already: 0
             }
@@ -632,7 +634,7 @@ mod tests {
 
         // A second run (and a concurrent pair) changes nothing.
         let again = migrate(&mut client).await.unwrap();
-        assert_eq!((again.applied.len(), again.already), (0, 5));
+        assert_eq!((again.applied.len(), again.already), (0, 6));
         assert_eq!(
             again.to_string(),
             format!("up to date ({})", again.path_description())
@@ -659,6 +661,7 @@ mod tests {
                 (3, "metrics_1m".into(), variant.into()),
                 (4, "metrics_1m_policy".into(), variant.into()),
                 (5, "sluice_schema".into(), "always".into()),
+                (6, "metric_range".into(), "always".into()),
             ]
         );
 
@@ -924,7 +927,7 @@ mod tests {
             .await
             .expect("the migration lock was left held")
             .unwrap();
-        assert_eq!((r.already, r.applied.len()), (1, 4));
+        assert_eq!((r.already, r.applied.len()), (1, 5));
 
         let missing = client
             .query("SELECT * FROM no_such_table", &[])
@@ -1033,7 +1036,7 @@ mod tests {
         // The operator allows plain PostgreSQL.
         let report = migrate_with(&mut client, TimescaleMode::Off).await.unwrap();
         assert!(!report.timescaledb);
-        assert_eq!(report.applied.len(), 5);
+        assert_eq!(report.applied.len(), 6);
     }
 
     #[test]

@@ -43,7 +43,7 @@ impl SinkStatus {
         }
     }
 
-    pub(super) fn set_up(&self, metrics: &Metrics) {
+    pub(crate) fn set_up(&self, metrics: &Metrics) {
         let mut s = self.inner.lock().expect("sink status");
         if !s.up || !s.started {
             s.since = Instant::now();
@@ -56,7 +56,7 @@ impl SinkStatus {
 
     /// Records a failure; true if the sink was up until now (worth a warning; repeats
     /// of the same outage are logged at debug level).
-    pub(super) fn set_retrying(&self, metrics: &Metrics, error: &str) -> bool {
+    pub(crate) fn set_retrying(&self, metrics: &Metrics, error: &str) -> bool {
         let mut s = self.inner.lock().expect("sink status");
         let was_up = s.up || !s.started;
         if s.up || !s.started {
@@ -96,7 +96,7 @@ impl SinkStatus {
     }
 
     /// The sink's WAL position and when the oldest record it still owes was read.
-    pub(super) fn set_position(&self, position: u64, oldest_pending: Option<Instant>) {
+    pub(crate) fn set_position(&self, position: u64, oldest_pending: Option<Instant>) {
         let mut s = self.inner.lock().expect("sink status");
         s.position = position;
         s.oldest_pending = oldest_pending;
