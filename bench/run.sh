@@ -16,6 +16,8 @@
 #   bench/run.sh otlp [--rows N] [--reps N] [--parallel N] [--gzip]   log records over
 #       OTLP/HTTP protobuf, OTLP/gRPC and REST NDJSON into the embedded default, beside
 #       Flight DoPut of the same rows and a discarding endpoint (bench/otlp_bench.py)
+#   bench/run.sh rollup [--points N] [--series N] [--reps N]   metric points into
+#       PostgreSQL with rollups into ClickHouse metrics_1m on and off (bench/rollup_bench.py)
 #   bench/run.sh all [--rows N] [--reps N]              every bench above in turn, stopping
 #       at the first that fails
 # A bench exits non-zero when its target is missed, when a row count read back differs from
@@ -76,6 +78,12 @@ bench() {
         bomb)
             "$VENV/bin/python" bench/sql_bomb.py "$@"
             ;;
+        rollup)
+            "$VENV/bin/python" -c 'import chdb' >/dev/null 2>&1 \
+                || "$VENV/bin/pip" install -q --disable-pip-version-check chdb-core
+            need_psql
+            "$VENV/bin/python" bench/rollup_bench.py "$@"
+            ;;
         otlp)
             "$VENV/bin/python" -c 'import grpc, opentelemetry.proto' >/dev/null 2>&1 \
                 || "$VENV/bin/pip" install -q --disable-pip-version-check grpcio opentelemetry-proto
@@ -85,14 +93,14 @@ bench() {
 }
 
 case "${1:-}" in
-    flight|pg|ch|bomb|tsdb|otlp)
+    flight|pg|ch|bomb|tsdb|otlp|rollup)
         which="$1"
         shift
         bench "$which" "$@"
         ;;
     all)
         shift
-        for which in flight pg ch bomb tsdb otlp; do
+        for which in flight pg ch bomb tsdb otlp rollup; do
             echo "==> bench $which" >&2
             if ! bench "$which" "$@"; then
                 echo "==> bench $which FAILED; stopping" >&2
@@ -105,7 +113,7 @@ case "${1:-}" in
         bench flight "$@"
         ;;
     *)
-        echo "unknown bench '$1' (flight, pg, ch, bomb, tsdb, otlp, all)" >&2
+        echo "unknown bench '$1' (flight, pg, ch, bomb, tsdb, otlp, rollup, all)" >&2
         exit 2
         ;;
 esac
