@@ -232,6 +232,10 @@ pub async fn run(config: Config, on_ready: impl FnOnce(BoundAddrs)) -> Result<()
         sinks_configured.clone(),
     );
     archive_writer.recover().await?;
+    // Compaction and retention; a file they take out of a manifest is deleted once no
+    // query that started before can still be reading it.
+    let archive_jobs =
+        archive_writer.lifecycle(config.query.timeout + std::time::Duration::from_secs(10));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let sinks = SinkSpawner {
         ctx: SinkContext {
@@ -275,6 +279,7 @@ pub async fn run(config: Config, on_ready: impl FnOnce(BoundAddrs)) -> Result<()
 
     replay(&wal, &registry, &buffers, &memory).await?;
     wal.unregister_sink(REPLAY_HOLD);
+    sink_tasks.push(tokio::spawn(archive_jobs.run(stop_rx.clone())));
 
     let mut jobs = None;
     if let Some(pg) = &postgres {

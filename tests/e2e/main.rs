@@ -1,5 +1,6 @@
 //! End-to-end tests: the real `sluice` binary on free ports, driven over Flight and HTTP.
 
+mod archive_jobs;
 mod ch_native;
 mod clickhouse;
 mod common;

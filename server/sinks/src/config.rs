@@ -46,6 +46,18 @@ pub struct ArchiveConfig {
     pub row_group_rows: usize,
     /// Testing aid: slow archive writes down to this many bytes per second.
     pub throttle_bytes_per_sec: Option<ByteSize>,
+    /// How often the archive's jobs run: compaction of small files and retention.
+    /// "0s" turns both off.
+    #[serde(with = "humantime_serde")]
+    pub maintenance_interval: Duration,
+    /// A partition (table, hour) with at least this many files under half of
+    /// `compact_target_size` has them merged into one file.
+    pub compact_min_files: usize,
+    /// Largest file compaction writes (sum of the merged files' sizes).
+    pub compact_target_size: ByteSize,
+    /// Files whose hour ended longer ago than this are deleted. "0s": kept for ever.
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
 }
 
 impl Default for ArchiveConfig {
@@ -55,6 +67,10 @@ impl Default for ArchiveConfig {
             zstd_level: 3,
             row_group_rows: 1_048_576,
             throttle_bytes_per_sec: None,
+            maintenance_interval: Duration::from_secs(300),
+            compact_min_files: 8,
+            compact_target_size: ByteSize::mib(128),
+            retention: Duration::ZERO,
         }
     }
 }

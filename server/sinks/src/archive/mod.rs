@@ -13,6 +13,11 @@
 //! the chunk's batches leave the buffer. Files that no manifest names (a flush cut off by
 //! a crash) are deleted at start and rewritten from the WAL, so every acknowledged row
 //! lands exactly once.
+//!
+//! [`lifecycle`] compacts a partition's small files into one and drops files past the
+//! archive's retention, committing through the same manifests.
+
+pub mod lifecycle;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -172,6 +177,29 @@ pub async fn archived_floor(store: &dyn ObjectStore) -> Result<u64> {
         .unwrap_or(0))
 }
 
+/// Replaces `table`'s manifest (durable once this returns).
+async fn put_manifest(
+    store: &dyn ObjectStore,
+    table: &str,
+    archived_seq: u64,
+    files: Vec<FileEntry>,
+) -> Result<()> {
+    let manifest = Manifest {
+        table: table.to_string(),
+        archived_seq,
+        files,
+    };
+    let body = serde_json::to_vec_pretty(&manifest).expect("a manifest serializes");
+    store
+        .put(&manifest_path(table), PutPayload::from(body))
+        .await
+        .map_err(|source| SinkError::ObjectStore {
+            context: format!("archive manifest for {table}"),
+            source,
+        })?;
+    Ok(())
+}
+
 fn manifest_path(table: &str) -> ObjPath {
     ObjPath::from(format!("{MANIFEST_DIR}/{table}.json"))
 }
@@ -195,6 +223,9 @@ pub struct ArchiveWriter {
     cfg: ArchiveConfig,
     /// The stores this deployment has (for the tables routed away from the archive).
     sinks: Vec<SinkKind>,
+    /// Held while a manifest is rebuilt, written and put in force: flush commits and the
+    /// [`lifecycle`] jobs change the same file lists.
+    commit_lock: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// What an [`ArchiveWriter`] reads from and writes to.
@@ -257,6 +288,22 @@ impl ArchiveWriter {
             memory,
             cfg,
             sinks,
+            commit_lock: Arc::default(),
+        }
+    }
+
+    /// The compaction and retention jobs over this writer's archive; files taken out of
+    /// the manifests are deleted `grace` later (after every query that may read them).
+    pub fn lifecycle(&self, grace: Duration) -> lifecycle::Lifecycle {
+        lifecycle::Lifecycle {
+            store: self.store.clone(),
+            buffers: self.buffers.clone(),
+            registry: self.registry.clone(),
+            metrics: self.metrics.clone(),
+            cfg: self.cfg.clone(),
+            commit_lock: self.commit_lock.clone(),
+            grace,
+            garbage: Default::default(),
         }
     }
 
@@ -361,25 +408,11 @@ impl ArchiveWriter {
         last_seq: u64,
     ) -> Result<(), SinkError> {
         let state = self.buffers.table(table);
+        let _commit = self.commit_lock.lock().await;
         if !files.is_empty() {
-            let manifest = {
-                let s = state.lock().expect("table lock");
-                let mut all = s.files.clone();
-                all.extend(files.iter().cloned());
-                Manifest {
-                    table: table.to_string(),
-                    archived_seq: last_seq,
-                    files: all,
-                }
-            };
-            let body = serde_json::to_vec_pretty(&manifest).expect("a manifest serializes");
-            self.store
-                .put(&manifest_path(table), PutPayload::from(body))
-                .await
-                .map_err(|source| SinkError::ObjectStore {
-                    context: format!("archive manifest for {table}"),
-                    source,
-                })?;
+            let mut all = state.lock().expect("table lock").files.clone();
+            all.extend(files.iter().cloned());
+            put_manifest(self.store.as_ref(), table, last_seq, all).await?;
         }
         let mut s = state.lock().expect("table lock");
         s.files.extend(files);
@@ -739,6 +772,7 @@ mod sink_tests {
     use sluice_core::buffer::MemoryBudget;
     use sluice_test_support::batches::sample;
     use sluice_wal::WalRecord;
+    use std::time::Instant;
 
     struct Setup {
         _dir: tempfile::TempDir,
@@ -866,6 +900,95 @@ mod sink_tests {
             parquet_files(&s.archive_dir).len(),
             files.len(),
             "nothing written twice"
+        );
+    }
+
+    /// Every row of the files `t`'s state lists, each as text, sorted.
+    async fn listed_rows(s: &Setup) -> Vec<String> {
+        let files = s.buffers.table("t").lock().unwrap().files.clone();
+        let mut rows = Vec::new();
+        for f in files {
+            let bytes = std::fs::read(s.archive_dir.join(&f.path)).unwrap();
+            let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
+                bytes::Bytes::from(bytes),
+            )
+            .unwrap()
+            .build()
+            .unwrap();
+            for b in reader {
+                let b = b.unwrap();
+                for r in 0..b.num_rows() {
+                    let cells: Vec<String> = b
+                        .columns()
+                        .iter()
+                        .map(|c| arrow::util::display::array_value_to_string(c, r).unwrap())
+                        .collect();
+                    rows.push(cells.join("|"));
+                }
+            }
+        }
+        rows.sort();
+        rows
+    }
+
+    #[tokio::test]
+    async fn compaction_merges_a_partitions_files_and_retention_drops_old_hours() {
+        let s = setup().await;
+        for seqs in [[1, 2], [3, 4], [5, 6]] {
+            s.writer.write(&mut (), &durable(&s, &seqs)).await.unwrap();
+        }
+        let before = listed_rows(&s).await;
+        assert_eq!(before.len(), 600);
+        let on_disk = parquet_files(&s.archive_dir);
+        assert_eq!(on_disk.len(), 3, "one file per flush, all in one hour");
+        let mut jobs = s.writer.lifecycle(Duration::from_secs(3600));
+        jobs.cfg.compact_min_files = 3;
+        assert_eq!(jobs.compact("t").await.unwrap(), 3);
+        let files = s.buffers.table("t").lock().unwrap().files.clone();
+        assert_eq!(files.len(), 1);
+        assert_eq!(
+            (files[0].rows, files[0].min_seq, files[0].max_seq),
+            (600, 1, 6)
+        );
+        assert_eq!(listed_rows(&s).await, before, "the same rows, once each");
+        let manifests = read_manifests(s.writer.store.as_ref()).await.unwrap();
+        assert_eq!(manifests["t"].files.len(), 1);
+        assert_eq!(manifests["t"].archived_seq, 6);
+        // The old files stay for queries that may still read them, until their grace ends.
+        assert_eq!(parquet_files(&s.archive_dir).len(), 4);
+        jobs.collect_garbage(Instant::now()).await;
+        assert_eq!(parquet_files(&s.archive_dir).len(), 4);
+        jobs.collect_garbage(Instant::now() + Duration::from_secs(3601))
+            .await;
+        assert_eq!(parquet_files(&s.archive_dir).len(), 1);
+        // Nothing more to merge; a flush after it commits beside the merged file.
+        assert_eq!(jobs.compact("t").await.unwrap(), 0);
+        s.writer.write(&mut (), &durable(&s, &[7])).await.unwrap();
+        assert_eq!(s.buffers.table("t").lock().unwrap().files.len(), 2);
+        let manifests = read_manifests(s.writer.store.as_ref()).await.unwrap();
+        assert_eq!(manifests["t"].files.len(), 2);
+        assert_eq!(listed_rows(&s).await.len(), 700);
+
+        // Retention: the hour of these rows (2026-05-28) ended long before "now" + a day.
+        jobs.cfg.retention = Duration::from_secs(86_400);
+        let hour_end = 1_780_000_000 / 3600 * 3600 + 3600;
+        assert_eq!(jobs.expire("t", hour_end + 86_399).await.unwrap(), 0);
+        assert_eq!(jobs.expire("t", hour_end + 86_400).await.unwrap(), 2);
+        assert!(s.buffers.table("t").lock().unwrap().files.is_empty());
+        assert!(read_manifests(s.writer.store.as_ref()).await.unwrap()["t"]
+            .files
+            .is_empty());
+        jobs.collect_garbage(Instant::now() + Duration::from_secs(3601))
+            .await;
+        assert!(parquet_files(&s.archive_dir).is_empty());
+        let m = s.writer.metrics.render();
+        assert!(
+            m.contains(r#"sluice_archive_compacted_files_total{table="t"} 3"#),
+            "{m}"
+        );
+        assert!(
+            m.contains(r#"sluice_archive_expired_files_total{table="t"} 2"#),
+            "{m}"
         );
     }
 
