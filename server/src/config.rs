@@ -218,6 +218,9 @@ impl Config {
                 .map_err(|e| ConfigError(format!("{}: {e}", path.display())))?;
         }
         let mut from_env = BTreeSet::new();
+        // Keys whose value is text: an environment value for them stays text even when it
+        // reads as a TOML number or boolean (a password "123456").
+        let defaults = toml::Table::try_from(Config::default()).expect("defaults serialize");
         for (key, raw) in env {
             let Some(rest) = key.strip_prefix(ENV_PREFIX) else {
                 continue;
@@ -228,7 +231,18 @@ impl Config {
                     "environment variable {key}: expected SLUICE__SECTION__KEY"
                 )));
             }
-            let value = parse_env_value(&raw);
+            let is_text = matches!(
+                path[..path.len() - 1]
+                    .iter()
+                    .try_fold(&defaults, |t, k| t.get(k).and_then(toml::Value::as_table))
+                    .and_then(|t| t.get(&path[path.len() - 1])),
+                Some(toml::Value::String(_))
+            );
+            let value = match parse_env_value(&raw) {
+                toml::Value::String(v) => toml::Value::String(v),
+                _ if is_text => toml::Value::String(raw.clone()),
+                other => other,
+            };
             let mut table = &mut root;
             for section in &path[..path.len() - 1] {
                 let entry = table
@@ -544,6 +558,24 @@ mod tests {
         for key in ["url", "throttle_bytes_per_sec"] {
             assert!(text.contains(&format!("{key} =")), "example lacks {key}");
         }
+    }
+
+    #[test]
+    fn text_keys_keep_digits_from_the_environment_as_text() {
+        let c = Config::load(
+            None,
+            env(&[
+                ("SLUICE__CLICKHOUSE__PASSWORD", "123456"),
+                ("SLUICE__CLICKHOUSE__USER", "true"),
+                ("SLUICE__CLICKHOUSE__DATABASE", r#""quoted""#),
+                ("SLUICE__CLICKHOUSE__POOL_SIZE", "3"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.clickhouse.password, "123456");
+        assert_eq!(c.clickhouse.user, "true");
+        assert_eq!(c.clickhouse.database, "quoted");
+        assert_eq!(c.clickhouse.pool_size, 3);
     }
 
     #[test]
