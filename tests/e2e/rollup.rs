@@ -102,35 +102,43 @@ fn random_batch(i: u64, minutes: i64) -> RecordBatch {
 /// `(bucket seconds, metric, labels, count, sum, min, max)` rows, sorted.
 type Agg = Vec<(i64, String, String, i64, f64, f64, f64)>;
 
-async fn ch_aggregates(ch: &ChServer, table: &str) -> Agg {
-    let body = ch
-        .query(&format!(
-            "SELECT toUnixTimestamp(bucket), metric_name, labels, sum(count_v), sum(sum_v), \
-             min(min_v), max(max_v) FROM {table} GROUP BY ALL ORDER BY ALL FORMAT JSONCompact"
-        ))
-        .await;
+/// The rows of a `FORMAT JSONCompact` answer.
+async fn ch_json_rows(ch: &ChServer, sql: &str) -> Vec<serde_json::Value> {
+    let body = ch.query(&format!("{sql} FORMAT JSONCompact")).await;
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-    v["data"]
-        .as_array()
+    v["data"].as_array().unwrap().clone()
+}
+
+/// Field `i` of a JSONCompact row as a number (64-bit integers come quoted).
+fn num(r: &serde_json::Value, i: usize) -> f64 {
+    r[i].as_f64()
+        .or_else(|| r[i].as_str().and_then(|s| s.parse().ok()))
         .unwrap()
-        .iter()
-        .map(|r| {
-            let n = |i: usize| {
-                r[i].as_f64()
-                    .or_else(|| r[i].as_str().and_then(|s| s.parse().ok()))
-                    .unwrap()
-            };
-            (
-                n(0) as i64,
-                r[1].as_str().unwrap().to_string(),
-                r[2].as_str().unwrap().to_string(),
-                n(3) as i64,
-                n(4),
-                n(5),
-                n(6),
-            )
-        })
-        .collect()
+}
+
+async fn ch_aggregates(ch: &ChServer, table: &str) -> Agg {
+    ch_json_rows(
+        ch,
+        &format!(
+            "SELECT toUnixTimestamp(bucket), metric_name, labels, sum(count_v), sum(sum_v), \
+             min(min_v), max(max_v) FROM {table} GROUP BY ALL ORDER BY ALL"
+        ),
+    )
+    .await
+    .iter()
+    .map(|r| {
+        let n = |i: usize| num(r, i);
+        (
+            n(0) as i64,
+            r[1].as_str().unwrap().to_string(),
+            r[2].as_str().unwrap().to_string(),
+            n(3) as i64,
+            n(4),
+            n(5),
+            n(6),
+        )
+    })
+    .collect()
 }
 
 async fn pg_aggregates(db: &tokio_postgres::Client, unit: &str) -> Agg {
@@ -333,34 +341,25 @@ async fn rollups_run_without_postgres_and_take_backfilled_points() {
                GROUP BY 1, 2 ORDER BY 1, 2";
     let archive = get_rows(&server, sql).await;
     // Both label spellings are one series per metric and host; sum per (bucket, metric).
-    let body = ch
-        .query(
-            "SELECT toUnixTimestamp(bucket) AS b, metric_name, sum(count_v), sum(sum_v), \
-             min(min_v), max(max_v) FROM metrics_1m GROUP BY b, metric_name ORDER BY b, metric_name \
-             FORMAT JSONCompact",
+    let got: Vec<(i64, String, i64, f64, f64, f64)> = ch_json_rows(
+        &ch,
+        "SELECT toUnixTimestamp(bucket) AS b, metric_name, sum(count_v), sum(sum_v), \
+         min(min_v), max(max_v) FROM metrics_1m GROUP BY b, metric_name ORDER BY b, metric_name",
+    )
+    .await
+    .iter()
+    .map(|r| {
+        let n = |i: usize| num(r, i);
+        (
+            n(0) as i64,
+            r[1].as_str().unwrap().into(),
+            n(2) as i64,
+            n(3),
+            n(4),
+            n(5),
         )
-        .await;
-    let got: serde_json::Value = serde_json::from_str(&body).unwrap();
-    let got: Vec<(i64, String, i64, f64, f64, f64)> = got["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            let n = |i: usize| {
-                r[i].as_f64()
-                    .or_else(|| r[i].as_str().and_then(|s| s.parse().ok()))
-                    .unwrap()
-            };
-            (
-                n(0) as i64,
-                r[1].as_str().unwrap().into(),
-                n(2) as i64,
-                n(3),
-                n(4),
-                n(5),
-            )
-        })
-        .collect();
+    })
+    .collect();
     let want: Vec<(i64, String, i64, f64, f64, f64)> = archive
         .as_array()
         .unwrap()

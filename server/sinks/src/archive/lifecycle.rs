@@ -28,7 +28,7 @@ use sluice_core::buffer::{Buffers, FileEntry};
 use sluice_core::metrics::Metrics;
 use sluice_core::registry::Registry;
 
-use super::{encode_partitions, plain_columns, put_manifest};
+use super::{encode_partitions, plain_columns, put_manifest, read_object};
 use crate::config::ArchiveConfig;
 use crate::error::SinkError;
 
@@ -143,36 +143,29 @@ impl Lifecycle {
         groups
     }
 
+    /// `table`'s files as its state lists them now.
+    fn files_of(&self, table: &str) -> Vec<FileEntry> {
+        let state = self.buffers.table(table);
+        let files = state.lock().expect("table lock").files.clone();
+        files
+    }
+
     /// Merges `table`'s small files, partition by partition; returns the files merged.
     pub async fn compact(&self, table: &str) -> Result<usize> {
         let Some(current) = self.registry.get(table) else {
             return Ok(0);
         };
-        let files = self
-            .buffers
-            .table(table)
-            .lock()
-            .expect("table lock")
-            .files
-            .clone();
+        let files = self.files_of(table);
         let mut merged = 0;
         for (partition, group) in self.plan(&files) {
             let mut batches: Vec<RecordBatch> = Vec::new();
             for f in &group {
-                let bytes = self
-                    .store
-                    .get(&ObjPath::from(f.path.as_str()))
-                    .await
-                    .map_err(|source| SinkError::ObjectStore {
-                        context: format!("reading {} to compact it", f.path),
-                        source,
-                    })?
-                    .bytes()
-                    .await
-                    .map_err(|source| SinkError::ObjectStore {
-                        context: format!("reading {} to compact it", f.path),
-                        source,
-                    })?;
+                let bytes = read_object(
+                    self.store.as_ref(),
+                    &ObjPath::from(f.path.as_str()),
+                    &format!("reading {} to compact it", f.path),
+                )
+                .await?;
                 let path = f.path.clone();
                 let read = tokio::task::spawn_blocking(move || {
                     ParquetRecordBatchReaderBuilder::try_new(bytes)?
@@ -258,13 +251,7 @@ impl Lifecycle {
     /// returns how many.
     pub async fn expire(&self, table: &str, now_secs: i64) -> Result<usize> {
         let cutoff = now_secs - self.cfg.retention.as_secs() as i64;
-        let files = self
-            .buffers
-            .table(table)
-            .lock()
-            .expect("table lock")
-            .files
-            .clone();
+        let files = self.files_of(table);
         let old: Vec<String> = files
             .iter()
             .filter(|f| {

@@ -129,6 +129,25 @@ fn is_flush_file(table: &str, path: &str) -> bool {
             && file.ends_with(".parquet"))
 }
 
+/// The whole of an object; `context` says what for in an error.
+async fn read_object(
+    store: &dyn ObjectStore,
+    path: &ObjPath,
+    context: &str,
+) -> Result<bytes::Bytes> {
+    let err = |source| SinkError::ObjectStore {
+        context: context.to_string(),
+        source,
+    };
+    store
+        .get(path)
+        .await
+        .map_err(err)?
+        .bytes()
+        .await
+        .map_err(err)
+}
+
 /// Every table's committed manifest, by table name.
 pub async fn read_manifests(store: &dyn ObjectStore) -> Result<BTreeMap<String, Manifest>> {
     let mut manifests = BTreeMap::new();
@@ -144,19 +163,8 @@ pub async fn read_manifests(store: &dyn ObjectStore) -> Result<BTreeMap<String, 
         if !meta.location.as_ref().ends_with(".json") {
             continue;
         }
-        let bytes = store
-            .get(&meta.location)
-            .await
-            .map_err(|source| SinkError::ObjectStore {
-                context: format!("reading {}", meta.location),
-                source,
-            })?
-            .bytes()
-            .await
-            .map_err(|source| SinkError::ObjectStore {
-                context: format!("reading {}", meta.location),
-                source,
-            })?;
+        let bytes =
+            read_object(store, &meta.location, &format!("reading {}", meta.location)).await?;
         let m: Manifest = serde_json::from_slice(&bytes).map_err(|source| SinkError::Manifest {
             path: meta.location.to_string(),
             source,
