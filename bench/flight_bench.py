@@ -184,6 +184,7 @@ SLUICE_DEFAULTS = {
     "postgres.pool_size": "4",
     "postgres.timescaledb": "auto",
     "clickhouse.compression": "lz4",
+    "rollup.enabled": "true",
 }
 # Where the bench puts sluice and its stores: not tuning.
 _PLUMBING = {"server.grpc_addr", "server.http_addr", "server.data_dir", "postgres.url",
