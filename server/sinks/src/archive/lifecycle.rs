@@ -22,13 +22,13 @@ use std::time::{Duration, Instant};
 
 use arrow::array::RecordBatch;
 use object_store::path::Path as ObjPath;
-use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use object_store::{ObjectStore, ObjectStoreExt};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use sluice_core::buffer::{Buffers, FileEntry};
 use sluice_core::metrics::Metrics;
 use sluice_core::registry::Registry;
 
-use super::{encode_partitions, plain_columns, put_manifest, read_object};
+use super::{encode_partitions, plain_columns, put_manifest, read_object, write_object};
 use crate::config::ArchiveConfig;
 use crate::error::SinkError;
 
@@ -214,13 +214,7 @@ impl Lifecycle {
                 min_seq,
                 max_seq,
             };
-            self.store
-                .put(&ObjPath::from(path.as_str()), PutPayload::from(data))
-                .await
-                .map_err(|source| SinkError::ObjectStore {
-                    context: format!("archive write {path}"),
-                    source,
-                })?;
+            write_object(self.store.as_ref(), &path, data).await?;
             let old: Vec<String> = group.iter().map(|f| f.path.clone()).collect();
             if !self.replace(table, &old, Some(entry)).await? {
                 // Retention took some of them meanwhile: the merged file is not needed.

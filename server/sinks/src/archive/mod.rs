@@ -148,6 +148,18 @@ async fn read_object(
         .map_err(err)
 }
 
+/// Writes an archive file at `path`.
+async fn write_object(store: &dyn ObjectStore, path: &str, data: Vec<u8>) -> Result<()> {
+    store
+        .put(&ObjPath::from(path), PutPayload::from(data))
+        .await
+        .map_err(|source| SinkError::ObjectStore {
+            context: format!("archive write {path}"),
+            source,
+        })?;
+    Ok(())
+}
+
 /// Every table's committed manifest, by table name.
 pub async fn read_manifests(store: &dyn ObjectStore) -> Result<BTreeMap<String, Manifest>> {
     let mut manifests = BTreeMap::new();
@@ -378,13 +390,7 @@ impl ArchiveWriter {
         for (i, (partition, rows, data)) in files.into_iter().enumerate() {
             let path = format!("{table}/{partition}/part-{min_seq:020}-{max_seq:020}-{i}.parquet");
             let size = data.len() as u64;
-            self.store
-                .put(&ObjPath::from(path.as_str()), PutPayload::from(data))
-                .await
-                .map_err(|source| SinkError::ObjectStore {
-                    context: format!("archive write {path}"),
-                    source,
-                })?;
+            write_object(self.store.as_ref(), &path, data).await?;
             self.metrics.archive_files.with_label_values(&[table]).inc();
             self.metrics
                 .archive_bytes

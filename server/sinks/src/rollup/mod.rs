@@ -56,6 +56,9 @@ pub const SOURCE_TABLE: &str = "metrics";
 /// The table the migrations create; other intervals' tables are made like it.
 const BASE_TABLE: &str = "metrics_1m";
 
+/// A rollup table's columns ([`COLUMNS`]) with their ClickHouse types.
+type TableColumns = Vec<(String, ChType)>;
+
 /// The columns every rollup table gets, in this order.
 const COLUMNS: [&str; 8] = [
     "bucket",
@@ -233,9 +236,10 @@ impl Rollup {
     }
 
     /// Makes sure every interval's table and merged view exist with the rollup's columns.
-    async fn ensure_tables(&self) -> Result<(), SinkError> {
+    async fn ensure_tables(&self) -> Result<Vec<TableColumns>, SinkError> {
         let ch = |ctx: String| move |e| SinkError::clickhouse(ctx, e);
         let db = quote_ident(self.client.database());
+        let mut types = Vec::with_capacity(self.intervals.len());
         for iv in &self.intervals {
             let table = iv.table();
             if table != BASE_TABLE {
@@ -279,35 +283,25 @@ impl Rollup {
                 .execute(&view)
                 .await
                 .map_err(ch(format!("cannot create the view {table}_merged")))?;
+            let table_types = COLUMNS
+                .iter()
+                .map(|c| {
+                    let (_, t) = cols.iter().find(|(n, _)| n == c).expect("checked above");
+                    let ty = ChType::parse(t).map_err(|e| {
+                        SinkError::Precondition(format!("{table}.{c}: type {t}: {e}"))
+                    })?;
+                    Ok((c.to_string(), ty))
+                })
+                .collect::<Result<_, SinkError>>()?;
+            types.push(table_types);
         }
-        Ok(())
+        Ok(types)
     }
 
-    /// The ClickHouse types of the rollup's columns in `table`.
-    async fn column_types(&self, table: &str) -> Result<Vec<(String, ChType)>, SinkError> {
-        let cols = self
-            .client
-            .table_columns(table)
-            .await
-            .map_err(|e| SinkError::clickhouse(format!("cannot read the columns of {table}"), e))?
-            .ok_or_else(|| SinkError::Precondition(format!("ClickHouse has no {table} table")))?;
-        COLUMNS
-            .iter()
-            .map(|c| {
-                let (_, t) = cols
-                    .iter()
-                    .find(|(n, _)| n == c)
-                    .ok_or_else(|| SinkError::Precondition(format!("{table} has no column {c}")))?;
-                let ty = ChType::parse(t)
-                    .map_err(|e| SinkError::Precondition(format!("{table}.{c}: type {t}: {e}")))?;
-                Ok((c.to_string(), ty))
-            })
-            .collect()
-    }
-
-    /// Sends a flush's rows, one INSERT per interval table, each under its token.
-    async fn insert(&self, flush: &Flush) -> Result<(), SinkError> {
-        for (i, iv) in self.intervals.iter().enumerate() {
+    /// Sends a flush's rows, one INSERT per interval table, each under its token; `types`
+    /// are the tables' column types as [`Rollup::ensure_tables`] read them.
+    async fn insert(&self, flush: &Flush, types: &[TableColumns]) -> Result<(), SinkError> {
+        for ((i, iv), types) in self.intervals.iter().enumerate().zip(types) {
             let rows: Vec<&FlushRow> = flush
                 .rows
                 .iter()
@@ -317,10 +311,9 @@ impl Rollup {
                 continue;
             }
             let table = iv.table();
-            let types = self.column_types(&table).await?;
             let batch = rows_batch(&rows);
             let mut body = Vec::new();
-            encode_block(&batch, &types, &mut body).map_err(|e| {
+            encode_block(&batch, types, &mut body).map_err(|e| {
                 SinkError::Precondition(format!("encoding rollup rows for {table}: {e}"))
             })?;
             let token = format!("sluice-rollup:{}:{}:{table}", self.wal.id(), flush.id);
@@ -341,22 +334,22 @@ impl Rollup {
     }
 
     /// Retries `attempt` with backoff until it succeeds; false on shutdown.
-    async fn retry<F, Fut>(
+    async fn retry<T, F, Fut>(
         &self,
         what: &str,
         shutdown: &mut watch::Receiver<bool>,
         attempt: F,
-    ) -> bool
+    ) -> Option<T>
     where
         F: Fn() -> Fut,
-        Fut: std::future::Future<Output = Result<(), SinkError>>,
+        Fut: std::future::Future<Output = Result<T, SinkError>>,
     {
         let mut delay = self.retry_initial;
         loop {
             match attempt().await {
-                Ok(()) => {
+                Ok(v) => {
                     self.status.set_up(&self.metrics);
-                    return true;
+                    return Some(v);
                 }
                 Err(e) => {
                     let msg = format!("{what}: {e}");
@@ -364,7 +357,7 @@ impl Rollup {
                         tracing::warn!(sink = ROLLUP_SINK, error = %msg, "rollup cannot write to ClickHouse; retrying");
                     }
                     if !backoff(&mut delay, self.retry_max, shutdown).await {
-                        return false;
+                        return None;
                     }
                 }
             }
@@ -385,6 +378,7 @@ impl Rollup {
             }
         })
         .await
+        .is_some()
     }
 
     /// Publishes the WAL position and the gauges; `writing` is the rows of a flush being
@@ -433,23 +427,26 @@ impl Rollup {
             }
             inflight = cp.inflight.take();
         }
-        if !self
+        let Some(types) = self
             .retry("preparing the rollup tables", &mut shutdown, || {
                 self.ensure_tables()
             })
             .await
-        {
+        else {
             return;
-        }
+        };
         if let Some(f) = &inflight {
             tracing::info!(
                 flush = f.id,
                 rows = f.rows.len(),
                 "writing the rollup flush the last run may not have finished"
             );
-            if !self
-                .retry("writing rollup rows", &mut shutdown, || self.insert(f))
+            if self
+                .retry("writing rollup rows", &mut shutdown, || {
+                    self.insert(f, &types)
+                })
                 .await
+                .is_none()
             {
                 return;
             }
@@ -542,9 +539,12 @@ impl Rollup {
                 }
                 (saved_seq, saved_at, inflight_saved) = (read_upto, Instant::now(), true);
                 self.publish(saved_seq, &state, flush.rows.len());
-                if !self
-                    .retry("writing rollup rows", &mut shutdown, || self.insert(&flush))
+                if self
+                    .retry("writing rollup rows", &mut shutdown, || {
+                        self.insert(&flush, &types)
+                    })
                     .await
+                    .is_none()
                 {
                     break;
                 }
