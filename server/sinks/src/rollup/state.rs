@@ -534,8 +534,9 @@ impl Checkpoint {
         }
     }
 
-    /// Moves the open buckets into `state` (whose intervals are the configured ones);
-    /// returns the buckets of intervals no longer configured, which are left out.
+    /// Moves the open buckets into `state` (whose intervals are the configured ones) and
+    /// brings the flush to send again to the same interval indexes; returns the rows of
+    /// intervals no longer configured, which are left out of both.
     pub fn restore_into(&mut self, state: &mut RollupState, now_ms: u64) -> Vec<FlushRow> {
         let map: Vec<Option<u8>> = self
             .intervals
@@ -561,8 +562,14 @@ impl Checkpoint {
             }
             (kept, gone)
         };
-        let (kept, gone) = remap(std::mem::take(&mut self.open));
+        let (kept, mut gone) = remap(std::mem::take(&mut self.open));
         state.restore(kept, self.max_event_secs, now_ms);
+        // The flush to send again names intervals by the same old indexes.
+        if let Some(f) = self.inflight.as_mut() {
+            let (kept, more) = remap(std::mem::take(&mut f.rows));
+            f.rows = kept;
+            gone.extend(more);
+        }
         gone
     }
 
@@ -938,11 +945,25 @@ mod tests {
         let bytes = cp.encode();
         let mut back = Checkpoint::decode(&bytes).unwrap();
         assert_eq!(back, cp);
-        // Only 1h configured now: the 1m bucket is handed back as gone.
+        // Only 1h configured now: the 1m rows are handed back as gone, the open bucket
+        // and the flush's 1m row alike, and the flush's 1h rows now name interval 0.
         let mut fresh = RollupState::new(intervals()[1..].to_vec(), 60);
         let gone = back.restore_into(&mut fresh, 10);
-        assert_eq!(gone.len(), 1);
-        assert_eq!(gone[0].bucket, 60);
+        assert_eq!(
+            gone.iter()
+                .map(|r| (r.interval, r.bucket))
+                .collect::<Vec<_>>(),
+            vec![(0, 60), (0, 60), (0, 3660)]
+        );
+        let resend = back.inflight.as_ref().unwrap();
+        assert_eq!(
+            resend
+                .rows
+                .iter()
+                .map(|r| (r.interval, r.bucket))
+                .collect::<Vec<_>>(),
+            vec![(0, 0), (0, 3600)]
+        );
         let rows = fresh.take_due(10, 0, false);
         assert_eq!(rows.len(), 1);
         assert_eq!(
