@@ -255,8 +255,9 @@ pub fn validate_column_name(name: &str) -> Result<(), SchemaError> {
 
 /// Names a client cannot register: Sluice's own tables and folders. `_` starts the
 /// archive's own folders (`_deadletter`, `_sluice`), `sluice_` Sluice's tables in a
-/// store; the rest are the seed's PostgreSQL objects that are not registered tables.
-/// Returns why, for the message.
+/// store; the rest are the seed's PostgreSQL objects that are not registered tables, and
+/// the rollup's ClickHouse tables and views (`metrics_<n><s|m|h|d>`, their `_merged`
+/// views, `metric_range`). Returns why, for the message.
 pub fn reserved_name(name: &str) -> Option<&'static str> {
     const SEED_OBJECTS: &[&str] = &[
         "table_registry",
@@ -272,8 +273,29 @@ pub fn reserved_name(name: &str) -> Option<&'static str> {
         Some("names starting with 'sluice' are kept for Sluice's own tables")
     } else if SEED_OBJECTS.iter().any(|n| n.eq_ignore_ascii_case(name)) {
         Some("the name of one of Sluice's own tables in PostgreSQL (the seed schema)")
+    } else if is_rollup_name(name) {
+        Some("the name of one of the rollup's tables or views in ClickHouse (metrics_<interval>, metrics_<interval>_merged, metric_range)")
     } else {
         None
+    }
+}
+
+/// `metrics_<n><s|m|h|d>` (a rollup interval's table), its `_merged` view, or
+/// `metric_range`, in any case.
+fn is_rollup_name(name: &str) -> bool {
+    let lower = name.to_ascii_lowercase();
+    if lower == "metric_range" {
+        return true;
+    }
+    let Some(rest) = lower.strip_prefix("metrics_") else {
+        return false;
+    };
+    let interval = rest.strip_suffix("_merged").unwrap_or(rest);
+    match interval.char_indices().last() {
+        Some((i, unit)) if "smhd".contains(unit) => {
+            !interval[..i].is_empty() && interval[..i].bytes().all(|b| b.is_ascii_digit())
+        }
+        _ => false,
     }
 }
 
@@ -500,6 +522,30 @@ mod tests {
             Some("cpu"),
         )
         .unwrap()
+    }
+
+    #[test]
+    fn the_rollups_names_are_reserved_and_only_those() {
+        for name in [
+            "metrics_1m",
+            "metrics_1h",
+            "metrics_15S",
+            "metrics_7d_merged",
+            "metric_range",
+        ] {
+            assert!(reserved_name(name).is_some(), "{name}");
+        }
+        for name in [
+            "metrics",
+            "metrics_h",
+            "metrics_1x",
+            "metrics_events",
+            "metrics_1m_raw",
+            "metric_ranges",
+            "my_metrics_1m",
+        ] {
+            assert!(reserved_name(name).is_none(), "{name}");
+        }
     }
 
     #[test]

@@ -721,6 +721,11 @@ async fn sluices_own_names_cannot_be_registered(flavor) {
         "metric_series",
         "metrics_points",
         "metrics_1m",
+        // The rollup's ClickHouse tables and views.
+        "metrics_1h",
+        "METRICS_15s",
+        "metrics_1m_merged",
+        "metric_range",
     ] {
         let schema = format!(
             r#"{{"name":"{name}","columns":[{{"name":"time","type":"timestamp"}},{{"name":"v","type":"double"}}]}}"#
