@@ -422,7 +422,7 @@ impl Rollup {
             if !gone.is_empty() {
                 tracing::warn!(
                     buckets = gone.len(),
-                    "open rollup buckets of intervals no longer configured are not written"
+                    "rollup rows (open buckets, the flush to resend) of intervals no longer configured are not written"
                 );
             }
             inflight = cp.inflight.take();
